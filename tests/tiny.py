@@ -1,0 +1,56 @@
+"""Tiny randomly initialised causal LMs built from configs (seconds, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+VOCAB = 128
+
+#: Architecture name -> config factory. Widths: hidden 64, 4 heads x 16 = 64 (o_proj input).
+TINY_CONFIGS: dict[str, callable] = {
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    "mistral": lambda: MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=None,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    "phi3": lambda: Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+        sliding_window=16, query_pre_attn_scalar=32,
+    ),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A float32 eval-mode tiny model of ``arch`` with random weights."""
+    torch.manual_seed(seed)
+    config: PretrainedConfig = TINY_CONFIGS[arch]()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random (not zero) biases so Qwen2's q/k/v biases are exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 2, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding on the second row
+    return ids, mask
