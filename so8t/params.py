@@ -52,6 +52,9 @@ class SynthesizeParams(_Section):
     faq_qa: bool = True
     #: Number of reference documents turned into QA records (0 = none).
     reference_qa_docs: NonNegInt = 120
+    #: Reference documents held out of training (whole sections, chosen first) and
+    #: written to data/synth/heldout_reference.jsonl for held-out perplexity.
+    heldout_reference_docs: Annotated[int, Field(ge=20)] = 32
     #: New GSM variants generated per template (originals are always kept).
     math_variants_per_template: NonNegInt = 2
     #: GSM templates used (by ``id_shuffled``), null = all 100.
@@ -94,6 +97,11 @@ class SO8TParams(_Section):
 
 class PETParams(_Section):
     enabled: bool = True
+    #: ``mean``: squared second difference averaged over the hidden dimension
+    #: (||.||^2 / D, keeps lambda comparable across widths); ``sum``: the plain
+    #: squared L2 norm. On Gemma 3 270M's final hidden states the sum is ~1e4 at
+    #: init, which would swamp the cross-entropy at the default lambdas.
+    reduction: Literal["mean", "sum"] = "mean"
     #: Which hidden state is smoothed, with Hugging Face ``hidden_states`` indexing
     #: (0 = embeddings, i = output of layer i, -1 = final normalised state).
     hidden_state_index: int = -1

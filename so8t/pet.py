@@ -10,7 +10,8 @@ shape ``(B, T)``::
 i.e. the mean over *valid* triples (all three positions unmasked) of the
 squared L2 norm of the discrete second difference (the finite-difference
 curvature of the trajectory). Masked and padded positions are excluded from
-the mean, not counted as zeros. The training loss adds ``lambda * PET``,
+the mean, not counted as zeros. With ``reduction="mean"`` the squared norm is
+divided by ``D`` (a constant factor, so the same penalty with lambda / D). The training loss adds ``lambda * PET``,
 where ``lambda`` follows a three-phase schedule over training progress
 (:class:`PETSchedule`).
 """
@@ -22,12 +23,16 @@ from dataclasses import dataclass
 import torch
 
 
-def pet_penalty(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def pet_penalty(
+    hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, reduction: str = "sum"
+) -> torch.Tensor:
     """Mean squared second difference of ``hidden`` over valid positions.
 
     Args:
         hidden: ``(B, T, D)`` hidden states, any float dtype (computed in float32).
         attention_mask: ``(B, T)`` 1/0 (or bool) mask; ``None`` = all valid.
+        reduction: over the hidden dimension, ``"sum"`` (the squared L2 norm,
+            the formula above) or ``"mean"`` (divided by ``D``).
 
     Returns:
         float32 scalar tensor; 0.0 when no valid triple exists (``T < 3`` or
@@ -43,6 +48,8 @@ def pet_penalty(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
         attention_mask = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
     if tuple(attention_mask.shape) != (b, t):
         raise ValueError(f"pet_penalty: attention_mask shape {tuple(attention_mask.shape)} != {(b, t)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"pet_penalty: reduction must be 'sum' or 'mean', got {reduction!r}")
     if t < 3:
         return hidden.float().sum() * 0.0
     h = hidden.float()
@@ -50,7 +57,8 @@ def pet_penalty(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
     m = attention_mask.bool()
     valid = (m[:, 2:] & m[:, 1:-1] & m[:, :-2]).to(h.dtype)
     count = valid.sum()
-    total = (second.pow(2).sum(-1) * valid).sum()
+    sq = second.pow(2).sum(-1) if reduction == "sum" else second.pow(2).mean(-1)
+    total = (sq * valid).sum()
     return total / count.clamp_min(1.0)
 
 

@@ -48,3 +48,10 @@ def test_three_phase_schedule():
     s = PETSchedule(boundaries=(0.3, 0.7), lambdas=(0.01, 0.05, 0.1))
     assert [s(p) for p in (0.0, 0.29, 0.3, 0.69, 0.7, 1.0)] == [0.01, 0.01, 0.05, 0.05, 0.1, 0.1]
     assert [s.phase(p) for p in (0.1, 0.5, 0.9)] == [0, 1, 2]
+
+
+def test_mean_reduction_divides_by_width():
+    h = torch.randn(2, 7, 16)
+    assert torch.allclose(pet_penalty(h, reduction="mean") * 16, pet_penalty(h, reduction="sum"), rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        pet_penalty(h, reduction="max")

@@ -1,0 +1,77 @@
+"""Shared rich console, progress bars and stage entry helper."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def progress() -> Progress:
+    """A rich progress bar with count, elapsed time and ETA."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a rich progress bar."""
+    items = list(items) if total is None and not hasattr(items, "__len__") else items
+    total = total if total is not None else len(items)  # type: ignore[arg-type]
+    with progress() as bar:
+        task = bar.add_task(description, total=total, info="")
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def free_cores() -> int:
+    """Cores not busy right now (from the 1-minute load average), at least 1.
+
+    llama.cpp and torch slow down several-fold when their threads exceed free cores.
+    """
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return n
+    return max(1, min(n, round(n - load + 0.5)))
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's ``main`` with timing; user errors print cleanly and exit 1."""
+    from so8t.io import DataError
+    from so8t.params import ParamsError
+
+    start = time.perf_counter()
+    try:
+        main()
+    except (ParamsError, DataError, ValueError, FileNotFoundError) as e:
+        console.print(f"[bold red]{name} failed:[/] {e}")
+        sys.exit(1)
+    console.print(f"[green]{name} done[/] in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,259 @@
+"""Running an artifact: greedy generation, sequence log-likelihoods and perplexity.
+
+Two backends share one interface so every artifact is measured the same way:
+
+* :class:`HFBackend`: a Hugging Face model folder (the base and the baked model),
+  float32, batched greedy generation with left padding.
+* :class:`LlamaCppBackend`: a GGUF file in llama.cpp (llama-cpp-python), where
+  the quantised model is actually served; ``logits_all`` gives per-position
+  scores for likelihoods and perplexity.
+
+Both take token ids from the same HF tokenizer (GGUF tokenisation is checked
+to be identical by the quantize stage), so numbers are comparable.
+
+Decision scoring (:func:`score_decisions`): the model generates greedily until
+it writes its ``判定:`` line (or hits the token budget, in which case the line is
+appended); then each label ``L`` is scored by the log-likelihood of the tokens
+of ``...判定: L`` after the longest common token prefix of the three
+alternatives. The three log-likelihoods are the decision logits that
+temperature scaling calibrates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from so8t.schema import DECISION_PREFIX, DECISIONS
+
+#: Generation stops at the decision marker so the label can be scored, not sampled.
+DECISION_MARKER = DECISION_PREFIX.strip()
+
+
+@dataclass
+class Generation:
+    """One greedy generation.
+
+    Attributes:
+        text: generated text, cut before the first stop string.
+        stop: the stop string that ended it, or ``None`` (end-of-turn token or budget).
+        n_tokens: generated tokens.
+        seconds: wall time attributed to this generation.
+    """
+
+    text: str
+    stop: str | None
+    n_tokens: int
+    seconds: float
+
+
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    n = min(map(len, seqs))
+    for i in range(n):
+        if len({s[i] for s in seqs}) > 1:
+            return i
+    return n
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
+    cut, hit = len(text), None
+    for s in stops:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut, hit = i, s
+    return text[:cut], hit
+
+
+class HFBackend:
+    """A Hugging Face causal LM folder, float32 on CPU (or CUDA when present)."""
+
+    kind = "hf"
+
+    def __init__(self, model_dir: str | Path, tokenizer, batch_size: int = 12) -> None:
+        from so8t.base_model import load_causal_lm
+
+        self.path = Path(model_dir)
+        self.model = load_causal_lm(model_dir, torch.float32).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[Generation]:
+        """Greedy continuations of token-id prompts, batched with left padding."""
+        out: list[Generation] = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(batch):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            t0 = time.perf_counter()
+            gen = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                stop_strings=stops or None,
+                tokenizer=self.tokenizer,
+                pad_token_id=pad,
+            )
+            seconds = time.perf_counter() - t0
+            new = gen[:, width:].cpu()
+            eos = set(self.model.generation_config.eos_token_id or [])
+            lengths = []
+            cuts = []
+            for row in new.tolist():
+                n = len(row)
+                for j, t in enumerate(row):
+                    if t in eos or t == pad:
+                        n = j
+                        break
+                lengths.append(n)
+                cuts.append(_cut_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True), stops))
+            # Batched decoding shares wall time; attribute it by token share.
+            total = max(sum(lengths), 1)
+            out += [Generation(t, hit, n, seconds * n / total) for (t, hit), n in zip(cuts, lengths)]
+        return out
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int]) -> np.ndarray:
+        """``log p(ids[t] | ids[:t])`` for t = 1..n-1 as a float64 array of length n-1."""
+        x = torch.tensor([ids], device=self.device)
+        logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].double()
+        lp = torch.log_softmax(logits, -1)
+        return lp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).cpu().numpy()
+
+
+class LlamaCppBackend:
+    """A GGUF file in llama.cpp with per-position logits (``logits_all``)."""
+
+    kind = "gguf"
+
+    def __init__(self, gguf_path: str | Path, tokenizer, n_ctx: int = 1024, n_threads: int = 1) -> None:
+        from llama_cpp import Llama
+
+        self.path = Path(gguf_path)
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, verbose=False)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[Generation]:
+        """Greedy continuations, streamed so the stop string that ended each one is known."""
+        out = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            text, hit, n = "", None, 0
+            for chunk in self.llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+                text += chunk["choices"][0]["text"]
+                n += 1
+                text, hit = _cut_at_stop(text, stops)
+                if hit is not None:
+                    break
+            out.append(Generation(text, hit, n, time.perf_counter() - t0))
+        return out
+
+    def token_logprobs(self, ids: list[int]) -> np.ndarray:
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"sequence of {len(ids)} tokens exceeds llama.cpp n_ctx={self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(ids)
+        scores = np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float64)
+        m = scores.max(-1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(scores - m).sum(-1))
+        return scores[np.arange(len(ids) - 1), ids[1:]] - lse
+
+
+Backend = HFBackend | LlamaCppBackend
+
+
+def score_decisions(backend: Backend, examples: list[dict], max_new_tokens: int, stops: list[str]) -> list[dict]:
+    """Decision log-likelihoods for formatted decision examples.
+
+    Args:
+        examples: think-format rows with ``prompt_text``, ``input_ids``/``labels``
+            and ``decision``.
+        stops: end-of-turn strings (generation also stops at ``判定:``).
+
+    Returns:
+        One dict per example: ``id``, ``label`` (index into DECISIONS),
+        ``logits`` (3 log-likelihoods, nats), ``pred``, ``format_ok`` (the model
+        wrote a ``判定:`` line itself), ``generated``, ``gen_tokens``, ``gen_seconds``.
+    """
+    tok = backend.tokenizer
+    prompts = [tok(ex["prompt_text"], add_special_tokens=False)["input_ids"] for ex in examples]
+    gens = backend.generate(prompts, max_new_tokens, [DECISION_MARKER, *stops])
+    rows = []
+    for ex, g in zip(examples, gens):
+        reached = g.stop == DECISION_MARKER
+        body = g.text if reached else g.text.rstrip() + "\n"
+        context = ex["prompt_text"] + body
+        fulls = [tok(context + DECISION_PREFIX + label, add_special_tokens=False)["input_ids"] for label in DECISIONS]
+        start = _common_prefix_len(fulls)
+        logits = []
+        for full in fulls:
+            lp = backend.token_logprobs(full)
+            logits.append(float(lp[start - 1 :].sum()))
+        rows.append(
+            {
+                "id": ex["id"],
+                "label": DECISIONS.index(ex["decision"]),
+                "logits": logits,
+                "pred": int(np.argmax(logits)),
+                "format_ok": bool(reached),
+                "generated": g.text,
+                "gen_tokens": g.n_tokens,
+                "gen_seconds": g.seconds,
+            }
+        )
+    return rows
+
+
+def perplexity_windows(tokenizer, texts: list[str], max_tokens: int, window: int) -> list[list[int]]:
+    """Token windows for perplexity: each text tokenised with BOS, cut into ``window``-token pieces.
+
+    Stops once ``max_tokens`` tokens are collected; pieces shorter than 2 tokens are dropped.
+    """
+    windows: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for i in range(0, len(ids), window):
+            piece = ids[i : i + window]
+            if len(piece) < 2:
+                continue
+            piece = piece[: max_tokens - total] if total + len(piece) > max_tokens else piece
+            if len(piece) >= 2:
+                windows.append(piece)
+                total += len(piece)
+            if total >= max_tokens:
+                return windows
+    return windows
+
+
+def perplexity_of(backend: Backend, windows: list[list[int]]) -> dict[str, float]:
+    """Perplexity ``exp(sum NLL / N)`` over all predicted tokens of the windows (Jelinek et al. 1977).
+
+    The first token of every window is context only, so ``N = sum(len(w) - 1)``.
+    """
+    nll = 0.0
+    n = 0
+    t0 = time.perf_counter()
+    for w in windows:
+        lp = backend.token_logprobs(w)
+        nll -= float(lp.sum())
+        n += len(lp)
+    return {
+        "perplexity": math.exp(nll / n) if n else math.nan,
+        "nll_per_token": nll / n if n else math.nan,
+        "tokens": n,
+        "seconds": time.perf_counter() - t0,
+    }
