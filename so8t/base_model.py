@@ -135,10 +135,16 @@ def resolve_source(source: str, cache_dir: Path) -> ResolvedSource:
     )
 
 
+def _require_dir(path: str | Path) -> None:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: model folder not found (has the stage that writes it run?)")
+
+
 def load_tokenizer(path: str | Path, gguf_file: str | None = None):
     """Load a tokenizer from a local folder (``gguf_file``: a GGUF inside it)."""
     from transformers import AutoTokenizer
 
+    _require_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -161,6 +167,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    _require_dir(path)
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file

@@ -68,7 +68,7 @@ def open_backend(artifact: Artifact, tokenizer, n_threads: int):
 
 def close_backend(backend) -> None:
     """Free a backend's model memory before the next artifact is loaded."""
-    del backend
+    backend.close()
     gc.collect()
 
 

@@ -129,7 +129,9 @@ class SO8Rotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.width:
             raise ValueError(f"SO8Rotation: input width {x.shape[-1]} != {self.width}")
-        r = self.blocks().to(x.dtype)
+        # Blocks in the input's precision (float64 inputs get float64 blocks, so a
+        # float64 check of the bake identity is not limited by float32 rounding of R).
+        r = self.blocks(torch.float64 if x.dtype == torch.float64 else torch.float32).to(x.dtype)
         xb = x.reshape(*x.shape[:-1], self.num_blocks, BLOCK)
         # y_b = x_b R_b for every block b, one batched contraction.
         y = torch.einsum("...bi,bij->...bj", xb, r)

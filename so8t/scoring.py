@@ -124,6 +124,34 @@ class HFBackend:
             out += [Generation(t, hit, n, seconds * n / total) for (t, hit), n in zip(cuts, lengths)]
         return out
 
+    def close(self) -> None:
+        """Drop the model (memory is freed by the garbage collector)."""
+        self.model = None
+
+    @torch.no_grad()
+    def continuation_logprobs(self, prefix: list[int], suffixes: list[list[int]]) -> list[float]:
+        """``sum_t log p(suffix[t] | prefix + suffix[:t])`` for each suffix (nats).
+
+        The prefix is run once; each suffix continues from a copy of its KV cache,
+        and the LM head is applied only to the positions that are scored.
+        """
+        import copy
+
+        x = torch.tensor([prefix], device=self.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].double(), -1)
+        scores = []
+        for suffix in suffixes:
+            total = float(first[suffix[0]])
+            if len(suffix) > 1:
+                cache = copy.deepcopy(out.past_key_values)
+                y = torch.tensor([suffix[:-1]], device=self.device)
+                logits = self.model(input_ids=y, past_key_values=cache, use_cache=True).logits[0].double()
+                lp = torch.log_softmax(logits, -1)
+                total += float(lp.gather(1, torch.tensor(suffix[1:], device=self.device).unsqueeze(1)).sum())
+            scores.append(total)
+        return scores
+
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> np.ndarray:
         """``log p(ids[t] | ids[:t])`` for t = 1..n-1 as a float64 array of length n-1."""
@@ -161,15 +189,42 @@ class LlamaCppBackend:
             out.append(Generation(text, hit, n, time.perf_counter() - t0))
         return out
 
+    def close(self) -> None:
+        """Free the llama.cpp model and context now (not at interpreter shutdown)."""
+        self.llm.close()
+
+    def continuation_logprobs(self, prefix: list[int], suffixes: list[list[int]]) -> list[float]:
+        """As :meth:`HFBackend.continuation_logprobs`; the prefix's KV cache is kept and truncated back."""
+        if len(prefix) + max(map(len, suffixes)) > self.n_ctx:
+            raise ValueError(f"prefix + suffix exceed llama.cpp n_ctx={self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(prefix)
+        first = _log_softmax(np.asarray(self.llm.scores[len(prefix) - 1], dtype=np.float64)[None])[0]
+        scores = []
+        for suffix in suffixes:
+            total = float(first[suffix[0]])
+            if len(suffix) > 1:
+                self.llm.n_tokens = len(prefix)  # drop the previous suffix from the KV cache
+                self.llm.eval(suffix[:-1])
+                rows = np.asarray(self.llm.scores[len(prefix) : len(prefix) + len(suffix) - 1], dtype=np.float64)
+                lp = _log_softmax(rows)
+                total += float(lp[np.arange(len(suffix) - 1), suffix[1:]].sum())
+            scores.append(total)
+        return scores
+
     def token_logprobs(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
             raise ValueError(f"sequence of {len(ids)} tokens exceeds llama.cpp n_ctx={self.n_ctx}")
         self.llm.reset()
         self.llm.eval(ids)
-        scores = np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float64)
-        m = scores.max(-1, keepdims=True)
-        lse = m[:, 0] + np.log(np.exp(scores - m).sum(-1))
-        return scores[np.arange(len(ids) - 1), ids[1:]] - lse
+        lp = _log_softmax(np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float64))
+        return lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of a ``(n, V)`` float64 array."""
+    m = rows.max(-1, keepdims=True)
+    return rows - (m + np.log(np.exp(rows - m).sum(-1, keepdims=True)))
 
 
 Backend = HFBackend | LlamaCppBackend
@@ -198,10 +253,7 @@ def score_decisions(backend: Backend, examples: list[dict], max_new_tokens: int,
         context = ex["prompt_text"] + body
         fulls = [tok(context + DECISION_PREFIX + label, add_special_tokens=False)["input_ids"] for label in DECISIONS]
         start = _common_prefix_len(fulls)
-        logits = []
-        for full in fulls:
-            lp = backend.token_logprobs(full)
-            logits.append(float(lp[start - 1 :].sum()))
+        logits = backend.continuation_logprobs(fulls[0][:start], [f[start:] for f in fulls])
         rows.append(
             {
                 "id": ex["id"],

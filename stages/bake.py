@@ -33,43 +33,53 @@ def verify_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def main() -> None:
-    params = load_params()
-    start = time.perf_counter()
+def trained_model(with_rotations: bool):
+    """The trained model as training left it: fresh float32 base + LoRA adapter + rotations."""
     # Always a fresh float32 base: never merge into a quantised (QLoRA) copy.
     model = PeftModel.from_pretrained(load_causal_lm(BASE, torch.float32), str(ADAPTER))
-    rotations_file = ADAPTER / ROTATIONS_FILE
-    if params.train.so8t.enabled:
-        rotations = load_rotations(model, rotations_file)
-        console.print(f"bake: {len(rotations)} trained rotations from {rotations_file}")
-    ids, mask = verify_batch(params.bake.verify_examples)
-    reference = model_logits(model, ids, mask)
-    baked = bake_model(model, require_rotations=params.train.so8t.enabled)
+    n = len(load_rotations(model, ADAPTER / ROTATIONS_FILE)) if with_rotations else 0
+    return model, n
+
+
+def main() -> None:
+    params = load_params()
+    b = params.bake
+    so8t = params.train.so8t.enabled
+    dtype = getattr(torch, b.verify_dtype)
+    ids, mask = verify_batch(b.verify_examples)
+    start = time.perf_counter()
+    model, n_rot = trained_model(so8t)
+    console.print(f"bake: {n_rot} trained rotations from {ADAPTER / ROTATIONS_FILE}")
+    reference = model_logits(model.to(dtype), ids, mask)
+    reference_fp32 = model_logits(model.float(), ids, mask) if dtype != torch.float32 else reference
+    baked = bake_model(model, require_rotations=so8t)
     bake_seconds = time.perf_counter() - start
-    tokenizer = load_tokenizer(BASE)
     with atomic_dir(OUT) as tmp:
         baked.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # The saved files, not the in-memory model, are what later stages use: verify those.
+        load_tokenizer(BASE).save_pretrained(tmp)
+        # Verify the saved files, not the in-memory model: they are what later stages use.
         reloaded = load_causal_lm(tmp, torch.float32)
-        diff = compare_logits(reference, model_logits(reloaded, ids, mask))
+        diff32 = compare_logits(reference_fp32, model_logits(reloaded, ids, mask))
+        diff = compare_logits(reference, model_logits(reloaded.to(dtype), ids, mask))
         report = {
             "max_abs_diff": diff.max_abs_diff,
             "mean_abs_diff": diff.mean_abs_diff,
             "kl": diff.kl,
+            "verify_dtype": b.verify_dtype,
+            "float32": diff32.to_dict(),
             "positions": diff.positions,
-            "threshold": params.bake.max_abs_diff,
-            "rotations_folded": len(rotations) if params.train.so8t.enabled else 0,
+            "threshold": b.max_abs_diff,
+            "rotations_folded": n_rot,
             "architecture": type(reloaded).__name__,
             "model_type": reloaded.config.model_type,
             "bake_seconds": round(bake_seconds, 2),
             "total_seconds": round(time.perf_counter() - start, 2),
         }
         console.print(f"bake: {report}")
-        if diff.max_abs_diff > params.bake.max_abs_diff:
+        if diff.max_abs_diff > b.max_abs_diff:
             raise BakeError(
-                f"baked logits differ from the trained model by {diff.max_abs_diff:.3g} > "
-                f"bake.max_abs_diff = {params.bake.max_abs_diff:g}; nothing was written"
+                f"baked logits differ from the trained model by {diff.max_abs_diff:.3g} ({b.verify_dtype}) > "
+                f"bake.max_abs_diff = {b.max_abs_diff:g}; nothing was written"
             )
         write_json(tmp / "bake_report.json", report)
 

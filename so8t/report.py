@@ -1,0 +1,299 @@
+"""The run report: ``reports/report.md`` with PNG figures (matplotlib, Agg backend).
+
+Sections: run summary, data card, training curve, headline metrics with deltas
+against the base model, calibration (reliability diagram), decisions
+(confusion matrix), bake exactness, GGUF files (size, bits per weight, K-quant
+fallbacks, size/perplexity trade-off) and sample generations side by side.
+Every number comes from an artifact a stage wrote; nothing is recomputed here.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from so8t.calibration import apply_temperature  # noqa: E402
+from so8t.metrics import reliability_bins  # noqa: E402
+from so8t.schema import DECISIONS  # noqa: E402
+
+#: Headline rows: (label, metric suffix, higher is better, format).
+HEADLINE: list[tuple[str, str, bool, str]] = [
+    ("Decision accuracy", "decision.accuracy", True, "{:.3f}"),
+    ("Decision macro-F1", "decision.macro_f1", True, "{:.3f}"),
+    ("Decision line written", "decision.format_rate", True, "{:.2f}"),
+    ("ECE (15 bins)", "decision.ece", False, "{:.3f}"),
+    ("ECE, calibrated", "decision.ece_calibrated", False, "{:.3f}"),
+    ("Brier", "decision.brier", False, "{:.3f}"),
+    ("NLL", "decision.nll", False, "{:.3f}"),
+    ("Perplexity (held-out ja)", "perplexity", False, "{:.2f}"),
+    ("Math exact match", "math.exact_match", True, "{:.3f}"),
+    ("FAQ chrF", "faq.chrf", True, "{:.1f}"),
+    ("FAQ BLEU (ja-mecab)", "faq.bleu", True, "{:.1f}"),
+    ("FAQ ROUGE-L", "faq.rouge_l", True, "{:.3f}"),
+    ("Keigo rate", "faq.keigo_rate", True, "{:.2f}"),
+    ("Generation tokens/s", "tokens_per_s", True, "{:.1f}"),
+    ("Size (MB)", "size_mb", False, "{:.0f}"),
+]
+
+
+@dataclass
+class ReportInputs:
+    """Everything the report reads (loaded JSON/TSV contents)."""
+
+    metrics: dict[str, float]
+    details: dict
+    calibration: dict
+    manifest: dict
+    synth_stats: dict
+    format_stats: dict
+    train_summary: dict
+    train_history: dict[str, list[tuple[float, float]]]
+    bake_report: dict
+    quantize_report: dict
+
+
+def read_dvclive_series(folder: Path, names: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """``{metric: [(step, value), ...]}`` from dvclive's ``plots/metrics/<name>.tsv`` files."""
+    out = {}
+    for name in names:
+        path = folder / f"{name}.tsv"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        out[name] = [(float(r["step"]), float(r[name])) for r in rows]
+    return out
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
+def _delta(value: float | None, base: float | None, higher_better: bool, fmt: str) -> str:
+    if value is None or base is None or any(map(math.isnan, (value, base))):
+        return ""
+    d = value - base
+    if abs(d) < 1e-12:
+        return " (=)"
+    better = (d > 0) == higher_better
+    arrow = "▲" if d > 0 else "▼"
+    mark = "better" if better else "worse"
+    return f" ({arrow}{fmt.format(abs(d))}, {mark})"
+
+
+def headline_table(metrics: dict[str, float], names: list[str]) -> str:
+    """Markdown table: one row per headline metric, one column per artifact, deltas vs ``base``."""
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, suffix, higher, fmt in HEADLINE:
+        base = metrics.get(f"base.{suffix}")
+        cells = []
+        for n in names:
+            v = metrics.get(f"{n}.{suffix}")
+            cells.append(_fmt(v, fmt) + ("" if n == "base" else _delta(v, base, higher, fmt)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    from so8t.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training(history: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Loss / CE (left axis) and PET with its lambda (right panel) per step."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in ("loss", "ce"):
+        if name in history:
+            s, v = zip(*history[name])
+            ax1.plot(s, v, label=name)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("nats / token")
+    ax1.set_title("Training loss")
+    ax1.legend()
+    if "pet" in history:
+        s, v = zip(*history["pet"])
+        ax2.plot(s, v, color="tab:green", label="PET")
+        ax2.set_ylabel("PET penalty")
+    if "pet_lambda" in history:
+        ax3 = ax2.twinx()
+        s, v = zip(*history["pet_lambda"])
+        ax3.step(s, v, color="tab:red", where="post", label="lambda")
+        ax3.set_ylabel("lambda")
+    ax2.set_xlabel("step")
+    ax2.set_title("PET penalty and its 3-phase lambda")
+    _save(fig, path)
+
+
+def plot_reliability(details: dict, names: list[str], path: Path, n_bins: int) -> None:
+    """Reliability diagram (accuracy vs confidence per bin) after temperature scaling."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for n in names:
+        art = details["artifacts"].get(n)
+        if not art:
+            continue
+        rows = art["decision_rows"]
+        logits = np.array([r["logits"] for r in rows])
+        labels = np.array([r["label"] for r in rows])
+        probs = apply_temperature(logits, art["decision"]["temperature"])
+        bins = [b for b in reliability_bins(probs, labels, n_bins) if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=n)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability (test, calibrated)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> None:
+    """Confusion matrix heat map (rows true, columns predicted)."""
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(DECISIONS)), DECISIONS, rotation=20)
+    ax.set_yticks(range(len(DECISIONS)), DECISIONS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_tradeoff(metrics: dict[str, float], names: list[str], path: Path) -> None:
+    """Model size (MB) against held-out perplexity per artifact."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n in names:
+        x, y = metrics.get(f"{n}.size_mb"), metrics.get(f"{n}.perplexity")
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y])
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 3))
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("perplexity (held-out ja)")
+    ax.set_title("Quantisation: size vs quality")
+    _save(fig, path)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    t = " ".join(text.split()).replace("|", "\\|")
+    return t if len(t) <= limit else t[:limit] + "…"
+
+
+def build_markdown(inp: ReportInputs, figures: dict[str, str], params_diff: dict[str, tuple]) -> str:
+    """The report's Markdown text (figure paths relative to the report)."""
+    names = list(inp.details["artifacts"])
+    m = inp.metrics
+    ts = inp.train_summary
+    out = ["# so8t run report", ""]
+    out += ["## Run summary", ""]
+    out.append(
+        f"- Training: {ts.get('steps')} steps in {ts.get('train_seconds')} s "
+        f"({ts.get('seconds_per_step')} s/step, {ts.get('tokens_per_s', 'n/a')} tokens/s, "
+        f"peak RSS {ts.get('peak_rss_bytes', 0) / 1e9:.1f} GB), final train loss {ts.get('final_train_loss', 0):.3f}; "
+        f"trainable parameters {ts.get('trainable_parameters')}"
+    )
+    if params_diff:
+        out.append("- Parameters that differ from the defaults: " + ", ".join(
+            f"`{k}` = {v[0]!r} (default {v[1]!r})" for k, v in sorted(params_diff.items())
+        ))
+    else:
+        out.append("- All parameters at their defaults.")
+    out.append(f"- Evaluation threads: {inp.details.get('threads')}")
+    out += ["", "## Data card", ""]
+    rows = [
+        [s["name"], s.get("kind"), s.get("version"), s.get("licence"), s.get("records"), s.get("chars")]
+        for s in inp.manifest.get("sources", [])
+    ]
+    out.append(_table(["source", "kind", "version", "licence", "records", "characters"], rows))
+    st = inp.synth_stats
+    out += ["", "Synthesised records by task: " + ", ".join(f"{k} {v}" for k, v in st.get("by_task", {}).items())]
+    out.append("Decisions by label: " + ", ".join(f"{k} {v}" for k, v in st.get("by_decision", {}).items()))
+    out.append("Decisions by domain: " + ", ".join(f"{k} {v}" for k, v in st.get("by_domain", {}).items()))
+    fs = inp.format_stats
+    split_rows = [
+        [s, d["examples"], d["groups"], d["by_task"], d["by_decision"]] for s, d in fs.get("splits", {}).items()
+    ]
+    out += ["", _table(["split", "examples", "groups", "by task", "by decision"], split_rows)]
+    out.append(
+        f"\nChat-template style `{fs.get('style')}`, max length {fs.get('max_length')} tokens; "
+        f"reasoning shortened: {fs.get('shortened') or 0}, dropped: {fs.get('dropped') or 0}."
+    )
+    lens = fs.get("token_lengths", {})
+    out += ["", _table(["task", "count", "min", "mean", "p95", "max"], [
+        [t, v["count"], v["min"], v["mean"], v["p95"], v["max"]] for t, v in lens.items()
+    ])]
+    out += ["", "## Training", "", f"![training curve]({figures['training']})", ""]
+    out += ["## Headline metrics (test split; deltas against the base model)", "", headline_table(m, names), ""]
+    out += ["## Calibration (temperature scaling, fitted on val)", ""]
+    cal_rows = []
+    for n, c in inp.calibration.get("artifacts", {}).items():
+        cal_rows.append([
+            n, f"{c['temperature']:.3f}", f"{c['ece_before']:.3f} → {c['ece_after']:.3f}",
+            f"{c['brier_before']:.3f} → {c['brier_after']:.3f}", f"{c['nll_before']:.3f} → {c['nll_after']:.3f}",
+            c.get("converged"),
+        ])
+    out.append(_table(["artifact", "T", "ECE (val)", "Brier (val)", "NLL (val)", "converged"], cal_rows))
+    out += ["", f"![reliability diagram]({figures['reliability']})", ""]
+    out += ["## Decisions", "", f"![confusion matrix]({figures['confusion']})", ""]
+    pc_rows = []
+    for n in names:
+        dec = inp.details["artifacts"][n]["decision"]
+        pc_rows.append([n] + [
+            f"P {dec['per_class'][lab]['precision']:.2f} / R {dec['per_class'][lab]['recall']:.2f}" for lab in DECISIONS
+        ])
+    out.append(_table(["artifact", *DECISIONS], pc_rows))
+    b = inp.bake_report
+    out += ["", "## Bake", ""]
+    out.append(
+        f"{b.get('rotations_folded')} rotations folded into `o_proj` (`W' = W R^T`) of a "
+        f"`{b.get('architecture')}`; logits of the saved model vs the trained model on {b.get('positions')} "
+        f"real positions: max |Δ| {b.get('max_abs_diff', math.nan):.3g} ({b.get('verify_dtype')}; threshold "
+        f"{b.get('threshold')}), mean |Δ| {b.get('mean_abs_diff', math.nan):.3g}, KL {b.get('kl', math.nan):.3g}; "
+        f"float32: max |Δ| {b.get('float32', {}).get('max_abs_diff', math.nan):.3g}. Bake took {b.get('bake_seconds')} s."
+    )
+    out += ["", "## GGUF files", ""]
+    q_rows = []
+    for name, f in inp.quantize_report.get("files", {}).items():
+        q_rows.append([
+            f["type"], f"{f['size_bytes'] / 1e6:.1f}", f["bits_per_weight"], f["tensor_types"],
+            len(f.get("k_quant_fallback_tensors", {})), f["generation_tokens_per_s"],
+        ])
+    out.append(_table(["type", "MB", "bits/weight", "tensor types", "K-quant fallbacks", "tok/s (check)"], q_rows))
+    out.append(
+        "\nK-quants need row widths divisible by 256; narrower tensors fall back per tensor (listed in "
+        "`models/gguf/quantize_report.json`)."
+    )
+    out += ["", f"![size vs perplexity]({figures['tradeoff']})", ""]
+    out += ["## Sample generations (FAQ test prompts, greedy)", ""]
+    arts = inp.details["artifacts"]
+    left, right = "base", "baked" if "baked" in arts else names[-1]
+    sample_rows = []
+    for a, c in zip(arts[left]["samples"], arts[right]["samples"]):
+        sample_rows.append([_one_line(a["prompt"], 80), _one_line(a["output"]), _one_line(c["output"]),
+                            _one_line(a["reference"])])
+    out.append(_table(["prompt", left, right, "reference"], sample_rows))
+    out.append("")
+    return "\n".join(out)
