@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,17 +49,18 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
             bar.advance(task)
 
 
-def free_cores() -> int:
-    """Cores not busy right now (from the 1-minute load average), at least 1.
+def free_cores(sample_seconds: float = 0.5, busy_percent: float = 50.0) -> int:
+    """Cores that are idle right now, at least 1.
 
-    llama.cpp and torch slow down several-fold when their threads exceed free cores.
+    Measured over ``sample_seconds`` with psutil (per-core utilisation below
+    ``busy_percent`` counts as free). llama.cpp and torch slow down several-fold
+    when their threads exceed the free cores; the load average lags by minutes
+    and would still count the previous stage's own work.
     """
-    n = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return n
-    return max(1, min(n, round(n - load + 0.5)))
+    import psutil
+
+    per_core = psutil.cpu_percent(interval=sample_seconds, percpu=True)
+    return max(1, sum(1 for p in per_core if p < busy_percent))
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:

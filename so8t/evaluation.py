@@ -114,11 +114,13 @@ def decision_metrics(scored: list[dict], temperature: float, n_bins: int) -> dic
     }
 
 
-def generate_answers(backend, examples: list[dict], max_new_tokens: int, stops: list[str]) -> list[Generation]:
+def generate_answers(
+    backend, examples: list[dict], max_new_tokens: int, stops: list[str], on_progress=None
+) -> list[Generation]:
     """Greedy generations for formatted examples (prompt in the chat template)."""
     tok = backend.tokenizer
     prompts = [tok(ex["prompt_text"], add_special_tokens=False)["input_ids"] for ex in examples]
-    return backend.generate(prompts, max_new_tokens, stops)
+    return backend.generate(prompts, max_new_tokens, stops, on_progress)
 
 
 def math_metrics(examples: list[dict], gens: list[Generation], style: str) -> dict:

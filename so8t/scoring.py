@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ import numpy as np
 import torch
 
 from so8t.schema import DECISION_PREFIX, DECISIONS
+
+#: Progress callback: called with the number of items just finished.
+Progress = Callable[[int], None]
 
 #: Generation stops at the decision marker so the label can be scored, not sampled.
 DECISION_MARKER = DECISION_PREFIX.strip()
@@ -84,8 +88,13 @@ class HFBackend:
         self.device = next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[Generation]:
-        """Greedy continuations of token-id prompts, batched with left padding."""
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, stops: list[str], on_progress: Progress | None = None
+    ) -> list[Generation]:
+        """Greedy continuations of token-id prompts, batched with left padding.
+
+        ``on_progress(n)`` is called after each batch with the number of prompts done.
+        """
         out: list[Generation] = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(prompts), self.batch_size):
@@ -122,6 +131,8 @@ class HFBackend:
             # Batched decoding shares wall time; attribute it by token share.
             total = max(sum(lengths), 1)
             out += [Generation(t, hit, n, seconds * n / total) for (t, hit), n in zip(cuts, lengths)]
+            if on_progress is not None:
+                on_progress(len(batch))
         return out
 
     def close(self) -> None:
@@ -174,7 +185,9 @@ class LlamaCppBackend:
         self.n_ctx = n_ctx
         self.llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, verbose=False)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, stops: list[str], on_progress: Progress | None = None
+    ) -> list[Generation]:
         """Greedy continuations, streamed so the stop string that ended each one is known."""
         out = []
         for p in prompts:
@@ -187,6 +200,8 @@ class LlamaCppBackend:
                 if hit is not None:
                     break
             out.append(Generation(text, hit, n, time.perf_counter() - t0))
+            if on_progress is not None:
+                on_progress(1)
         return out
 
     def close(self) -> None:
@@ -230,13 +245,20 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
 Backend = HFBackend | LlamaCppBackend
 
 
-def score_decisions(backend: Backend, examples: list[dict], max_new_tokens: int, stops: list[str]) -> list[dict]:
+def score_decisions(
+    backend: Backend,
+    examples: list[dict],
+    max_new_tokens: int,
+    stops: list[str],
+    on_progress: Progress | None = None,
+) -> list[dict]:
     """Decision log-likelihoods for formatted decision examples.
 
     Args:
         examples: think-format rows with ``prompt_text``, ``input_ids``/``labels``
             and ``decision``.
         stops: end-of-turn strings (generation also stops at ``判定:``).
+        on_progress: called with the number of examples generated so far.
 
     Returns:
         One dict per example: ``id``, ``label`` (index into DECISIONS),
@@ -245,7 +267,7 @@ def score_decisions(backend: Backend, examples: list[dict], max_new_tokens: int,
     """
     tok = backend.tokenizer
     prompts = [tok(ex["prompt_text"], add_special_tokens=False)["input_ids"] for ex in examples]
-    gens = backend.generate(prompts, max_new_tokens, [DECISION_MARKER, *stops])
+    gens = backend.generate(prompts, max_new_tokens, [DECISION_MARKER, *stops], on_progress)
     rows = []
     for ex, g in zip(examples, gens):
         reached = g.stop == DECISION_MARKER

@@ -6,7 +6,7 @@ import numpy as np
 
 from so8t.base_model import load_tokenizer
 from so8t.calibration import calibration_summary, fit_temperature
-from so8t.console import console, free_cores, run_stage
+from so8t.console import console, free_cores, progress, run_stage
 from so8t.evaluation import artifacts, balanced_decisions, close_backend, open_backend
 from so8t.io import read_jsonl, write_json
 from so8t.params import load_params
@@ -26,11 +26,19 @@ def main() -> None:
         raise ValueError(f"{VAL}: no decision examples to calibrate on")
     threads = free_cores()
     result = {"split": "val", "examples": len(examples), "ece_bins": c.ece_bins, "artifacts": {}}
-    for art in artifacts(params.quantize.types):
-        console.print(f"calibrate: scoring {len(examples)} val decisions with {art.name} ({art.path})")
-        backend = open_backend(art, tokenizer, threads)
-        scored = score_decisions(backend, examples, c.max_new_tokens, stop_strings(tokenizer))
-        close_backend(backend)
+    arts = artifacts(params.quantize.types)
+    with progress() as bar:
+        task = bar.add_task("calibrate: val decisions", total=len(arts) * len(examples), info="")
+        scored_by = {}
+        for art in arts:
+            bar.update(task, info=art.name)
+            backend = open_backend(art, tokenizer, threads)
+            scored_by[art.name] = score_decisions(
+                backend, examples, c.max_new_tokens, stop_strings(tokenizer), lambda n: bar.advance(task, n)
+            )
+            close_backend(backend)
+    for art in arts:
+        scored = scored_by[art.name]
         logits = np.array([r["logits"] for r in scored])
         labels = np.array([r["label"] for r in scored])
         fit = fit_temperature(logits, labels)

@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 
 from so8t.base_model import load_tokenizer
-from so8t.console import console, free_cores, run_stage
+from so8t.console import console, free_cores, progress, run_stage
 from so8t.evaluation import (
     artifacts,
     balanced_decisions,
@@ -55,14 +55,20 @@ def main() -> None:
     flat: dict[str, float] = {}
     details: dict[str, dict] = {"threads": threads, "artifacts": {}}
     confusion_rows, reliability_rows, quant_rows = [], [], []
-    for art in artifacts(params.quantize.types):
-        console.print(f"evaluate: {art.name} ({art.path}), {threads} threads")
+    arts = artifacts(params.quantize.types)
+    per_artifact = len(decisions) + len(maths) + len(faqs)
+    bar = progress()
+    bar.start()
+    task = bar.add_task("evaluate: test generations", total=len(arts) * per_artifact, info="")
+    step = lambda n: bar.advance(task, n)  # noqa: E731
+    for art in arts:
+        bar.update(task, info=f"{art.name} ({threads} threads)")
         backend = open_backend(art, tokenizer, threads)
-        scored = score_decisions(backend, decisions, e.decision_max_new_tokens, stops)
+        scored = score_decisions(backend, decisions, e.decision_max_new_tokens, stops, step)
         dec = decision_metrics(scored, temperatures.get(art.name, 1.0), params.calibrate.ece_bins)
         ppl = perplexity_of(backend, windows)
-        math_gens = generate_answers(backend, maths, e.math_max_new_tokens, stops)
-        faq_gens = generate_answers(backend, faqs, e.faq_max_new_tokens, stops)
+        math_gens = generate_answers(backend, maths, e.math_max_new_tokens, stops, step)
+        faq_gens = generate_answers(backend, faqs, e.faq_max_new_tokens, stops, step)
         close_backend(backend)
         mth = math_metrics(maths, math_gens, style)
         faq = faq_metrics(faqs, faq_gens, style)
@@ -116,6 +122,7 @@ def main() -> None:
             f"ECE {dec['ece']:.3f}->{dec['ece_calibrated']:.3f} ppl {ppl['perplexity']:.2f} "
             f"math EM {mth['exact_match']:.2f} chrF {faq['chrf']:.1f} {flat[f'{a}.tokens_per_s']:.1f} tok/s"
         )
+    bar.stop()
     write_json(OUT / "metrics.json", {k: round(float(v), 6) for k, v in flat.items()})
     write_json(OUT / "eval" / "details.json", details)
     for name in {r["artifact"] for r in confusion_rows}:

