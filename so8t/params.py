@@ -38,11 +38,29 @@ class CollectParams(_Section):
     debian_faq: bool = True
     debian_reference: bool = True
     gsm_symbolic: bool = True
-    #: Folders of the user's own .txt/.md/.jsonl/.json/.csv documents.
+    #: Folders of the user's own files: .jsonl/.json/.csv/.tsv records and
+    #: .txt/.md/.html/.pdf documents (see so8t/readers.py for formats and encodings).
     user_dirs: list[str] = []
+    #: Hugging Face datasets: ``save_to_disk`` folders, or hub names (need a reachable hub).
+    hf_datasets: list[str] = []
+    #: Split read from a dataset with several splits.
+    hf_split: str = "train"
+    #: ``nfkc``: user text is NFKC-normalised (full-width letters and digits to ASCII,
+    #: half-width katakana to full-width) except full-width punctuation, kept as written.
+    normalize: Literal["nfkc", "none"] = "nfkc"
+    #: Mask e-mail addresses, phone numbers and My Number-like digit strings in all
+    #: collected text (counts go to the manifest and the data card).
+    pii_mask: bool = True
+    #: ``error``: the first malformed file or record stops the stage (nothing written);
+    #: ``skip``: malformed records (or whole unreadable files) are left out and listed
+    #: in data/collected/rejects.jsonl.
+    on_bad_record: Literal["error", "skip"] = "error"
+    #: A line, row or record longer than this (characters) is malformed (minified or binary data).
+    max_record_chars: PosInt = 200_000
     #: Reference sections shorter than this (characters) are dropped.
     min_section_chars: PosInt = 200
-    #: Reference sections are cut into documents of at most this many characters.
+    #: Reference sections and user document sections are cut into pieces of at most
+    #: this many characters.
     max_section_chars: PosInt = 2000
 
 
@@ -59,6 +77,20 @@ class SynthesizeParams(_Section):
     math_variants_per_template: NonNegInt = 2
     #: GSM templates used (by ``id_shuffled``), null = all 100.
     math_templates: list[int] | None = None
+    #: Template question/answer pairs per user document section (0 = none).
+    document_qa_per_section: NonNegInt = 3
+    #: A GGUF model that answers the template questions from the section text through
+    #: llama.cpp (null = the template answers, taken from the text itself).
+    teacher_gguf: str | None = None
+    #: Tokens the teacher may generate per answer.
+    teacher_max_tokens: PosInt = 256
+    #: Records whose prompt + answer have at least this estimated Jaccard similarity
+    #: (MinHash over character 5-grams) to a kept record of another group are
+    #: removed (null = exact duplicates only).
+    near_dup_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = 0.9
+    #: Every decision class (ALLOW, ESCALATION, DENY) must make up at least this share
+    #: of the decision records, here and in the train split (0 = no check).
+    min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
 
     @field_validator("domains")
     @classmethod
@@ -101,7 +133,7 @@ class PETParams(_Section):
     #: (||.||^2 / D, keeps lambda comparable across widths); ``sum``: the plain
     #: squared L2 norm. On Gemma 3 270M's final hidden states the sum is ~1e4 at
     #: init, which would swamp the cross-entropy at the default lambdas.
-    reduction: Literal["mean", "sum"] = "mean"
+    reduction: Literal["mean", "sum", "relative"] = "mean"
     #: Which hidden state is smoothed, with Hugging Face ``hidden_states`` indexing
     #: (0 = embeddings, i = output of layer i, -1 = final normalised state).
     hidden_state_index: int = -1
@@ -141,6 +173,21 @@ class TrainParams(_Section):
     num_threads: PosInt | None = None
     so8t: SO8TParams = SO8TParams()
     pet: PETParams = PETParams()
+
+
+class CheckpointParams(_Section):
+    """Crash-safe checkpointing of the train stage (not a DVC dependency: it never changes results)."""
+
+    #: Save every this many minutes of wall time (and at the end); 0 = off.
+    minutes: Annotated[float, Field(ge=0.0)] = 3.0
+    #: Also save every this many optimiser steps; 0 = off.
+    steps: NonNegInt = 0
+    #: Newest complete checkpoints kept.
+    keep: PosInt = 5
+    #: Outside DVC's outputs so it survives `dvc repro` (which deletes outputs first).
+    dir: str = ".checkpoints/train"
+    #: Resume automatically from the newest good checkpoint of the same run.
+    resume: bool = True
 
 
 class BakeParams(_Section):
@@ -191,6 +238,7 @@ class Params(_Section):
     synthesize: SynthesizeParams = SynthesizeParams()
     think_format: ThinkFormatParams = ThinkFormatParams()
     train: TrainParams = TrainParams()
+    checkpoint: CheckpointParams = CheckpointParams()
     bake: BakeParams = BakeParams()
     quantize: QuantizeParams = QuantizeParams()
     calibrate: CalibrateParams = CalibrateParams()

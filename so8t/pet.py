@@ -48,8 +48,8 @@ def pet_penalty(
         attention_mask = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
     if tuple(attention_mask.shape) != (b, t):
         raise ValueError(f"pet_penalty: attention_mask shape {tuple(attention_mask.shape)} != {(b, t)}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"pet_penalty: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if reduction not in ("sum", "mean", "relative"):
+        raise ValueError(f"pet_penalty: reduction must be 'sum', 'mean' or 'relative', got {reduction!r}")
     if t < 3:
         return hidden.float().sum() * 0.0
     h = hidden.float()
@@ -59,7 +59,14 @@ def pet_penalty(
     count = valid.sum()
     sq = second.pow(2).sum(-1) if reduction == "sum" else second.pow(2).mean(-1)
     total = (sq * valid).sum()
-    return total / count.clamp_min(1.0)
+    value = total / count.clamp_min(1.0)
+    if reduction == "relative":
+        # Divide by the mean squared norm per dimension of the valid states themselves:
+        # a dimensionless curvature, independent of the model's activation scale.
+        mf = m.to(h.dtype)
+        energy = (h.pow(2).mean(-1) * mf).sum() / mf.sum().clamp_min(1.0)
+        value = value / energy.detach().clamp_min(1e-12)
+    return value
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,48 @@ class Task(str, Enum):
     QA_FAQ = "qa_faq"
     QA_REFERENCE = "qa_reference"
     MATH = "math"
+    #: The user's own prompt/response, instruction/input/output or chat records.
+    QA_USER = "qa_user"
+    #: Template (or teacher) questions about sections of the user's documents.
+    QA_DOCUMENT = "qa_document"
 
 
 TASKS: tuple[str, ...] = tuple(t.value for t in Task)
+
+#: Spellings of decision labels found in users' data -> :class:`Decision`. Keys are
+#: compared after NFKC, stripping and case folding (``Escalate``, ``ＥＳＣＡＬＡＴＥ`` and
+#: ``escalate`` are one key); anything else is an error that lists these keys.
+DECISION_ALIASES: dict[str, Decision] = {
+    "allow": Decision.ALLOW,
+    "allowed": Decision.ALLOW,
+    "approve": Decision.ALLOW,
+    "approved": Decision.ALLOW,
+    "accept": Decision.ALLOW,
+    "permit": Decision.ALLOW,
+    "許可": Decision.ALLOW,
+    "承認": Decision.ALLOW,
+    "回答可": Decision.ALLOW,
+    "escalation": Decision.ESCALATION,
+    "escalate": Decision.ESCALATION,
+    "escalated": Decision.ESCALATION,
+    "review": Decision.ESCALATION,
+    "human_review": Decision.ESCALATION,
+    "エスカレーション": Decision.ESCALATION,
+    "エスカレート": Decision.ESCALATION,
+    "要確認": Decision.ESCALATION,
+    "要承認": Decision.ESCALATION,
+    "deny": Decision.DENY,
+    "denied": Decision.DENY,
+    "refuse": Decision.DENY,
+    "refused": Decision.DENY,
+    "reject": Decision.DENY,
+    "rejected": Decision.DENY,
+    "block": Decision.DENY,
+    "拒否": Decision.DENY,
+    "拒絶": Decision.DENY,
+    "却下": Decision.DENY,
+    "不可": Decision.DENY,
+}
 
 #: The parseable decision line that ends every decision answer: ``判定: ESCALATION``.
 DECISION_PREFIX = "判定: "
@@ -83,6 +122,10 @@ class Record(BaseModel):
     group: str
     source: str
     final_answer: str | None = None
+    #: Generated from a user document: its id (``user:<folder>/<path>``) and the character
+    #: offset of the passage the answer comes from, in the document text as collected.
+    source_doc: str | None = None
+    source_offset: int | None = Field(default=None, ge=0)
 
 
 class ThinkStyle(str, Enum):
@@ -116,4 +159,6 @@ THINK_KIND: dict[str, str] = {
     "qa_faq": "task",
     "qa_reference": "task",
     "math": "task",
+    "qa_user": "task",
+    "qa_document": "task",
 }

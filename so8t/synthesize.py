@@ -11,6 +11,15 @@ Tasks:
   written out for held-out perplexity; it never feeds a training record.
 * ``math``: every GSM-Symbolic original plus new variants of its template, sampled by
   rejection sampling (:func:`sample_variants`).
+* ``qa_user`` and user ``decision`` records: the user's own prompt/response and labelled
+  records (:func:`build_user_records`).
+* ``qa_document``: template questions about sections of the user's documents (definition,
+  "what does section X say about Y", cloze, summary), answered from the section text or,
+  with ``teacher_gguf``, by a teacher model through llama.cpp; each keeps its source
+  document and character offset (:func:`build_document_records`).
+
+Exact and near-duplicate prompts are removed (:mod:`so8t.dedup`), and the decision classes
+must each keep ``min_class_share`` of the decision records (:func:`so8t.datacard.check_class_balance`).
 
 Randomness comes from ``random.Random(f"{seed}:{part}")`` streams (string seeds are
 hashed with SHA-512 by :mod:`random`, so they are stable across runs and platforms):
@@ -34,6 +43,8 @@ from typing import Any, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from so8t.datacard import check_class_balance, shares
+from so8t.dedup import exact_duplicates, near_duplicates
 from so8t.io import DataError
 from so8t.params import SynthesizeParams
 from so8t.schema import DOMAIN_JA, Decision, Domain, Record, Task
@@ -63,6 +74,36 @@ REFERENCE_QUESTIONS: tuple[str, ...] = (
     "Debian リファレンス {section} 節「{title}」の要点は何ですか？",
 )
 
+#: Question templates per kind for user document sections (``{doc}`` title, ``{section}``
+#: title, ``{term}`` a key term, ``{sentence}`` a sentence with the term blanked out).
+DOCUMENT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "definition": ("「{doc}」によると、{term}とは何ですか？", "{term}とは何か、「{doc}」の記述に沿って説明してください。"),
+    "about": (
+        "「{doc}」の「{section}」では、{term}について何と述べていますか？",
+        "「{section}」の節に書かれている{term}に関する内容を教えてください。（出典: {doc}）",
+    ),
+    "cloze": ("「{doc}」の「{section}」にある次の文の［　　］に入る語句は何ですか？\n{sentence}",),
+    "summary": ("「{doc}」の「{section}」には何が書かれていますか？", "「{doc}」の「{section}」の要点を教えてください。"),
+}
+DOCUMENT_THINKING = "ユーザー提供の文書「{doc}」の「{section}」に書かれている内容をもとに答えます。"
+CLOZE_BLANK = "［　　］"
+#: Teacher prompt: the section text is the only context (llama.cpp, greedy decoding).
+TEACHER_PROMPT = (
+    "次の文書の抜粋だけを根拠に、質問に日本語で簡潔に答えてください。\n\n"
+    "# 抜粋（「{doc}」の「{section}」）\n{context}\n\n# 質問\n{question}\n\n# 回答\n"
+)
+TEACHER_N_CTX = 4096
+#: Answers of user decision records that carry a label but no response.
+DECISION_RESPONSES: dict[Decision, str] = {
+    Decision.ALLOW: "ご依頼の内容には対応できます。",
+    Decision.ESCALATION: "この依頼は権限のある担当者の確認が必要なため、担当者に引き継ぎます。",
+    Decision.DENY: "この依頼にはお応えできません。",
+}
+#: Key-term candidates: katakana words, kanji compounds, ASCII names.
+_TERM = re.compile(r"[\u30a1-\u30fa\u30fc]{3,}|[\u4e00-\u9fff々]{2,8}|[A-Za-z][A-Za-z0-9+\-]{2,}")
+_STOP_TERMS = frozenset("場合 必要 以下 以上 可能 今回 本書 記載 説明 利用 使用 方法 内容 実施 対応 予定 一部 全体 関係".split())
+_DEFINITION = re.compile(r"^(?P<term>[「『]?[\u30a1-\u30fa\u30fc\u4e00-\u9fff々A-Za-z0-9]{2,20}[」』]?)とは[、,]?")
+_SENTENCE_POS = re.compile(r"[^。\n]+。")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _FINAL_LINE = re.compile(r"^\s*####.*$", re.MULTILINE)
 _SENTENCE = re.compile(r"[^。\n]+。")
@@ -644,25 +685,180 @@ def build_math_records(
     return records, stats
 
 
-# --------------------------------------------------------------------------- all together
+# --------------------------------------------------------------------------- user data
 
 
-def dedupe_prompts(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Drop records whose prompt (stripped) already occurred; keeps the first.
+def build_user_records(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``qa_user`` records from ``pair`` items and ``decision`` records from ``decision`` items.
+
+    Each record is its own group. A decision item without a response gets the label's
+    stock answer (:data:`DECISION_RESPONSES`); its reason and reasoning are kept when given.
+    """
+    records = []
+    for item in items:
+        base = {"id": item["id"], "prompt": item["prompt"], "thinking": item.get("thinking") or "",
+                "group": item["id"], "source": item["source"]}
+        if item["kind"] == "pair":
+            records.append({**base, "task": Task.QA_USER.value, "response": item["response"]})
+        elif item["kind"] == "decision":
+            decision = Decision(item["decision"])
+            records.append(
+                {
+                    **base,
+                    "task": Task.DECISION.value,
+                    "response": item.get("response") or DECISION_RESPONSES[decision],
+                    "decision": decision.value,
+                    "domain": item["domain"],
+                    "reason": item.get("reason"),
+                }
+            )
+    return records
+
+
+def _sentences_at(text: str) -> list[tuple[int, str]]:
+    """``(offset in text, sentence)`` for each Japanese sentence ending in ``。`` (list markers stripped)."""
+    out = []
+    for m in _SENTENCE_POS.finditer(text):
+        raw = m.group(0)
+        sentence = raw.lstrip().lstrip("*+-・ ")
+        if _JAPANESE.search(sentence):
+            out.append((m.start() + len(raw) - len(sentence), sentence))
+    return out
+
+
+def _terms(sentence: str) -> list[str]:
+    return [t for t in _TERM.findall(sentence) if t not in _STOP_TERMS]
+
+
+def document_questions(text: str) -> list[dict[str, Any]]:
+    """Template question/answer candidates for one section piece, in template order.
 
     Returns:
-        ``(kept, removed_per_task)``.
+        ``{"kind", "slots", "answer", "at"}`` dicts: ``slots`` fill the question template,
+        ``at`` is the answer's character offset in ``text``.
     """
-    seen: set[str] = set()
-    kept, removed = [], Counter()
-    for r in records:
-        key = r["prompt"].strip()
-        if key in seen:
-            removed[r["task"]] += 1
-            continue
-        seen.add(key)
-        kept.append(r)
-    return kept, dict(sorted(removed.items()))
+    sentences = _sentences_at(text)
+    out: list[dict[str, Any]] = []
+    for at, s in sentences:
+        if (m := _DEFINITION.match(s)) and len(s) <= 200:
+            out.append({"kind": "definition", "slots": {"term": m.group("term")}, "answer": s, "at": at})
+    counts = Counter(t for _, s in sentences for t in set(_terms(s)))
+    frequent = [t for t, n in counts.most_common() if n >= 2]
+    if frequent:
+        term = max(frequent, key=lambda t: (counts[t], len(t)))
+        hits = [(at, s) for at, s in sentences if term in s][:2]
+        answer = trim_at_sentence("".join(s for _, s in hits), REFERENCE_ANSWER_CHARS)
+        out.append({"kind": "about", "slots": {"term": term}, "answer": answer, "at": hits[0][0]})
+    for at, s in sentences:
+        terms = _terms(s)
+        if 15 <= len(s) <= 150 and terms:
+            term = max(terms, key=len)
+            blanked = s.replace(term, CLOZE_BLANK, 1)
+            out.append(
+                {"kind": "cloze", "slots": {"sentence": blanked}, "answer": f"{CLOZE_BLANK}に入る語句は「{term}」です。",
+                 "at": at}
+            )
+            break
+    lead = lead_sentences(text)
+    if lead:
+        at = next((a for a, s in sentences if lead.startswith(s[:10])), 0)
+        out.append({"kind": "summary", "slots": {}, "answer": lead, "at": at})
+    return out
+
+
+def build_document_records(
+    sections: list[dict[str, Any]], per_section: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """``qa_document`` records: up to ``per_section`` template pairs per section piece.
+
+    When a piece has more candidates (:func:`document_questions`) than ``per_section``, a
+    seeded sample keeps the template order. Records of one section share a group (so a
+    section never spans two splits); ``source_doc`` and ``source_offset`` locate the
+    passage the answer comes from in the collected document text.
+
+    Returns:
+        ``(records, their sections (parallel to records), stats)``.
+    """
+    rng = random.Random(f"{seed}:document-qa")
+    records: list[dict[str, Any]] = []
+    origins: list[dict[str, Any]] = []
+    by_kind: Counter[str] = Counter()
+    used = 0
+    for sec in sections if per_section else []:
+        candidates = document_questions(sec["text"])
+        if len(candidates) > per_section:
+            keep = sorted(rng.sample(range(len(candidates)), per_section))
+            candidates = [candidates[k] for k in keep]
+        used += bool(candidates)
+        section = sec["title"] if sec["title"] != sec["doc_title"] else "冒頭"
+        names = {"doc": sec["doc_title"], "section": section}
+        for k, c in enumerate(candidates):
+            question = rng.choice(DOCUMENT_QUESTIONS[c["kind"]]).format(**names, **c["slots"])
+            by_kind[c["kind"]] += 1
+            records.append(
+                {
+                    "id": f"docqa-{sec['id']}-{c['kind']}{k}",
+                    "task": Task.QA_DOCUMENT.value,
+                    "prompt": question,
+                    "thinking": DOCUMENT_THINKING.format(**names),
+                    "response": c["answer"],
+                    "group": f"{sec['doc_id']}#s{sec['section']}",
+                    "source": sec["source"],
+                    "source_doc": sec["doc_id"],
+                    "source_offset": sec["offset"] + c["at"],
+                }
+            )
+            origins.append(sec)
+    stats = {
+        "documents": len({s["doc_id"] for s in sections}),
+        "sections": len(sections),
+        "sections_with_qa": used,
+        "pairs": len(records),
+        "by_template": dict(sorted(by_kind.items())),
+    }
+    return records, origins, stats
+
+
+def teacher_answers(
+    records: list[dict[str, Any]], sections: list[dict[str, Any]], gguf: str, max_tokens: int, seed: int
+) -> dict[str, Any]:
+    """Replace each document record's template answer with a teacher model's answer, in place.
+
+    The teacher (a GGUF file, run by llama.cpp with greedy decoding and a fixed seed) sees
+    the section piece as its only context (:data:`TEACHER_PROMPT`). An empty answer keeps
+    the template answer.
+
+    Args:
+        sections: the section of each record (parallel to ``records``).
+
+    Returns:
+        ``{"model", "answers", "kept_template"}``.
+
+    Raises:
+        FileNotFoundError: ``gguf`` does not exist (names ``synthesize.teacher_gguf``).
+    """
+    from pathlib import Path
+
+    from llama_cpp import Llama
+
+    from so8t.console import free_cores
+
+    if not Path(gguf).is_file():
+        raise FileNotFoundError(f"synthesize.teacher_gguf: {gguf!r} not found; give a local .gguf file or null")
+    llm = Llama(model_path=gguf, n_ctx=TEACHER_N_CTX, n_threads=free_cores(), seed=seed, verbose=False)
+    answered = 0
+    for r, sec in zip(records, sections):
+        section = sec["title"] if sec["title"] != sec["doc_title"] else "冒頭"
+        prompt = TEACHER_PROMPT.format(doc=sec["doc_title"], section=section, context=sec["text"], question=r["prompt"])
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=seed, stop=["\n#", "\n\n\n"])
+        answer = out["choices"][0]["text"].strip()
+        if answer:
+            r["response"] = answer
+            answered += 1
+    return {"model": gguf, "answers": answered, "kept_template": len(records) - answered}
+
+
+# --------------------------------------------------------------------------- all together
 
 
 def validate_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -696,10 +892,15 @@ def _counts(records: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def synthesize(collected: dict[str, list[dict[str, Any]]], params: SynthesizeParams, seed: int) -> Synthesis:
-    """All records from the collected sources (``{"faq": [...], "reference": [...], "gsm": [...]}``).
+    """All records from the collected sources (``{"faq", "reference", "gsm", "user"}``; ``user``
+    holds the items of user.jsonl and hf.jsonl and may be absent).
 
-    Records come in a fixed order (decision, qa_faq, qa_reference, math), exact
-    duplicate prompts removed, each validated as :class:`Record`.
+    Records come in a fixed order (decision, qa_faq, qa_reference, math, user records,
+    qa_document); exact and near-duplicate prompts are removed, each record is validated
+    as :class:`Record`, and the decision classes are checked for balance.
+
+    Raises:
+        DataError: a decision class is missing or below ``min_class_share`` (after dedup).
     """
     decisions = build_decision_records(load_safety_templates(), params.decisions_per_class, params.domains, seed)
     faq = build_faq_records(collected["faq"]) if params.faq_qa else []
@@ -710,16 +911,44 @@ def synthesize(collected: dict[str, list[dict[str, Any]]], params: SynthesizePar
     math_records, math_stats = build_math_records(
         collected["gsm"], params.math_variants_per_template, params.math_templates, seed
     )
-    records, removed = dedupe_prompts(decisions + faq + reference + math_records)
+    user = collected.get("user", [])
+    user_records = build_user_records(user)
+    sections = [i for i in user if i["kind"] == "section"]
+    doc_records, doc_origins, doc_stats = build_document_records(sections, params.document_qa_per_section, seed)
+    doc_stats["teacher"] = None
+    if params.teacher_gguf and doc_records:
+        doc_stats["teacher"] = teacher_answers(
+            doc_records, doc_origins, params.teacher_gguf, params.teacher_max_tokens, seed
+        )
+    records, removed, conflicts = exact_duplicates(
+        decisions + faq + reference + math_records + user_records + doc_records
+    )
+    near_removed: dict[str, int] = {}
+    near_pairs: list[dict[str, Any]] = []
+    if params.near_dup_threshold is not None:
+        records, near_removed, near_pairs = near_duplicates(records, params.near_dup_threshold)
     records = validate_records(records)
+    decision_shares = check_class_balance(
+        (r["decision"] for r in records if r["task"] == Task.DECISION.value), params.min_class_share, "synthesize"
+    )
+    by_task = _counts(records, "task")
     stats = {
         "records": len(records),
-        "by_task": _counts(records, "task"),
+        "by_task": by_task,
         "by_decision": _counts(records, "decision"),
         "by_domain": _counts(records, "domain"),
         "by_source": _counts(records, "source"),
-        "groups_by_task": {t: len({r["group"] for r in records if r["task"] == t}) for t in _counts(records, "task")},
+        "groups_by_task": {t: len({r["group"] for r in records if r["task"] == t}) for t in by_task},
         "dedup_removed": removed,
+        "near_dup_removed": near_removed,
+        "near_dup_threshold": params.near_dup_threshold,
+        "near_dup_pairs": near_pairs[:50],
+        "label_conflicts": conflicts,
+        "balance": {
+            "task_shares": shares(by_task),
+            "decision_shares": decision_shares,
+            "min_class_share": params.min_class_share,
+        },
         "faq": {
             "entries": len(collected["faq"]),
             "qa_records": len(faq),
@@ -727,5 +956,12 @@ def synthesize(collected: dict[str, list[dict[str, Any]]], params: SynthesizePar
         },
         "reference": reference_counts,
         "math": math_stats,
+        "user": {
+            "items": len(user),
+            "qa_user": sum(r["task"] == Task.QA_USER.value for r in user_records),
+            "decision": sum(r["task"] == Task.DECISION.value for r in user_records),
+            "sections": len(sections),
+        },
+        "document_qa": doc_stats,
     }
     return Synthesis(records, heldout, stats)

@@ -20,14 +20,28 @@ Metrics go to dvclive each step (``ce``, ``pet``, ``pet_lambda``, ``loss``,
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from so8t.attach import ROTATION_ATTR, attach_rotations, attached_rotations, save_rotations
+from so8t.attach import ROTATION_ATTR, ROTATIONS_FILE, attach_rotations, attached_rotations, save_rotations
+from so8t.checkpoint import (
+    PREFIX,
+    STAGING,
+    GracefulStopCallback,
+    TimeCheckpointCallback,
+    fingerprint,
+    latest_good_checkpoint,
+    prepare_root,
+    publish,
+    rotate,
+)
 from so8t.params import TrainParams
 from so8t.pet import PETSchedule, pet_penalty
 
@@ -91,9 +105,12 @@ class SO8TTrainer(Trainer):
         pet_hidden_state_index: int = -1,
         pet_reduction: str = "mean",
         so8t_learning_rate: float = 1e-3,
+        keep_checkpoints: int = 5,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self._staging: Path | None = None
         self.pet_schedule = pet_schedule
         self.pet_hidden_state_index = pet_hidden_state_index
         self.pet_reduction = pet_reduction
@@ -176,7 +193,35 @@ class SO8TTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if attached_rotations(self.model) and self.args.should_save:
-            save_rotations(self.model, Path(output_dir or self.args.output_dir) / "so8t_rotations.safetensors")
+            save_rotations(self.model, Path(output_dir or self.args.output_dir) / ROTATIONS_FILE)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder, then publish it atomically with a manifest."""
+        root = Path(self.args.output_dir)
+        self._staging = root / STAGING
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            staged = root / STAGING / f"{PREFIX}{self.state.global_step}"
+            publish(staged, root)
+            rotate(root, self.keep_checkpoints)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / ROTATIONS_FILE
+        rotations = attached_rotations(self.model)
+        if rotations:
+            from so8t.attach import read_rotations
+
+            generators, _ = read_rotations(path)
+            with torch.no_grad():
+                for i, rot in rotations.items():
+                    rot.generator.copy_(generators[i])
 
 
 class RichProgressCallback(TrainerCallback):
@@ -259,3 +304,202 @@ def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
             key = "so8t" if f"{ROTATION_ATTR}." in name else "lora" if "lora_" in name else "other"
             counts[key] += p.numel()
     return counts
+
+
+@dataclass
+class TrainPaths:
+    """Files and folders of one training run."""
+
+    base: Path
+    data: Path
+    out: Path
+    live_dir: Path = Path("dvclive")
+    performance: Path = Path("reports/performance.json")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def preflight(model_dir: Path, checkpoint_root: Path, out_dir: Path, n_trainable: int, keep: int) -> dict[str, int]:
+    """Fail early when disk or RAM cannot hold the run.
+
+    Estimates (bytes): one checkpoint = trainable parameters x 4 (weights) x 3
+    (two Adam moments) + 1 MiB of state; output = trainable x 4; model RAM =
+    2.5 x the weight files (weights, gradients of the adapter, activations).
+
+    Raises:
+        RuntimeError: naming the free and the needed bytes.
+    """
+    import psutil
+
+    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    ckpt = n_trainable * 4 * 3 + (1 << 20)
+    need_disk = keep * ckpt + n_trainable * 4 + (64 << 20)
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    free_disk = min(shutil.disk_usage(checkpoint_root).free, shutil.disk_usage(out_dir.parent).free)
+    if free_disk < need_disk:
+        raise RuntimeError(
+            f"preflight: {free_disk / 1e9:.2f} GB free on disk, need {need_disk / 1e9:.2f} GB "
+            f"({keep} checkpoints of {ckpt / 1e6:.1f} MB + outputs); free space or lower checkpoint.keep"
+        )
+    need_ram = int(weights * 2.5)
+    free_ram = psutil.virtual_memory().available
+    if torch.cuda.is_available() is False and free_ram < need_ram:
+        raise RuntimeError(
+            f"preflight: {free_ram / 1e9:.2f} GB RAM available, the model needs about {need_ram / 1e9:.2f} GB "
+            f"({weights / 1e9:.2f} GB of weights); close other programs or use train.quantization"
+        )
+    return {"free_disk": free_disk, "need_disk": need_disk, "free_ram": free_ram, "need_ram": need_ram}
+
+
+def run_fingerprint(params, paths: TrainPaths) -> dict[str, str]:
+    """Ingredients that make checkpoints belong to one run: training params, data, base model."""
+    from so8t.io import sha256_file
+
+    base = Path(paths.base)
+    return fingerprint(
+        {
+            "train params": params.train.model_dump(mode="json") | {"num_threads": None},
+            "seed": params.seed,
+            "dataset": sha256_file(paths.data),
+            "base model": {
+                "config": (base / "config.json").read_text(encoding="utf-8"),
+                "weights": sorted((p.name, p.stat().st_size) for p in base.glob("*.safetensors")),
+            },
+        }
+    )
+
+
+def run_training(params, paths: TrainPaths) -> dict:
+    """Train LoRA + SO8T + PET with crash-safe checkpoints; save adapter and rotations to ``paths.out``.
+
+    Resumes from the newest good checkpoint of the same run (see
+    :mod:`so8t.checkpoint`); SIGINT/SIGTERM save and stop (exit code 128 + signal
+    is returned as ``summary["exit_code"]``). Works unchanged under
+    ``torchrun`` / ``accelerate launch`` (DDP; rank 0 writes).
+
+    Returns:
+        The run summary (also written to ``paths.out / "train_summary.json"`` and,
+        as a DVC metric, ``paths.performance``).
+    """
+    from datasets import Dataset
+    from dvclive import Live
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers.integrations import DVCLiveCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from so8t.base_model import load_tokenizer
+    from so8t.console import console
+    from so8t.io import read_jsonl, write_json
+
+    p, c = params.train, params.checkpoint
+    if p.num_threads:
+        torch.set_num_threads(p.num_threads)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(paths.data)]
+    if not rows:
+        raise ValueError(f"{paths.data}: no training examples")
+    tokenizer = load_tokenizer(paths.base)
+    model = build_model(paths.base, p, params.seed)
+    counts = trainable_parameter_counts(model)
+    root = Path(c.dir)
+    world_rank = int(os.environ.get("RANK", "0"))
+    check = preflight(paths.base, root, paths.out, sum(counts.values()), c.keep) if world_rank == 0 else {}
+    resume_from = None
+    if world_rank == 0:
+        same_run = prepare_root(root, run_fingerprint(params, paths), log=console.print)
+        if same_run and c.resume:
+            ckpt = latest_good_checkpoint(root, warn=lambda m: console.print(f"[yellow]train: {m}[/]"))
+            resume_from = str(ckpt) if ckpt else None
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        resume_from = _broadcast_resume(resume_from)
+    console.print(
+        f"train: {len(rows)} examples, trainable parameters {counts}"
+        + (f", resuming from {resume_from}" if resume_from else ", starting fresh")
+    )
+    args = TrainingArguments(
+        output_dir=str(root),
+        max_steps=p.max_steps,
+        per_device_train_batch_size=p.per_device_train_batch_size,
+        gradient_accumulation_steps=p.gradient_accumulation_steps,
+        learning_rate=p.learning_rate,
+        weight_decay=p.weight_decay,
+        warmup_steps=round(p.warmup_ratio * p.max_steps),
+        lr_scheduler_type=p.lr_scheduler_type,
+        max_grad_norm=p.max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps" if c.steps else "no",
+        save_steps=c.steps or None,
+        save_total_limit=None,  # rotation is ours: it keeps only verified checkpoints
+        report_to="none",
+        seed=params.seed,
+        data_seed=params.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+    )
+    live = Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=resume_from is not None)
+    stopper = GracefulStopCallback()
+    trainer = SO8TTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        callbacks=[DVCLiveCallback(live=live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
+        pet_schedule=PETSchedule(p.pet.phase_boundaries, p.pet.lambdas) if p.pet.enabled else None,
+        pet_hidden_state_index=p.pet.hidden_state_index,
+        pet_reduction=p.pet.reduction,
+        so8t_learning_rate=p.so8t.learning_rate,
+        keep_checkpoints=c.keep,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    stopper.install()
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        stopper.uninstall()
+    seconds = time.perf_counter() - start
+    done_steps = trainer.state.global_step - (int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0)
+    summary = {
+        "exit_code": stopper.exit_code,
+        "train_seconds": round(seconds, 1),
+        "steps": trainer.state.global_step,
+        "steps_this_session": done_steps,
+        "resumed_from": resume_from,
+        "seconds_per_step": round(seconds / max(done_steps, 1), 3),
+        "final_train_loss": result.training_loss,
+        "trainable_parameters": counts,
+        "examples": len(rows),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "world_size": trainer.args.world_size,
+        "preflight": check,
+    }
+    history = [h for h in trainer.state.log_history if "tokens_per_s" in h]
+    if history:
+        summary["tokens_per_s"] = round(sum(h["tokens_per_s"] for h in history) / len(history), 2)
+    if stopper.exit_code is None and trainer.args.should_save:
+        trainer.save_model(str(paths.out))  # adapter + so8t_rotations.safetensors
+        write_json(paths.out / "train_summary.json", summary)
+        perf = {k: summary.get(k) for k in ("seconds_per_step", "tokens_per_s", "peak_rss_bytes", "gpu_peak_bytes")}
+        write_json(paths.performance, perf | {"train_seconds": summary["train_seconds"]})
+    return summary
+
+
+def _broadcast_resume(path: str | None) -> str | None:
+    """Rank 0's resume decision, shared with every rank (DDP)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    box = [path]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

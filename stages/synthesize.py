@@ -1,4 +1,8 @@
-"""Stage synthesize: data/collected/*.jsonl -> data/synth/records.jsonl (+ held-out reference text, stats)."""
+"""Stage synthesize: data/collected/*.jsonl -> data/synth/records.jsonl (+ held-out reference text, stats).
+
+Fails before writing anything when a decision class is missing or below
+synthesize.min_class_share once the user's data is merged.
+"""
 
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ def read_collected(name: str) -> list[dict]:
 def main() -> None:
     params = load_params()
     collected = {name: read_collected(name) for name in ("faq", "reference", "gsm")}
+    collected["user"] = read_collected("user") + read_collected("hf")
     start = time.perf_counter()
     result = synthesize(collected, params.synthesize, params.seed)
     seconds = time.perf_counter() - start
@@ -34,12 +39,27 @@ def main() -> None:
 
     stats = result.stats
     table = Table(title="synthesize: data/synth/records.jsonl")
-    for column in ("task", "records", "groups", "duplicates removed"):
+    for column in ("task", "records", "share", "groups", "duplicates removed", "near-duplicates removed"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, n in stats["by_task"].items():
-        table.add_row(task, str(n), str(stats["groups_by_task"][task]), str(stats["dedup_removed"].get(task, 0)))
+        table.add_row(
+            task,
+            str(n),
+            f"{stats['balance']['task_shares'][task]:.1%}",
+            str(stats["groups_by_task"][task]),
+            str(stats["dedup_removed"].get(task, 0)),
+            str(stats["near_dup_removed"].get(task, 0)),
+        )
     console.print(table)
     math = stats["math"]
+    docs = stats["document_qa"]
+    console.print(
+        f"synthesize: user records {stats['user']}; document QA {docs['pairs']} pairs from "
+        f"{docs['sections_with_qa']}/{docs['sections']} sections {docs['by_template']}"
+        + (f", answered by {docs['teacher']['model']}" if docs["teacher"] else "")
+        + f"; near-duplicates removed {stats['near_dup_removed'] or 'none'}, label conflicts {stats['label_conflicts']}; "
+        f"decision shares {stats['balance']['decision_shares']}"
+    )
     console.print(
         f"synthesize: decisions {stats['by_decision']}, domains {stats['by_domain']}; "
         f"math {math['originals']} originals + {math['variants']} variants "

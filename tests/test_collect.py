@@ -127,43 +127,42 @@ def test_user_folder(tmp_path):
         '{"prompt": "質問", "response": "回答"}\n\n{"instruction": "訳して", "input": "cat", "output": "猫"}\n',
         encoding="utf-8",
     )
-    (tmp_path / "rows.csv").write_text("text,label\n一行目の文書,x\n", encoding="utf-8")
+    (tmp_path / "rows.csv").write_text("text,note\n一行目の文書,x\n", encoding="utf-8")
     (tmp_path / "doc.json").write_text('[{"text": "JSON の文書"}]', encoding="utf-8")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
-    result = collect.collect_user([str(tmp_path)], max_chars=2000)
+    d = str(tmp_path)
+    result = collect.collect_user([d], max_chars=2000)
     ids = [r["id"] for r in result.records]
     assert ids == [
-        "user-doc.json-0",
-        "user-notes/a.md-0",
-        "user-pairs.jsonl-0",
-        "user-pairs.jsonl-1",
-        "user-rows.csv-0",
+        f"user:{d}/doc.json:L1:s0-0",
+        f"user:{d}/notes/a.md:s0-0",
+        f"user:{d}/pairs.jsonl:L1",
+        f"user:{d}/pairs.jsonl:L3",
+        f"user:{d}/rows.csv:L2:s0-0",
     ]
     pair = result.records[3]
-    assert pair["prompt"] == "訳して\n\ncat" and pair["response"] == "猫" and pair["source"] == f"user:{tmp_path}"
-    assert result.source["records"] == 5 and len(result.source["files"]) == 4
+    assert pair["kind"] == "pair" and pair["line"] == 3 and pair["path"] == "pairs.jsonl"
+    assert pair["prompt"] == "訳して\n\ncat" and pair["response"] == "猫" and pair["source"] == f"user:{d}"
+    section = result.records[1]
+    assert section["kind"] == "section" and section["title"] == "見出し" and section["text"] == "本文です。"
+    assert section["doc_id"] == f"user:{d}/notes/a.md" and section["offset"] == len("# 見出し\n\n")
+    source = result.source
+    assert source["records"] == 5 and len(source["files"]) == 4
+    assert source["ignored_files"] == [f"{d}/ignored.bin"]
+    assert source["by_kind"] == {"pair": 2, "section": 3} and source["documents"] == 3
+    assert source["encodings"] == {"UTF-8": 4}
     assert collect.collect_user([], 2000).records == []
 
 
-@pytest.mark.parametrize(
-    ("name", "content", "expected"),
-    [
-        ("bad.jsonl", '{"text": "ok"}\n{"text": \n', r"bad\.jsonl:2:\d+: invalid JSON"),
-        ("field.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"field\.jsonl:2: no text field.*`text`"),
-        ("type.jsonl", '{"prompt": "q", "response": 3}\n', r"type\.jsonl:1: field `response` must be a string"),
-        ("rows.csv", "prompt,answer\nq,a\n", r"rows\.csv:2: missing field `response`"),
-    ],
-)
-def test_user_folder_malformed(tmp_path, name, content, expected):
-    (tmp_path / name).write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match=expected):
-        collect.collect_user([str(tmp_path)], 2000)
-
-
-def test_user_folder_not_utf8(tmp_path):
-    (tmp_path / "sjis.txt").write_bytes("一行目\n二行目".encode("shift_jis"))
-    with pytest.raises(DataError, match=r"sjis\.txt:1: not valid UTF-8"):
-        collect.collect_user([str(tmp_path)], 2000)
+def test_pii_is_masked_in_debian_records():
+    result = collect.Collected(
+        [{"id": "faq-1", "source": "debian-faq-ja", "question": "連絡先は?", "answer": "debian-user@lists.debian.org へ"}],
+        {"name": "debian-faq-ja"},
+    )
+    masked = collect.mask_pii(result)
+    assert masked.records[0]["answer"] == "[EMAIL] へ" and masked.records[0]["id"] == "faq-1"
+    assert masked.source["pii_masked"] == {"email": 1}
+    assert result.records[0]["answer"].startswith("debian-user@")  # the input is not changed
 
 
 def test_user_folder_missing(tmp_path):

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from so8t import collect
+from so8t.dedup import exact_duplicates
 from so8t.io import DataError
 from so8t.params import SynthesizeParams
 from so8t.schema import DECISION_PREFIX, DECISIONS, Record
@@ -16,7 +17,6 @@ from so8t.synthesize import (
     build_decision_records,
     build_faq_records,
     build_math_records,
-    dedupe_prompts,
     lead_sentences,
     load_safety_templates,
     sample_variants,
@@ -136,16 +136,19 @@ def test_heldout_reference_is_disjoint_from_training(collected):
     assert fewer.heldout_reference == heldout
 
 
-def test_dedupe_prompts():
+def test_exact_duplicates_normalise_prompts_and_count_conflicts():
     records = [
         {"task": "qa_faq", "prompt": "同じ質問"},
         {"task": "qa_faq", "prompt": "同じ質問 "},
         {"task": "math", "prompt": "別の質問"},
-        {"task": "math", "prompt": "同じ質問"},
+        {"task": "math", "prompt": "同じ　質問"},
+        {"task": "decision", "prompt": "ＡＢＣを教えて", "decision": "ALLOW"},
+        {"task": "decision", "prompt": "abc を教えて", "decision": "DENY"},
     ]
-    kept, removed = dedupe_prompts(records)
-    assert [r["prompt"] for r in kept] == ["同じ質問", "別の質問"]
-    assert removed == {"math": 1, "qa_faq": 1}
+    kept, removed, conflicts = exact_duplicates(records)
+    assert [r["prompt"] for r in kept] == ["同じ質問", "別の質問", "ＡＢＣを教えて"]
+    assert removed == {"decision": 1, "math": 1, "qa_faq": 1}
+    assert conflicts == 1
 
 
 def test_faq_records(collected):

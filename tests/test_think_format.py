@@ -1,6 +1,5 @@
 import pytest
 
-from so8t.base_model import GEMMA_CHAT_TEMPLATE
 from so8t.schema import Record
 from so8t.think_format import (
     FormatStats,
@@ -14,22 +13,9 @@ from so8t.think_format import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A small real tokenizer: a word-level vocabulary over characters, Gemma's turn template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tiny import tiny_tokenizer
 
-    chars = sorted(set("がぎぐげござじずぜぞだぢづでどばびぶべぼぱぴぷぺぽあいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわをん"
-                       "。、：: 判定思考ステップ最終回答質問理由ALOWESCATINDY#\n<>/-_abcdefghijklmnopqrstuvwxyz"))
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = GEMMA_CHAT_TEMPLATE
-    return fast
+    return tiny_tokenizer()
 
 
 def _rec(**kw):

@@ -54,3 +54,54 @@ def tiny_batch(seed: int = 0, batch: int = 2, length: int = 12) -> tuple[torch.T
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0  # right padding on the second row
     return ids, mask
+
+
+JA_CHARS = (
+    "がぎぐげござじずぜぞだぢづでどばびぶべぼぱぴぷぺぽあいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほ"
+    "まみむめもやゆよらりるれろわをん。、：: 判定思考ステップ最終回答質問理由ALOWESCATINDY#\n<>/-_abcdefghijklmnopqrstuvwxyz"
+)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer with Gemma-style special tokens and Gemma's turn template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from so8t.base_model import GEMMA_CHAT_TEMPLATE
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(JA_CHARS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = GEMMA_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_base_dir(path, arch: str = "llama", seed: int = 0):
+    """Save a tiny random ``arch`` model with :func:`tiny_tokenizer` as a HF folder; returns ``path``."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    config.vocab_size = len(tok)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_train_jsonl(path, n: int = 24, seed: int = 0, vocab: int = 100) -> None:
+    """Random token rows with a masked prompt prefix, in the think-format JSONL layout."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            length = rng.randint(10, 20)
+            ids = [rng.randrange(6, vocab) for _ in range(length)]
+            cut = rng.randint(3, 6)
+            fh.write(json.dumps({"id": f"t{i}", "input_ids": ids, "labels": [-100] * cut + ids[cut:]}) + "\n")
