@@ -581,7 +581,7 @@ def _summary(items: list[dict[str, Any]], pipeline: readers.TextPipeline) -> dic
     )
     return {
         "records": len(items),
-        "chars": sum(len(i.get("text") or "") + len(i.get("prompt") or "") + len(i.get("response") or "") for i in items),
+        "chars": sum(len(i.get(k) or "") for i in items for k in ("text", "prompt", "response")),
         "by_kind": dict(sorted(Counter(i["kind"] for i in items).items())),
         "documents": len({i["doc_id"] for i in items if i["kind"] == "section"}),
         "label_mapping": [{"label": k, "decision": d, "records": n} for (k, d), n in sorted(labels.items())],
@@ -627,7 +627,8 @@ def collect_user(
         task = progress.add_task(f"collect: {d}", total=len(supported), info="") if progress else None
         for path in supported:
             rel = path.relative_to(folder).as_posix()
-            entry = {"path": f"{d}/{rel}", "sha256": sha256_file(path), "format": readers.SUFFIX_FORMAT[path.suffix.lower()]}
+            fmt = readers.SUFFIX_FORMAT[path.suffix.lower()]
+            entry = {"path": f"{d}/{rel}", "sha256": sha256_file(path), "format": fmt}
             rejected = len(bad.rejects)
             new: list[dict[str, Any]] = []
             encoding = None

@@ -119,12 +119,15 @@ def build_data_card(manifest: dict, synth: dict, fmt: dict, min_class_share: flo
         "balance": {
             "min_class_share": min_class_share,
             "decision_shares": shares(synth.get("by_decision", {})),
-            "train_decision_shares": shares(train.get("by_decision", {})),
+            "train_decision_shares": shares(dict(sorted(train.get("by_decision", {}).items()))),
         },
         "lengths": {
             "max_length": fmt.get("max_length"),
             "style": fmt.get("style"),
-            "by_task": fmt.get("token_lengths", {}),
+            "by_task": {
+                t: {k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()}
+                for t, stats in fmt.get("token_lengths", {}).items()
+            },
             "shortened": fmt.get("shortened", {}),
             "dropped": fmt.get("dropped", {}),
         },
@@ -142,9 +145,14 @@ def _pairs(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
 
 
+def _percent(d: dict[str, float]) -> str:
+    return _pairs({k: f"{v:.1%}" for k, v in d.items()})
+
+
 def render_data_card(card: dict[str, Any]) -> str:
     """``reports/data_card.md``: the card as Markdown tables and short lines."""
     c, s, dd, b, ln = card["collect"], card["synthesize"], card["dedup"], card["balance"], card["lengths"]
+    q = s["document_qa"]
     out = ["# Data card", "", "## Sources", ""]
     out.append(
         _table(
@@ -174,12 +182,14 @@ def render_data_card(card: dict[str, Any]) -> str:
             [[t, n, f"{s['task_shares'].get(t, 0):.1%}"] for t, n in s["by_task"].items()],
         ),
         "",
-        f"- Decisions: {_pairs(s['by_decision'])}; shares {_pairs({k: f'{v:.1%}' for k, v in b['decision_shares'].items()})}, "
-        f"in train {_pairs({k: f'{v:.1%}' for k, v in b['train_decision_shares'].items()})} "
+        f"- Decisions: {_pairs(s['by_decision'])}; shares {_percent(b['decision_shares'])}, "
+        f"in train {_percent(b['train_decision_shares'])} "
         f"(each must be at least {b['min_class_share']:.0%}, `{MIN_CLASS_SHARE_KEY}`).",
         f"- Domains: {_pairs(s['by_domain'])}.",
-        f"- User data: {_pairs(s['user_records'])}; document QA: {_pairs(s['document_qa'])}"
-        + (f"; answers by teacher `{s['teacher']}`." if s["teacher"] else " (template answers)."),
+        f"- User data: {_pairs(s['user_records'])}; document QA: {q.get('pairs', 0)} pairs from "
+        f"{q.get('sections_with_qa', 0)} of {q.get('sections', 0)} sections in {q.get('documents', 0)} documents "
+        f"({_pairs(q.get('by_template', {}))})"
+        + (f", answered by teacher `{s['teacher']}`." if s["teacher"] else ", template answers."),
         f"- Duplicates removed: {dd['exact_removed']} exact ({_pairs(dd['exact_removed_by_task'])}), "
         f"{dd['near_removed']} near (Jaccard >= {dd['near_dup_threshold']}; {_pairs(dd['near_removed_by_task'])}); "
         f"label conflicts among exact duplicates: {dd['label_conflicts']}.",

@@ -59,11 +59,13 @@ def artifacts(gguf_types: list[str]) -> list[Artifact]:
     return out
 
 
-def open_backend(artifact: Artifact, tokenizer, n_threads: int):
+def open_backend(artifact: Artifact, tokenizer, n_threads: int, repetition_penalty: float = 1.0):
     """A scoring backend for ``artifact`` (HF float32 or llama.cpp)."""
     if artifact.kind == "gguf":
-        return LlamaCppBackend(artifact.path, tokenizer, n_ctx=1024, n_threads=n_threads)
-    return HFBackend(artifact.path, tokenizer)
+        return LlamaCppBackend(
+            artifact.path, tokenizer, n_ctx=1024, n_threads=n_threads, repetition_penalty=repetition_penalty
+        )
+    return HFBackend(artifact.path, tokenizer, repetition_penalty=repetition_penalty)
 
 
 def close_backend(backend) -> None:

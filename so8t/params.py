@@ -89,7 +89,7 @@ class SynthesizeParams(_Section):
     #: removed (null = exact duplicates only).
     near_dup_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = 0.9
     #: Every decision class (ALLOW, ESCALATION, DENY) must make up at least this share
-    #: of the decision records, here and in the train split (0 = no check).
+    #: of the decision records, here and in think-format's train split (0 = no check).
     min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
 
     @field_validator("domains")
@@ -129,11 +129,14 @@ class SO8TParams(_Section):
 
 class PETParams(_Section):
     enabled: bool = True
-    #: ``mean``: squared second difference averaged over the hidden dimension
-    #: (||.||^2 / D, keeps lambda comparable across widths); ``sum``: the plain
-    #: squared L2 norm. On Gemma 3 270M's final hidden states the sum is ~1e4 at
-    #: init, which would swamp the cross-entropy at the default lambdas.
-    reduction: Literal["mean", "sum", "relative"] = "mean"
+    #: How the squared second difference is normalised over the hidden dimension:
+    #: ``sum`` = the plain squared L2 norm; ``mean`` = divided by D; ``relative`` =
+    #: the mean divided by the mean squared activation of the valid states
+    #: (dimensionless, independent of the model's activation scale).
+    #: Measured on Gemma 3 270M (60 steps, held-out perplexity 45.07 before training):
+    #: relative 42.64, no PET 43.18; mean at these lambdas 69.6 after 120 steps (the
+    #: ~30x larger penalty flattens the hidden states); sum is ~1e4 at init.
+    reduction: Literal["mean", "sum", "relative"] = "relative"
     #: Which hidden state is smoothed, with Hugging Face ``hidden_states`` indexing
     #: (0 = embeddings, i = output of layer i, -1 = final normalised state).
     hidden_state_index: int = -1
@@ -222,6 +225,9 @@ class EvaluateParams(_Section):
     max_decision_examples: PosInt = 24
     max_math_examples: PosInt = 8
     max_faq_examples: PosInt = 8
+    #: CTRL repetition penalty for greedy generation in every backend (1.0 = off);
+    #: also used by calibrate, so temperatures match the evaluated procedure.
+    repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] = 1.15
     #: Generation budgets (tokens) per task.
     decision_max_new_tokens: PosInt = 96
     math_max_new_tokens: PosInt = 160

@@ -11,7 +11,11 @@ i.e. the mean over *valid* triples (all three positions unmasked) of the
 squared L2 norm of the discrete second difference (the finite-difference
 curvature of the trajectory). Masked and padded positions are excluded from
 the mean, not counted as zeros. With ``reduction="mean"`` the squared norm is
-divided by ``D`` (a constant factor, so the same penalty with lambda / D). The training loss adds ``lambda * PET``,
+divided by ``D`` (a constant factor, so the same penalty with lambda / D); with
+``reduction="relative"`` that mean is further divided by the (gradient-detached)
+mean squared activation ``sum_{b,t} m[b,t] ||h[b,t]||^2 / (D sum m)`` of the
+valid states, a dimensionless curvature whose size does not depend on the
+model's activation scale. The training loss adds ``lambda * PET``,
 where ``lambda`` follows a three-phase schedule over training progress
 (:class:`PETSchedule`).
 """
@@ -32,7 +36,8 @@ def pet_penalty(
         hidden: ``(B, T, D)`` hidden states, any float dtype (computed in float32).
         attention_mask: ``(B, T)`` 1/0 (or bool) mask; ``None`` = all valid.
         reduction: over the hidden dimension, ``"sum"`` (the squared L2 norm,
-            the formula above) or ``"mean"`` (divided by ``D``).
+            the formula above), ``"mean"`` (divided by ``D``) or ``"relative"``
+            (the mean divided by the mean squared activation).
 
     Returns:
         float32 scalar tensor; 0.0 when no valid triple exists (``T < 3`` or

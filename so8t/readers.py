@@ -85,7 +85,6 @@ SUFFIX_FORMAT: dict[str, str] = {
     ".htm": "html",
     ".pdf": "pdf",
 }
-DOCUMENT_FORMATS = frozenset({"txt", "md", "html", "pdf"})
 
 #: Encodings tried (in this order of preference) for files that are not UTF-8.
 DETECT_ENCODINGS = ("cp932", "euc_jp")
@@ -269,8 +268,10 @@ def _undecodable(data: bytes, path: Path) -> InputError:
             line=1,
         )
     lineno, col, byte, cut = failures[enc]
-    before = "" if lineno == 1 else " (the encoding of line 1)" if lineno == 2 else f" (the encoding of lines 1-{lineno - 1})"
-    why = "the file ends inside a character (truncated?)" if cut else f"expected the whole file in one of {EXPECTED_ENCODINGS}"
+    before = {1: "", 2: " (the encoding of line 1)"}.get(lineno, f" (the encoding of lines 1-{lineno - 1})")
+    why = f"expected the whole file in one of {EXPECTED_ENCODINGS}"
+    if cut:
+        why = "the file ends inside a character (truncated?)"
     return InputError(
         path,
         f"cannot decode byte 0x{byte:02X} (byte {col} of the line) as {ENCODING_NAMES[enc]}{before}; {why}",
@@ -318,7 +319,9 @@ def decode_bytes(data: bytes, path: str | Path) -> tuple[str, str]:
         try:
             text = data.decode("utf-16")
         except UnicodeDecodeError as e:
-            raise InputError(path, f"not valid UTF-16 after its byte-order mark ({e.reason})", kind="encoding") from None
+            raise InputError(
+                path, f"not valid UTF-16 after its byte-order mark ({e.reason})", kind="encoding"
+            ) from None
     else:
         for magic, what in BINARY_MAGIC.items():
             if data.startswith(magic):
@@ -450,7 +453,10 @@ def _json_lines(text: str, path: Path, max_chars: int, bad: BadRecords) -> list[
                 )
             if not isinstance(obj, dict):
                 raise InputError(
-                    path, f"expected a JSON object, got {type(obj).__name__} {obj!r:.40}", kind="not_object", line=lineno
+                    path,
+                    f"expected a JSON object, got {type(obj).__name__} {obj!r:.40}",
+                    kind="not_object",
+                    line=lineno,
                 )
         except InputError as err:
             bad.handle(err)
@@ -687,7 +693,9 @@ def _chat(obj: dict[str, Any], key: str, fail: Callable[..., InputError]) -> tup
     for k, m in enumerate(messages):
         where = f"{key}[{k}]"
         if not isinstance(m, dict):
-            raise fail(f"expected an object with role and content, got {type(m).__name__}", field=where, kind="wrong_type")
+            raise fail(
+                f"expected an object with role and content, got {type(m).__name__}", field=where, kind="wrong_type"
+            )
         role_key, text_key = ("role", "content") if "role" in m or "from" not in m else ("from", "value")
         role = m.get(role_key)
         if role not in ROLE_ALIASES:
@@ -744,19 +752,21 @@ def map_record(obj: Any, path: str | Path, *, line: int | None = None, index: in
     if not isinstance(obj, dict):
         return_type = type(obj).__name__
         raise fail(f"expected a JSON object (a record), got {return_type}", kind="not_object")
-    label_field = next((f for f in LABEL_FIELDS if f in obj), None)
+    # A null value counts as absent (dataset rows carry every column, null where unused).
+    present = {k for k, v in obj.items() if v is not None}
+    label_field = next((f for f in LABEL_FIELDS if f in present), None)
     optional = {name: _string(obj, name, fail, False) for name in ("thinking", "reasoning", "reason")}
     thinking = optional["thinking"] or optional["reasoning"] or ""
     response: str | None
-    chat_key = next((k for k in ("messages", "conversations") if k in obj), None)
+    chat_key = next((k for k in ("messages", "conversations") if k in present), None)
     if chat_key:
         prompt, response = _chat(obj, chat_key, fail)
-    elif (pair := next((p for p in PAIR_SCHEMAS if p[0] in obj or p[1] in obj), None)) is not None:
+    elif (pair := next((p for p in PAIR_SCHEMAS if p[0] in present or p[1] in present), None)) is not None:
         prompt = _string(obj, pair[0], fail, True)
         if pair[0] == "instruction" and (extra := _string(obj, "input", fail, False)):
             prompt = f"{prompt}\n\n{extra}"
         response = _string(obj, pair[1], fail, label_field is None)
-    elif "text" in obj:
+    elif "text" in present:
         text = _string(obj, "text", fail, True)
         if label_field is None:
             return {"kind": "text", "text": text}
@@ -949,7 +959,9 @@ def read_pdf(data: bytes, path: str | Path) -> tuple[list[str], str]:
         pages = [_reflow_pdf_page(page.extract_text() or "") for page in reader.pages]
         title = str((reader.metadata or {}).get("/Title") or "").strip()
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
-        raise InputError(path, f"not a readable PDF ({e}); expected a PDF with a text layer", kind="pdf_unreadable") from None
+        raise InputError(
+            path, f"not a readable PDF ({e}); expected a PDF with a text layer", kind="pdf_unreadable"
+        ) from None
     if not any(p.strip() for p in pages):
         raise InputError(
             path,

@@ -4,6 +4,11 @@ Two backends share one interface so every artifact is measured the same way:
 
 * :class:`HFBackend`: a Hugging Face model folder (the base and the baked model),
   float32, batched greedy generation with left padding.
+
+Greedy generation may use the CTRL repetition penalty (Keskar et al. 2019,
+https://arxiv.org/abs/1909.05858: a seen token's positive logit is divided by
+the penalty, a negative one multiplied) in both backends, over the whole
+context; small models otherwise loop under greedy decoding.
 * :class:`LlamaCppBackend`: a GGUF file in llama.cpp (llama-cpp-python), where
   the quantised model is actually served; ``logits_all`` gives per-position
   scores for likelihoods and perplexity.
@@ -78,9 +83,12 @@ class HFBackend:
 
     kind = "hf"
 
-    def __init__(self, model_dir: str | Path, tokenizer, batch_size: int = 12) -> None:
+    def __init__(
+        self, model_dir: str | Path, tokenizer, batch_size: int = 12, repetition_penalty: float = 1.0
+    ) -> None:
         from so8t.base_model import load_causal_lm
 
+        self.repetition_penalty = repetition_penalty
         self.path = Path(model_dir)
         self.model = load_causal_lm(model_dir, torch.float32).eval()
         self.tokenizer = tokenizer
@@ -111,6 +119,7 @@ class HFBackend:
                 attention_mask=mask.to(self.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                repetition_penalty=self.repetition_penalty,
                 stop_strings=stops or None,
                 tokenizer=self.tokenizer,
                 pad_token_id=pad,
@@ -177,13 +186,24 @@ class LlamaCppBackend:
 
     kind = "gguf"
 
-    def __init__(self, gguf_path: str | Path, tokenizer, n_ctx: int = 1024, n_threads: int = 1) -> None:
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        tokenizer,
+        n_ctx: int = 1024,
+        n_threads: int = 1,
+        repetition_penalty: float = 1.0,
+    ) -> None:
         from llama_cpp import Llama
 
         self.path = Path(gguf_path)
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
-        self.llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, verbose=False)
+        self.repetition_penalty = repetition_penalty
+        # The penalty window spans the whole context, as Hugging Face's does.
+        self.llm = Llama(
+            str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, last_n_tokens_size=n_ctx, verbose=False
+        )
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, stops: list[str], on_progress: Progress | None = None
@@ -193,7 +213,10 @@ class LlamaCppBackend:
         for p in prompts:
             t0 = time.perf_counter()
             text, hit, n = "", None, 0
-            for chunk in self.llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+            stream = self.llm.create_completion(
+                p, max_tokens=max_new_tokens, temperature=0.0, repeat_penalty=self.repetition_penalty, stream=True
+            )
+            for chunk in stream:
                 text += chunk["choices"][0]["text"]
                 n += 1
                 text, hit = _cut_at_stop(text, stops)

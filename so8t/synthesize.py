@@ -77,13 +77,19 @@ REFERENCE_QUESTIONS: tuple[str, ...] = (
 #: Question templates per kind for user document sections (``{doc}`` title, ``{section}``
 #: title, ``{term}`` a key term, ``{sentence}`` a sentence with the term blanked out).
 DOCUMENT_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "definition": ("「{doc}」によると、{term}とは何ですか？", "{term}とは何か、「{doc}」の記述に沿って説明してください。"),
+    "definition": (
+        "「{doc}」によると、{term}とは何ですか？",
+        "{term}とは何か、「{doc}」の記述に沿って説明してください。",
+    ),
     "about": (
         "「{doc}」の「{section}」では、{term}について何と述べていますか？",
         "「{section}」の節に書かれている{term}に関する内容を教えてください。（出典: {doc}）",
     ),
     "cloze": ("「{doc}」の「{section}」にある次の文の［　　］に入る語句は何ですか？\n{sentence}",),
-    "summary": ("「{doc}」の「{section}」には何が書かれていますか？", "「{doc}」の「{section}」の要点を教えてください。"),
+    "summary": (
+        "「{doc}」の「{section}」には何が書かれていますか？",
+        "「{doc}」の「{section}」の要点を教えてください。",
+    ),
 }
 DOCUMENT_THINKING = "ユーザー提供の文書「{doc}」の「{section}」に書かれている内容をもとに答えます。"
 CLOZE_BLANK = "［　　］"
@@ -99,9 +105,11 @@ DECISION_RESPONSES: dict[Decision, str] = {
     Decision.ESCALATION: "この依頼は権限のある担当者の確認が必要なため、担当者に引き継ぎます。",
     Decision.DENY: "この依頼にはお応えできません。",
 }
-#: Key-term candidates: katakana words, kanji compounds, ASCII names.
-_TERM = re.compile(r"[\u30a1-\u30fa\u30fc]{3,}|[\u4e00-\u9fff々]{2,8}|[A-Za-z][A-Za-z0-9+\-]{2,}")
-_STOP_TERMS = frozenset("場合 必要 以下 以上 可能 今回 本書 記載 説明 利用 使用 方法 内容 実施 対応 予定 一部 全体 関係".split())
+#: Key-term candidates: runs of katakana and kanji (noun compounds such as クラウド会計), ASCII names.
+_TERM = re.compile(r"[\u30a1-\u30fa\u30fc\u4e00-\u9fff々]{2,12}|[A-Za-z][A-Za-z0-9+\-]{2,}")
+_STOP_TERMS = frozenset(
+    "場合 必要 以下 以上 可能 今回 本書 記載 説明 利用 使用 方法 内容 実施 対応 予定 一部 全体 関係".split()
+)
 _DEFINITION = re.compile(r"^(?P<term>[「『]?[\u30a1-\u30fa\u30fc\u4e00-\u9fff々A-Za-z0-9]{2,20}[」』]?)とは[、,]?")
 _SENTENCE_POS = re.compile(r"[^。\n]+。")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -696,8 +704,15 @@ def build_user_records(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     records = []
     for item in items:
-        base = {"id": item["id"], "prompt": item["prompt"], "thinking": item.get("thinking") or "",
-                "group": item["id"], "source": item["source"]}
+        if item["kind"] not in ("pair", "decision"):
+            continue
+        base = {
+            "id": item["id"],
+            "prompt": item["prompt"],
+            "thinking": item.get("thinking") or "",
+            "group": item["id"],
+            "source": item["source"],
+        }
         if item["kind"] == "pair":
             records.append({**base, "task": Task.QA_USER.value, "response": item["response"]})
         elif item["kind"] == "decision":
@@ -742,7 +757,8 @@ def document_questions(text: str) -> list[dict[str, Any]]:
     for at, s in sentences:
         if (m := _DEFINITION.match(s)) and len(s) <= 200:
             out.append({"kind": "definition", "slots": {"term": m.group("term")}, "answer": s, "at": at})
-    counts = Counter(t for _, s in sentences for t in set(_terms(s)))
+    # dict.fromkeys, not set: ties are broken by first appearance, whatever PYTHONHASHSEED is.
+    counts = Counter(t for _, s in sentences for t in dict.fromkeys(_terms(s)))
     frequent = [t for t, n in counts.most_common() if n >= 2]
     if frequent:
         term = max(frequent, key=lambda t: (counts[t], len(t)))
@@ -754,10 +770,8 @@ def document_questions(text: str) -> list[dict[str, Any]]:
         if 15 <= len(s) <= 150 and terms:
             term = max(terms, key=len)
             blanked = s.replace(term, CLOZE_BLANK, 1)
-            out.append(
-                {"kind": "cloze", "slots": {"sentence": blanked}, "answer": f"{CLOZE_BLANK}に入る語句は「{term}」です。",
-                 "at": at}
-            )
+            answer = f"{CLOZE_BLANK}に入る語句は「{term}」です。"
+            out.append({"kind": "cloze", "slots": {"sentence": blanked}, "answer": answer, "at": at})
             break
     lead = lead_sentences(text)
     if lead:

@@ -103,7 +103,7 @@ class SO8TTrainer(Trainer):
         *args,
         pet_schedule: PETSchedule | None = None,
         pet_hidden_state_index: int = -1,
-        pet_reduction: str = "mean",
+        pet_reduction: str = "relative",
         so8t_learning_rate: float = 1e-3,
         keep_checkpoints: int = 5,
         **kwargs,

@@ -32,7 +32,7 @@ def main() -> None:
         scored_by = {}
         for art in arts:
             bar.update(task, info=art.name)
-            backend = open_backend(art, tokenizer, threads)
+            backend = open_backend(art, tokenizer, threads, params.evaluate.repetition_penalty)
             scored_by[art.name] = score_decisions(
                 backend, examples, c.max_new_tokens, stop_strings(tokenizer), lambda n: bar.advance(task, n)
             )

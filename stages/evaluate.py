@@ -63,7 +63,7 @@ def main() -> None:
     step = lambda n: bar.advance(task, n)  # noqa: E731
     for art in arts:
         bar.update(task, info=f"{art.name} ({threads} threads)")
-        backend = open_backend(art, tokenizer, threads)
+        backend = open_backend(art, tokenizer, threads, params.evaluate.repetition_penalty)
         scored = score_decisions(backend, decisions, e.decision_max_new_tokens, stops, step)
         dec = decision_metrics(scored, temperatures.get(art.name, 1.0), params.calibrate.ece_bins)
         ppl = perplexity_of(backend, windows)

@@ -57,7 +57,8 @@ def main() -> None:
         f"synthesize: user records {stats['user']}; document QA {docs['pairs']} pairs from "
         f"{docs['sections_with_qa']}/{docs['sections']} sections {docs['by_template']}"
         + (f", answered by {docs['teacher']['model']}" if docs["teacher"] else "")
-        + f"; near-duplicates removed {stats['near_dup_removed'] or 'none'}, label conflicts {stats['label_conflicts']}; "
+        + f"; near-duplicates removed {stats['near_dup_removed'] or 'none'}, "
+        f"label conflicts {stats['label_conflicts']}; "
         f"decision shares {stats['balance']['decision_shares']}"
     )
     console.print(

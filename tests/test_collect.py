@@ -7,7 +7,6 @@ import re
 import pytest
 
 from so8t import collect
-from so8t.io import DataError
 
 needs_faq = pytest.mark.skipif(not collect.FAQ_PATH.exists(), reason="debian-faq-ja not installed")
 needs_reference = pytest.mark.skipif(not collect.REFERENCE_PATH.exists(), reason="debian-reference-ja not installed")
@@ -156,7 +155,7 @@ def test_user_folder(tmp_path):
 
 def test_pii_is_masked_in_debian_records():
     result = collect.Collected(
-        [{"id": "faq-1", "source": "debian-faq-ja", "question": "連絡先は?", "answer": "debian-user@lists.debian.org へ"}],
+        [{"id": "faq-1", "question": "連絡先は?", "answer": "debian-user@lists.debian.org へ"}],
         {"name": "debian-faq-ja"},
     )
     masked = collect.mask_pii(result)

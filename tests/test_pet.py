@@ -55,3 +55,14 @@ def test_mean_reduction_divides_by_width():
     assert torch.allclose(pet_penalty(h, reduction="mean") * 16, pet_penalty(h, reduction="sum"), rtol=1e-5)
     with pytest.raises(ValueError, match="reduction"):
         pet_penalty(h, reduction="max")
+
+
+def test_relative_reduction_is_scale_free_and_hand_checked():
+    h = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9)
+    mask[1, -3:] = 0
+    rel = pet_penalty(h, mask, "relative")
+    assert torch.allclose(pet_penalty(h * 7.5, mask, "relative"), rel, rtol=1e-5)
+    valid = mask.bool()
+    energy = h.pow(2).mean(-1)[valid].mean()
+    assert torch.allclose(rel, pet_penalty(h, mask, "mean") / energy, rtol=1e-5)
