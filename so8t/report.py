@@ -5,6 +5,9 @@ against the base model, calibration (reliability diagram), decisions
 (confusion matrix), bake exactness, GGUF files (size, bits per weight, K-quant
 fallbacks, size/perplexity trade-off) and sample generations side by side.
 Every number comes from an artifact a stage wrote; nothing is recomputed here.
+
+:func:`to_html` turns the Markdown into a self-contained ``reports/report.html``
+(Python-Markdown with the tables extension; figures embedded as data URIs).
 """
 
 from __future__ import annotations
@@ -202,8 +205,13 @@ def _one_line(text: str, limit: int = 160) -> str:
     return t if len(t) <= limit else t[:limit] + "…"
 
 
-def build_markdown(inp: ReportInputs, figures: dict[str, str], params_diff: dict[str, tuple]) -> str:
-    """The report's Markdown text (figure paths relative to the report)."""
+def build_markdown(
+    inp: ReportInputs, figures: dict[str, str], params_diff: dict[str, tuple], previous: dict[str, float] | None = None
+) -> str:
+    """The report's Markdown text (figure paths relative to the report).
+
+    ``previous``: the last committed run's flat metrics, for the comparison table.
+    """
     names = list(inp.details["artifacts"])
     m = inp.metrics
     ts = inp.train_summary
@@ -247,6 +255,8 @@ def build_markdown(inp: ReportInputs, figures: dict[str, str], params_diff: dict
     ])]
     out += ["", "## Training", "", f"![training curve]({figures['training']})", ""]
     out += ["## Headline metrics (test split; deltas against the base model)", "", headline_table(m, names), ""]
+    out += ["## Against the previous run (last committed `reports/metrics.json`)", "",
+            previous_run_table(m, previous, names), ""]
     out += ["## Calibration (temperature scaling, fitted on val)", ""]
     cal_rows = []
     for n, c in inp.calibration.get("artifacts", {}).items():
@@ -297,3 +307,78 @@ def build_markdown(inp: ReportInputs, figures: dict[str, str], params_diff: dict
     out.append(_table(["prompt", left, right, "reference"], sample_rows))
     out.append("")
     return "\n".join(out)
+
+
+def previous_metrics(path: str = "reports/metrics.json", rev: str = "HEAD") -> dict[str, float] | None:
+    """The metrics committed at ``rev`` (the previous run), or ``None`` outside git / before the first commit."""
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def previous_run_table(current: dict[str, float], previous: dict[str, float] | None, names: list[str]) -> str:
+    """Markdown table of headline metrics: this run vs the previous committed run, per artifact."""
+    if not previous:
+        return "No previous run is committed (`git show HEAD:reports/metrics.json` found nothing)."
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, suffix, higher, fmt in HEADLINE:
+        cells = []
+        for n in names:
+            key = f"{n}.{suffix}"
+            v, p = current.get(key), previous.get(key)
+            cells.append(_fmt(v, fmt) + (_delta(v, p, higher, fmt) if p is not None else " (new)"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_HTML_STYLE = """
+body { font-family: "Noto Sans CJK JP", "Hiragino Sans", "Yu Gothic", sans-serif; max-width: 1180px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
+h1 { border-bottom: 3px solid #2b6cb0; padding-bottom: .3em; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }
+th { background: #edf2f7; }
+tr:nth-child(even) td { background: #f7fafc; }
+img { max-width: 100%; border: 1px solid #ddd; }
+code { background: #f1f1f1; padding: 0 3px; }
+"""
+
+
+def to_html(markdown_text: str, base_dir: Path, title: str = "so8t run report") -> str:
+    """A self-contained HTML page: the report's Markdown rendered, its PNG figures inlined.
+
+    ``▲``/``▼`` deltas marked "better" are coloured green, "worse" red.
+    """
+    import base64
+    import re
+
+    import markdown as md
+
+    body = md.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def inline(m: re.Match) -> str:
+        src = m.group(1)
+        path = base_dir / src
+        if not path.is_file():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    body = re.sub(r"\(([▲▼][^,()]*), better\)", r'(<span style="color:#2f855a">\1, better</span>)', body)
+    body = re.sub(r"\(([▲▼][^,()]*), worse\)", r'(<span style="color:#c53030">\1, worse</span>)', body)
+    return (
+        f'<!DOCTYPE html>\n<html lang="ja"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )

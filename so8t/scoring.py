@@ -126,7 +126,8 @@ class HFBackend:
             )
             seconds = time.perf_counter() - t0
             new = gen[:, width:].cpu()
-            eos = set(self.model.generation_config.eos_token_id or [])
+            eos_ids = self.model.generation_config.eos_token_id
+            eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or [])
             lengths = []
             cuts = []
             for row in new.tolist():

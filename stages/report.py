@@ -12,7 +12,9 @@ from so8t.report import (
     plot_reliability,
     plot_tradeoff,
     plot_training,
+    previous_metrics,
     read_dvclive_series,
+    to_html,
 )
 
 OUT = Path("reports")
@@ -52,8 +54,10 @@ def main() -> None:
     plot_confusion(inp.details["artifacts"][served]["decision"]["confusion_matrix"],
                    f"Decisions ({served}, test)", FIG / "confusion.png")
     plot_tradeoff(inp.metrics, names, FIG / "tradeoff.png")
-    write_text(OUT / "report.md", build_markdown(inp, figures, diff))
-    console.print(f"report: wrote {OUT / 'report.md'} and {len(figures)} figures in {FIG}")
+    text = build_markdown(inp, figures, diff, previous_metrics())
+    write_text(OUT / "report.md", text)
+    write_text(OUT / "report.html", to_html(text, OUT))
+    console.print(f"report: wrote {OUT / 'report.md'}, {OUT / 'report.html'} and {len(figures)} figures in {FIG}")
 
 
 if __name__ == "__main__":

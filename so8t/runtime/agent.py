@@ -1,0 +1,444 @@
+"""The answering agent: retrieval, generation, a calibrated decision, the policy, the audit row.
+
+For one request (a conversation ending in a user turn) :meth:`Agent.answer`:
+
+1. retrieves passages for the last user turn from the documents the caller's
+   access level allows (:class:`so8t.runtime.retrieval.Retriever`) and puts
+   them, with their document ids, before the question in that turn;
+2. removes chat-template control tokens from every untrusted text (turns and
+   passages) and renders the conversation with the model's chat template;
+3. generates greedily (repetition penalty ``evaluate.repetition_penalty``, the
+   one the temperature was calibrated with) until the model writes ``判定:``,
+   ends its turn or reaches ``runtime.max_new_tokens``;
+4. scores the three labels as the calibrate stage did
+   (:func:`so8t.scoring.score_decisions`): ``z_L`` = log-likelihood of
+   ``判定: L`` after the generation, ``p = softmax(z / T)`` with the fitted
+   temperature ``T`` of this artifact (:func:`so8t.calibration.apply_temperature`);
+   the model's decision is ``argmax p`` and its confidence ``max p``;
+5. applies the policy: an ALLOW without a final answer, or with confidence
+   below ``runtime.allow_threshold``, becomes ESCALATION; ALLOW returns the
+   model's final answer (reasoning removed, :func:`so8t.runtime.guard.separate`)
+   and cites the retrieved documents; ESCALATION and DENY return the policy
+   text of ``runtime.policy`` alone (the model's own text is never shown for
+   them; its digest is in the audit row);
+6. appends one audit row (also for a request that fails: decision ``ERROR``).
+
+Everything is decided before anything is returned, so a streamed answer is
+the same text, cut into pieces, and never shows a draft the decision would
+refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from so8t.calibration import apply_temperature
+from so8t.runtime.access import AccessLevel, parse_level
+from so8t.runtime.audit import AuditEntry, AuditLog
+from so8t.runtime.guard import separate
+from so8t.runtime.model import END_OF_TURN, ChatModel
+from so8t.runtime.retrieval import Passage, Retriever
+from so8t.schema import DECISION_PREFIX, DECISIONS, Decision
+from so8t.scoring import DECISION_MARKER
+
+#: The last user turn when passages were retrieved: the passages with their ids, then the question.
+GROUNDED_PROMPT = (
+    "次の社内資料だけを根拠に答えてください。資料に答えがない場合は、その旨を伝えてください。\n\n"
+    "{passages}\n\n質問: {question}"
+)
+PASSAGE_FORMAT = "[{doc_id}] {title}\n{text}"
+
+#: Roles a caller may send.
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+class AgentInputError(ValueError):
+    """The request itself is unusable (bad roles, too long, rejected by the chat template)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who asks: the user id written to the audit log and the access level retrieval honours."""
+
+    user: str
+    level: AccessLevel
+
+    @classmethod
+    def of(cls, user: str, level: str | AccessLevel) -> Principal:
+        return cls(user, parse_level(level))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the agent answers instead of the model for ESCALATION and DENY (``runtime.policy``)."""
+
+    escalation: str
+    deny: str
+    allow_threshold: float = 0.5
+
+    def text(self, decision: str) -> str:
+        return {Decision.ESCALATION.value: self.escalation, Decision.DENY.value: self.deny}[decision]
+
+
+@dataclass
+class Answer:
+    """The result of one request.
+
+    Attributes:
+        decision: ALLOW / ESCALATION / DENY after the policy.
+        confidence: calibrated probability of ``model_decision`` in [0, 1].
+        answer: the text shown to the caller (final answer or policy text).
+        citations: ids of the documents whose passages were in the prompt (ALLOW only).
+        model_decision: the model's own label (argmax of ``probabilities``).
+        probabilities: calibrated ``{label: p}``.
+        override: why the policy changed the model's label: ``low_confidence``,
+            ``no_final_answer`` or ``None``.
+        latency_ms: wall time in milliseconds.
+    """
+
+    request_id: str
+    decision: str
+    confidence: float
+    answer: str
+    citations: list[str]
+    model_decision: str
+    probabilities: dict[str, float]
+    override: str | None
+    model_id: str
+    latency_ms: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    passages: list[Passage] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields for callers (no passages' text, never any reasoning)."""
+        d = asdict(self)
+        d.pop("passages")
+        return d
+
+
+def _control_pattern(tokens) -> re.Pattern | None:
+    tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def canonical_messages(messages: list[dict]) -> str:
+    """The canonical JSON of a conversation (what the audit's ``input_sha256`` covers)."""
+    return json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+class Agent:
+    """Answers requests with a decision, a calibrated confidence and only a final answer.
+
+    Args:
+        model: the language model (:class:`so8t.runtime.model.ChatModel`).
+        style: the think-format style the model was trained with (``params.think_format.style``).
+        temperature: the calibrated ``T`` (1.0 = uncalibrated).
+        policy: policy texts and the ALLOW threshold.
+        audit: where rows go (``None``: no audit, for tests of other parts only).
+        retriever: document search (``None``: no retrieval).
+        max_new_tokens: generation budget (tokens).
+        max_input_chars: longest accepted conversation (characters over all turns).
+    """
+
+    def __init__(
+        self,
+        model: ChatModel,
+        *,
+        style: str,
+        temperature: float,
+        policy: Policy,
+        audit: AuditLog | None,
+        retriever: Retriever | None = None,
+        max_new_tokens: int = 256,
+        max_input_chars: int = 8000,
+    ) -> None:
+        self.model = model
+        self.style = style
+        self.temperature = float(temperature)
+        self.policy = policy
+        self.audit = audit
+        self.retriever = retriever
+        self.max_new_tokens = max_new_tokens
+        self.max_input_chars = max_input_chars
+        self._control = _control_pattern(model.control_tokens)
+        self._lock = threading.Lock()  # one generation at a time: models are not thread-safe
+
+    # ------------------------------------------------------------ input
+
+    def _clean(self, text: str) -> str:
+        return self._control.sub("", text) if self._control else text
+
+    def check_messages(self, messages: list[dict]) -> list[dict]:
+        """Validated ``[{"role", "content"}]`` (roles in :data:`ROLES`, last one ``user``).
+
+        Raises:
+            AgentInputError: naming the bad message.
+        """
+        if not isinstance(messages, list) or not messages:
+            raise AgentInputError("messages: expected a non-empty list of {role, content} objects")
+        out, total = [], 0
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise AgentInputError(f'messages[{i}]: expected {{"role": ..., "content": "text"}}')
+            if m.get("role") not in ROLES:
+                raise AgentInputError(f"messages[{i}].role: {m.get('role')!r}; use one of {list(ROLES)}")
+            total += len(m["content"])
+            out.append({"role": m["role"], "content": m["content"]})
+        if out[-1]["role"] != "user" or not out[-1]["content"].strip():
+            raise AgentInputError("messages: the last message must be a non-empty user message")
+        if total > self.max_input_chars:
+            raise AgentInputError(
+                f"messages: {total} characters; at most {self.max_input_chars} (runtime.max_input_chars)"
+            )
+        return out
+
+    def _prompt_messages(self, messages: list[dict], passages: list[Passage]) -> list[dict]:
+        out = [{"role": m["role"], "content": self._clean(m["content"])} for m in messages]
+        if passages:
+            blocks = "\n\n".join(
+                PASSAGE_FORMAT.format(doc_id=p.doc_id, title=self._clean(p.title), text=self._clean(p.text))
+                for p in passages
+            )
+            out[-1]["content"] = GROUNDED_PROMPT.format(passages=blocks, question=out[-1]["content"])
+        return out
+
+    # ------------------------------------------------------------ model
+
+    def _generate(self, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+        """Greedy text up to ``判定:`` (excluded; ``reached`` True), an end-of-turn string or the budget."""
+        text, reached = "", False
+        pieces = self.model.generate(prompt, max_new_tokens)
+        try:
+            for piece in pieces:
+                text += piece
+                i = text.find(DECISION_MARKER)
+                if i >= 0:
+                    text, reached = text[:i], True
+                    break
+                ends = [j for j in (text.find(s) for s in END_OF_TURN) if j >= 0]
+                if ends:
+                    text = text[: min(ends)]
+                    break
+        finally:
+            close = getattr(pieces, "close", None)  # stop a streaming generator early
+            if close is not None:
+                close()
+        return text, reached
+
+    def _decide(self, prompt: str, text: str, reached: bool) -> np.ndarray:
+        # As so8t.scoring.score_decisions: a generation that did not reach the marker gets a newline first.
+        body = text if reached else text.rstrip() + "\n"
+        logits = self.model.label_logprobs(prompt + body, [DECISION_PREFIX + label for label in DECISIONS])
+        return apply_temperature(np.asarray([logits], dtype=np.float64), self.temperature)[0]
+
+    # ------------------------------------------------------------ request
+
+    def answer(
+        self, messages: list[dict], principal: Principal, channel: str = "api", max_new_tokens: int | None = None
+    ) -> Answer:
+        """Answer a conversation ending in a user turn (see the module docstring for the steps).
+
+        Args:
+            channel: where the request came from (``cli``, ``chat``, ``http:/v1/decide``...), for the audit.
+            max_new_tokens: lower generation budget for this request (capped at ``runtime.max_new_tokens``).
+
+        Raises:
+            AgentInputError: unusable request (an ``ERROR`` audit row is still written).
+            so8t.runtime.model.ModelError: the prompt does not fit the context window.
+        """
+        t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        budget = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+        raw_input = canonical_messages(messages) if isinstance(messages, list) else repr(messages)
+        passages: list[Passage] = []
+        try:
+            messages = self.check_messages(messages)
+            if self.retriever is not None:
+                passages = self.retriever.search(messages[-1]["content"], principal.level)
+            try:
+                prompt = self.model.render(self._prompt_messages(messages, passages))
+            except ValueError as e:
+                raise AgentInputError(f"messages: the chat template rejected the conversation: {e}") from None
+            with self._lock:
+                text, reached = self._generate(prompt, budget)
+                probs = self._decide(prompt, text, reached)
+                n_prompt, n_completion = self.model.count_tokens(prompt), self.model.count_tokens(text)
+        except Exception as e:
+            self._audit(request_id, channel, principal, t0, raw_input, passages, output=f"{type(e).__name__}: {e}")
+            raise
+        k = int(np.argmax(probs))
+        model_decision, confidence = DECISIONS[k], float(probs[k])
+        parts = separate(text, self.style)
+        decision, override = model_decision, None
+        if model_decision == Decision.ALLOW.value and not parts.final:
+            decision, override = Decision.ESCALATION.value, "no_final_answer"
+        elif model_decision == Decision.ALLOW.value and confidence < self.policy.allow_threshold:
+            decision, override = Decision.ESCALATION.value, "low_confidence"
+        allow = decision == Decision.ALLOW.value
+        shown = parts.final if allow else self.policy.text(decision)
+        citations = list(dict.fromkeys(p.doc_id for p in passages)) if allow else []
+        latency = self._audit(
+            request_id,
+            channel,
+            principal,
+            t0,
+            raw_input,
+            passages,
+            reasoning=parts.reasoning,
+            generation=text,
+            output=shown,
+            decision=decision,
+            model_decision=model_decision,
+            confidence=confidence,
+        )
+        return Answer(
+            request_id=request_id,
+            decision=decision,
+            confidence=round(confidence, 6),
+            answer=shown,
+            citations=citations,
+            model_decision=model_decision,
+            probabilities={label: round(float(p), 6) for label, p in zip(DECISIONS, probs)},
+            override=override,
+            model_id=self.model.model_id,
+            latency_ms=round(latency, 3),
+            prompt_tokens=n_prompt,
+            completion_tokens=n_completion,
+            passages=passages,
+        )
+
+    def close(self) -> None:
+        """Free the model now (llama.cpp objects left to interpreter shutdown can fail noisily)."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
+        if self.audit is not None:
+            self.audit.close()
+
+    def ask(self, question: str, principal: Principal, channel: str = "cli") -> Answer:
+        """:meth:`answer` for a single user question."""
+        return self.answer([{"role": "user", "content": question}], principal, channel)
+
+    def _audit(
+        self,
+        request_id: str,
+        channel: str,
+        principal: Principal,
+        t0: float,
+        input_text: str,
+        passages: list[Passage],
+        *,
+        output: str,
+        reasoning: str = "",
+        generation: str = "",
+        decision: str = "ERROR",
+        model_decision: str | None = None,
+        confidence: float | None = None,
+    ) -> float:
+        """Append the request's audit row; returns the latency in milliseconds."""
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        if self.audit is not None:
+            self.audit.append(
+                AuditEntry(
+                    request_id=request_id,
+                    channel=channel,
+                    user_id=principal.user,
+                    access_level=principal.level.ja,
+                    model_id=self.model.model_id,
+                    model_sha256=self.model.model_sha256,
+                    input_text=input_text,
+                    reasoning_text=reasoning,
+                    generation_text=generation,
+                    output_text=output,
+                    decision=decision,
+                    model_decision=model_decision,
+                    confidence=confidence,
+                    doc_ids=list(dict.fromkeys(p.doc_id for p in passages)),
+                    latency_ms=latency_ms,
+                )
+            )
+        return latency_ms
+
+
+# ---------------------------------------------------------------- construction from params
+
+
+def calibration_key(model_path: str | Path) -> str:
+    """The artifact key of ``reports/calibration.json`` for a model: ``so8t-q4_k_m.gguf`` -> ``q4_k_m``,
+    a Hugging Face folder -> ``baked``."""
+    path = Path(model_path)
+    if path.suffix != ".gguf":
+        return "baked"
+    stem = path.stem
+    return stem.split("-", 1)[1] if stem.startswith("so8t-") else stem
+
+
+def load_temperature(calibration_path: str | Path, key: str) -> float | None:
+    """The fitted temperature of artifact ``key``, or ``None`` when the file or key is missing."""
+    path = Path(calibration_path)
+    if not path.is_file():
+        return None
+    from so8t.io import read_json
+
+    artifact = read_json(path).get("artifacts", {}).get(key)
+    return None if not artifact else float(artifact["temperature"])
+
+
+def resolve(base_dir: str | Path, path: str | Path) -> Path:
+    """``path`` taken relative to ``base_dir`` (the folder of params.yaml) unless absolute."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = None, warn=print) -> Agent:
+    """An :class:`Agent` configured by ``params`` (a :class:`so8t.params.Params`).
+
+    Args:
+        base_dir: the folder relative paths in params are taken from.
+        model: a model to use instead of loading ``runtime.model``.
+        warn: called with a message when the model has no fitted temperature.
+    """
+    from so8t.runtime.model import load_model
+    from so8t.runtime.retrieval import Retriever, roots_from_params
+
+    rt = params.runtime
+    model_path = resolve(base_dir, rt.model)
+    if model is None:
+        model = load_model(model_path, rt.n_ctx, rt.n_threads, params.evaluate.repetition_penalty, rt.model_id)
+    key = rt.calibration_key or calibration_key(model_path)
+    temperature = load_temperature(resolve(base_dir, rt.calibration), key)
+    if temperature is None:
+        warn(f"no temperature for {key!r} in {rt.calibration}: confidences are uncalibrated (T = 1)")
+        temperature = 1.0
+    retriever = None
+    if rt.retrieval.enabled:
+        r = rt.retrieval
+        retriever = Retriever(
+            roots_from_params(r.roots, base_dir),
+            r.tokenizer,
+            r.top_k,
+            r.chunk_chars,
+            r.dense,
+            str(resolve(base_dir, r.cache_dir)),
+        )
+        for line in retriever.refused:
+            warn(f"retrieval refused {line}")
+    return Agent(
+        model,
+        style=params.think_format.style,
+        temperature=temperature,
+        policy=Policy(rt.policy.escalation, rt.policy.deny, rt.allow_threshold),
+        audit=AuditLog(resolve(base_dir, rt.audit.db), rt.audit.store_plaintext),
+        retriever=retriever,
+        max_new_tokens=rt.max_new_tokens,
+        max_input_chars=rt.max_input_chars,
+    )

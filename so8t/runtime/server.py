@@ -1,0 +1,484 @@
+"""OpenAI-compatible HTTP API for the agent (FastAPI + uvicorn).
+
+Endpoints (all but ``/healthz`` need an API key, ``Authorization: Bearer <key>``
+or ``X-API-Key: <key>``):
+
+* ``POST /v1/chat/completions``: the OpenAI Chat Completions schema
+  (https://platform.openai.com/docs/api-reference/chat), non-streaming or
+  ``"stream": true`` (Server-Sent Events: ``data: {chunk}`` lines, then
+  ``data: [DONE]``). ``choices[0].message.content`` is the final answer only;
+  the decision, confidence and citations ride along in an extra ``so8t``
+  object. Sampling fields (``temperature``, ``top_p``...) are accepted and
+  ignored: generation is greedy, as calibrated.
+* ``POST /v1/decide``: ``{"prompt": "..."}`` or ``{"messages": [...]}`` ->
+  ``{decision, confidence, answer, citations, ...}``.
+* ``GET /v1/models``, ``GET /healthz``.
+
+Each API key belongs to a user id (written to the audit log) and an access
+level (what retrieval may show). Keys are stored as SHA-256 digests in
+``runtime.server.api_keys_file`` (``so8t keygen`` prints an entry) or given in
+the environment as ``SO8T_API_KEYS="key=user:level,..."``.
+
+Limits: request bodies above ``max_request_bytes`` get 413; each key has a
+token bucket (``rate_per_minute``, ``burst``) and gets 429 with
+``Retry-After`` when it is empty (per server process). Bad JSON gets 400 and
+a body of the wrong shape 422, each with a message naming the problem (the
+OpenAI error shape ``{"error": {"message", "type"}}``); 500 is left for
+faults of the server itself. A stream starts only after the answer is
+decided, so the status code of a failed request is still an error code.
+
+Requests answered by the agent, failed or not, leave one audit row; requests
+refused before (authentication, rate, size, malformed body) do not.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from so8t.runtime.agent import Agent, AgentInputError, Answer, Principal
+from so8t.runtime.guard import sentences
+from so8t.runtime.model import ModelError
+
+#: Environment variable with API keys: ``key=user:level`` entries separated by commas.
+API_KEYS_ENV = "SO8T_API_KEYS"
+#: Environment variable naming the params file for worker processes (``so8t serve --workers N``).
+PARAMS_ENV = "SO8T_PARAMS"
+
+
+class ServerConfigError(ValueError):
+    """API keys or limits are missing or malformed; the message names the file or variable."""
+
+
+# ---------------------------------------------------------------- API keys and limits
+
+
+def key_digest(key: str) -> str:
+    """Hex SHA-256 of an API key (what the keys file stores)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class ApiKeys:
+    """API key digest -> :class:`Principal`."""
+
+    def __init__(self, principals: dict[str, Principal] | None = None) -> None:
+        self._by_digest = dict(principals or {})
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def add(self, key: str, user: str, level: str) -> None:
+        self._by_digest[key_digest(key)] = Principal.of(user, level)
+
+    def lookup(self, key: str) -> Principal | None:
+        """The principal of ``key`` (compared by digest), or ``None``."""
+        return self._by_digest.get(key_digest(key))
+
+    @classmethod
+    def load(cls, path: str | Path | None, env: str | None) -> "ApiKeys":
+        """Keys from a YAML file of ``{user, access_level, sha256}`` and/or ``SO8T_API_KEYS``.
+
+        Raises:
+            ServerConfigError: naming the file entry or the variable's bad part.
+        """
+        keys = cls()
+        if path is not None:
+            path = Path(path)
+            try:
+                entries = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+            except FileNotFoundError:
+                raise ServerConfigError(f"runtime.server.api_keys_file: {path} not found") from None
+            except yaml.YAMLError as e:
+                raise ServerConfigError(f"{path}: invalid YAML: {e}") from None
+            if not isinstance(entries, list):
+                raise ServerConfigError(f"{path}: expected a list of {{user, access_level, sha256}} entries")
+            for i, e in enumerate(entries):
+                try:
+                    digest = str(e["sha256"]).lower()
+                    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                        raise ValueError("sha256 must be 64 hex digits")
+                    keys._by_digest[digest] = Principal.of(str(e["user"]), str(e["access_level"]))
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ServerConfigError(
+                        f"{path}: entry {i}: {err}; expected {{user: alice, access_level: 機密, sha256: <64 hex>}}"
+                    ) from None
+        for part in filter(None, (p.strip() for p in (env or "").split(","))):
+            key, _, who = part.partition("=")
+            user, _, level = who.partition(":")
+            if not key or not user or not level:
+                raise ServerConfigError(f"{API_KEYS_ENV}: {part.split('=')[0][:4]}...: expected key=user:level")
+            try:
+                keys.add(key, user, level)
+            except ValueError as err:
+                raise ServerConfigError(f"{API_KEYS_ENV}: user {user}: {err}") from None
+        return keys
+
+
+class RateLimiter:
+    """Token bucket per key (Turner 1986): ``burst`` tokens, refilled at ``rate_per_minute / 60`` per second."""
+
+    def __init__(self, rate_per_minute: float, burst: int, clock=time.monotonic) -> None:
+        self.rate = rate_per_minute / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """Spend one token of ``key``: 0.0 when allowed, else the seconds until one is available."""
+        with self._lock:
+            now = self.clock()
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``runtime.server`` limits."""
+
+    max_request_bytes: int = 65536
+    rate_per_minute: float = 60.0
+    burst: int = 10
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of an OpenAI chat completion request that matter here (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+
+
+class DecideRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    max_tokens: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "DecideRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` (a question) or `messages` (a conversation)")
+        return self
+
+    def as_messages(self) -> list[dict]:
+        if self.prompt is not None:
+            return [{"role": "user", "content": self.prompt}]
+        return [m.as_dict() for m in self.messages]
+
+
+# ---------------------------------------------------------------- app
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_bytes`` (by Content-Length, or counted while reading)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send)
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        body = json.dumps(
+            _error(
+                f"request body larger than {self.max_bytes} bytes (runtime.server.max_request_bytes)",
+                "invalid_request_error",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _error(message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "code": None}}
+
+
+_ERROR_TYPES = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_agent: bool = False):
+    """The FastAPI application serving ``agent``.
+
+    Args:
+        keys: accepted API keys (at least one).
+        limits: body size and rate limits.
+        close_agent: close the agent (free the model) when the server shuts down.
+
+    Raises:
+        ServerConfigError: no API keys.
+    """
+    import anyio
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    if not len(keys):
+        raise ServerConfigError(
+            f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
+        )
+    limiter = RateLimiter(limits.rate_per_minute, limits.burst)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if close_agent:
+            agent.close()
+
+    app = FastAPI(title="so8t", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        kind = _ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(_error(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(_error(_describe(exc.errors()), "invalid_request_error"), status_code=422)
+
+    @app.exception_handler(AgentInputError)
+    async def _input_error(request: Request, exc: AgentInputError):
+        return JSONResponse(_error(str(exc), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(ModelError)
+    async def _model_error(request: Request, exc: ModelError):
+        return JSONResponse(_error(str(exc), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        return JSONResponse(_error("internal server error (see the server log)", "server_error"), status_code=500)
+
+    async def authenticate(request: Request) -> Principal:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not key:
+            raise HTTPException(401, "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+        who = keys.lookup(key)
+        if who is None:
+            raise HTTPException(401, "invalid API key")
+        wait = limiter.take(key_digest(key))
+        if wait > 0:
+            raise HTTPException(
+                429,
+                f"rate limit: {limits.rate_per_minute:g} requests per minute "
+                f"(burst {limits.burst}); retry in {wait:.1f} s",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        return who
+
+    Caller = Annotated[Principal, Depends(authenticate)]
+
+    async def parse(request: Request, model: type[BaseModel]):
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise HTTPException(400, f"request body must be a JSON object, got {type(data).__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+
+    async def run(messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
+        return await anyio.to_thread.run_sync(agent.answer, messages, who, channel, max_tokens)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": agent.model.model_id}
+
+    @app.get("/v1/models")
+    async def models(who: Caller):
+        return {"object": "list", "data": [{"id": agent.model.model_id, "object": "model", "owned_by": "so8t"}]}
+
+    @app.post("/v1/decide")
+    async def decide(request: Request, who: Caller):
+        req = await parse(request, DecideRequest)
+        ans = await run(req.as_messages(), who, "http:/v1/decide", req.max_tokens)
+        return ans.to_dict()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, who: Caller):
+        req = await parse(request, ChatCompletionRequest)
+        ans = await run(
+            [m.as_dict() for m in req.messages],
+            who,
+            "http:/v1/chat/completions",
+            req.max_completion_tokens or req.max_tokens,
+        )
+        extra = {
+            "decision": ans.decision,
+            "confidence": ans.confidence,
+            "citations": ans.citations,
+            "model_decision": ans.model_decision,
+            "override": ans.override,
+            "request_id": ans.request_id,
+        }
+        head = {"id": f"chatcmpl-{ans.request_id}", "created": int(time.time()), "model": ans.model_id}
+        if not req.stream:
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": ans.answer}, "finish_reason": "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": ans.prompt_tokens,
+                    "completion_tokens": ans.completion_tokens,
+                    "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+                },
+                "so8t": extra,
+            }
+
+        def chunk(delta: dict, finish: str | None = None, **more) -> str:
+            body = {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **more,
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in sentences(ans.answer):
+                yield chunk({"content": piece})
+            yield chunk({}, "stop", so8t=extra)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    return app
+
+
+def _describe(errors) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "(body)"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------- running
+
+
+def app_from_params(params_path: str | Path, model=None):
+    """The app configured by a params file: agent, API keys (file and ``SO8T_API_KEYS``), limits."""
+    from so8t.params import load_params
+    from so8t.runtime.agent import build_agent, resolve
+
+    params_path = Path(params_path).resolve()
+    params = load_params(params_path)
+    base = params_path.parent
+    srv = params.runtime.server
+    keys_file = resolve(base, srv.api_keys_file) if srv.api_keys_file else None
+    keys = ApiKeys.load(keys_file, os.environ.get(API_KEYS_ENV))
+    if not len(keys):  # fail before loading the model
+        raise ServerConfigError(
+            f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
+        )
+    agent = build_agent(params, base, model=model, warn=_warn)
+    return create_app(agent, keys, Limits(srv.max_request_bytes, srv.rate_per_minute, srv.burst), close_agent=True)
+
+
+def _warn(message: str) -> None:
+    from rich.markup import escape
+
+    from so8t.console import console
+
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def app_from_env():
+    """uvicorn factory for worker processes: the params file named by ``SO8T_PARAMS``."""
+    return app_from_params(os.environ.get(PARAMS_ENV, "params.yaml"))
+
+
+def serve(params_path: str | Path, host: str, port: int, workers: int = 1) -> None:
+    """Run the server with uvicorn; ``workers > 1`` starts processes that each load the model."""
+    import uvicorn
+
+    if workers > 1:
+        os.environ[PARAMS_ENV] = str(Path(params_path).resolve())
+        uvicorn.run("so8t.runtime.server:app_from_env", factory=True, host=host, port=port, workers=workers)
+    else:
+        uvicorn.run(app_from_params(params_path), host=host, port=port)
