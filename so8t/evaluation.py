@@ -16,6 +16,7 @@ import numpy as np
 
 from so8t.calibration import apply_temperature, calibration_summary
 from so8t.metrics import (
+    repetition_stats,
     bleu_ja,
     chrf,
     classification_report,
@@ -149,6 +150,24 @@ def faq_metrics(examples: list[dict], gens: list[Generation], style: str) -> dic
     }
 
 
+def stability_metrics(backend, example: dict, max_new_tokens: int, stops: list[str]) -> dict:
+    """Repetition in one long greedy generation, without any repetition penalty.
+
+    Token-level statistics (HF tokenizer ids of the generated text) from
+    :func:`so8t.metrics.repetition_stats`: repeated 4-gram rate, longest repeated
+    span (tokens) and the oscillation flag.
+    """
+    saved = backend.repetition_penalty
+    backend.repetition_penalty = 1.0
+    try:
+        gen = generate_answers(backend, [example], max_new_tokens, stops)[0]
+    finally:
+        backend.repetition_penalty = saved
+    ids = backend.tokenizer(gen.text, add_special_tokens=False)["input_ids"] or [0]
+    stats = repetition_stats(ids, n=4)
+    return stats | {"text": gen.text, "tokens_per_s": gen.n_tokens / max(gen.seconds, 1e-9)}
+
+
 def decision_probabilities(scored: list[dict], temperature: float) -> np.ndarray:
     """``(N, 3)`` calibrated probabilities of scored decisions."""
     return apply_temperature(np.array([r["logits"] for r in scored], dtype=np.float64), temperature)
@@ -167,4 +186,5 @@ __all__ = [
     "faq_metrics",
     "score_decisions",
     "decision_probabilities",
+    "stability_metrics",
 ]

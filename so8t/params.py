@@ -214,27 +214,29 @@ class QuantizeParams(_Section):
 
 class CalibrateParams(_Section):
     #: Val decision examples scored per artifact (balanced over labels).
-    max_examples: PosInt = 24
+    max_examples: PosInt = 18
     #: Tokens the model may generate before its ``判定:`` line is scored.
-    max_new_tokens: PosInt = 96
+    max_new_tokens: PosInt = 128
     ece_bins: PosInt = 15
 
 
 class EvaluateParams(_Section):
     #: Test examples per task per artifact; they bound the stage's run time
     #: (generation dominates: ~35 tokens/s in llama.cpp on 2 cores).
-    max_decision_examples: PosInt = 24
-    max_math_examples: PosInt = 8
-    max_faq_examples: PosInt = 8
+    max_decision_examples: PosInt = 18
+    max_math_examples: PosInt = 6
+    max_faq_examples: PosInt = 6
     #: CTRL repetition penalty for greedy generation in every backend (1.0 = off);
     #: also used by calibrate, so temperatures match the evaluated procedure.
     repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] = 1.15
     #: Generation budgets (tokens) per task.
-    decision_max_new_tokens: PosInt = 96
-    math_max_new_tokens: PosInt = 160
+    decision_max_new_tokens: PosInt = 128
+    math_max_new_tokens: PosInt = 128
     faq_max_new_tokens: PosInt = 96
+    #: Tokens of the long greedy generation (no penalty) whose repetition is measured.
+    stability_max_new_tokens: PosInt = 384
     #: Held-out Japanese text scored for perplexity, and its window length.
-    perplexity_max_tokens: PosInt = 4096
+    perplexity_max_tokens: PosInt = 2048
     perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
 
 

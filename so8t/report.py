@@ -42,7 +42,10 @@ HEADLINE: list[tuple[str, str, bool, str]] = [
     ("FAQ BLEU (ja-mecab)", "faq.bleu", True, "{:.1f}"),
     ("FAQ ROUGE-L", "faq.rouge_l", True, "{:.3f}"),
     ("Keigo rate", "faq.keigo_rate", True, "{:.2f}"),
+    ("Repeated 4-gram rate (512-token greedy)", "stability.repeated_ngram_rate", False, "{:.2f}"),
+    ("Longest repeated span (tokens)", "stability.longest_repeated_span", False, "{:.0f}"),
     ("Generation tokens/s", "tokens_per_s", True, "{:.1f}"),
+    ("Prompt tokens/s", "prompt_tokens_per_s", True, "{:.0f}"),
     ("Size (MB)", "size_mb", False, "{:.0f}"),
 ]
 

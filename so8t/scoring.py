@@ -177,13 +177,18 @@ class HFBackend:
     def token_logprobs(self, ids: list[int]) -> np.ndarray:
         """``log p(ids[t] | ids[:t])`` for t = 1..n-1 as a float64 array of length n-1."""
         x = torch.tensor([ids], device=self.device)
-        logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].double()
-        lp = torch.log_softmax(logits, -1)
-        return lp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).cpu().numpy()
+        logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        return (-nll).double().cpu().numpy()
 
 
 class LlamaCppBackend:
-    """A GGUF file in llama.cpp with per-position logits (``logits_all``)."""
+    """A GGUF file in llama.cpp.
+
+    Generation and label scoring use a context without ``logits_all`` (the LM
+    head runs only where logits are read); perplexity opens a second context
+    with ``logits_all`` over one window at a time. Both map the same file.
+    """
 
     kind = "gguf"
 
@@ -200,11 +205,42 @@ class LlamaCppBackend:
         self.path = Path(gguf_path)
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
+        self.n_threads = n_threads
         self.repetition_penalty = repetition_penalty
         # The penalty window spans the whole context, as Hugging Face's does.
         self.llm = Llama(
-            str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, last_n_tokens_size=n_ctx, verbose=False
+            str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, last_n_tokens_size=n_ctx, verbose=False
         )
+        self._scorer = None  # logits_all context, opened on first perplexity call
+
+    def close(self) -> None:
+        """Free the llama.cpp models and contexts now (not at interpreter shutdown)."""
+        self.llm.close()
+        if self._scorer is not None:
+            self._scorer.close()
+
+    def _eval_last_logits(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate ``tokens`` after the current context; float64 logits of the last one."""
+        import llama_cpp
+
+        self.llm.eval(tokens)
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float64)
+
+    def continuation_logprobs(self, prefix: list[int], suffixes: list[list[int]]) -> list[float]:
+        """As :meth:`HFBackend.continuation_logprobs`; the prefix's KV cache is kept and truncated back."""
+        if len(prefix) + max(map(len, suffixes)) > self.n_ctx:
+            raise ValueError(f"prefix + suffix exceed llama.cpp n_ctx={self.n_ctx}")
+        self.llm.reset()
+        first = _log_softmax(self._eval_last_logits(prefix)[None])[0]
+        scores = []
+        for suffix in suffixes:
+            total = float(first[suffix[0]])
+            self.llm.n_tokens = len(prefix)  # drop the previous suffix from the KV cache
+            for prev, tok in zip(suffix[:-1], suffix[1:]):
+                total += float(_log_softmax(self._eval_last_logits([prev])[None])[0][tok])
+            scores.append(total)
+        return scores
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, stops: list[str], on_progress: Progress | None = None
@@ -228,36 +264,22 @@ class LlamaCppBackend:
                 on_progress(1)
         return out
 
-    def close(self) -> None:
-        """Free the llama.cpp model and context now (not at interpreter shutdown)."""
-        self.llm.close()
-
-    def continuation_logprobs(self, prefix: list[int], suffixes: list[list[int]]) -> list[float]:
-        """As :meth:`HFBackend.continuation_logprobs`; the prefix's KV cache is kept and truncated back."""
-        if len(prefix) + max(map(len, suffixes)) > self.n_ctx:
-            raise ValueError(f"prefix + suffix exceed llama.cpp n_ctx={self.n_ctx}")
-        self.llm.reset()
-        self.llm.eval(prefix)
-        first = _log_softmax(np.asarray(self.llm.scores[len(prefix) - 1], dtype=np.float64)[None])[0]
-        scores = []
-        for suffix in suffixes:
-            total = float(first[suffix[0]])
-            if len(suffix) > 1:
-                self.llm.n_tokens = len(prefix)  # drop the previous suffix from the KV cache
-                self.llm.eval(suffix[:-1])
-                rows = np.asarray(self.llm.scores[len(prefix) : len(prefix) + len(suffix) - 1], dtype=np.float64)
-                lp = _log_softmax(rows)
-                total += float(lp[np.arange(len(suffix) - 1), suffix[1:]].sum())
-            scores.append(total)
-        return scores
-
     def token_logprobs(self, ids: list[int]) -> np.ndarray:
+        """``log p(ids[t] | ids[:t])`` for t = 1..n-1 (float64), from llama.cpp's own logits."""
+        from llama_cpp import Llama
+
         if len(ids) > self.n_ctx:
             raise ValueError(f"sequence of {len(ids)} tokens exceeds llama.cpp n_ctx={self.n_ctx}")
-        self.llm.reset()
-        self.llm.eval(ids)
-        lp = _log_softmax(np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float64))
-        return lp[np.arange(len(ids) - 1), ids[1:]]
+        if self._scorer is None:
+            self._scorer = Llama(
+                str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, logits_all=True, verbose=False
+            )
+        self._scorer.reset()
+        self._scorer.eval(ids)
+        rows = self._scorer.scores[: len(ids) - 1]
+        m = rows.max(-1, keepdims=True)
+        lse = (m + np.log(np.exp(rows - m, dtype=np.float32).sum(-1, keepdims=True, dtype=np.float64)))[:, 0]
+        return rows[np.arange(len(ids) - 1), ids[1:]].astype(np.float64) - lse
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:

@@ -134,7 +134,8 @@ class SO8TTrainer(Trainer):
             logits_to_keep=1,
             use_cache=False,
         )
-        ce_sum, n_label = label_token_ce_sum(model, outputs.hidden_states[-1], labels)
+        # The LM head is frozen, so applying it outside the DDP wrapper needs no gradient sync.
+        ce_sum, n_label = label_token_ce_sum(self.accelerator.unwrap_model(model), outputs.hidden_states[-1], labels)
         ga = self.current_gradient_accumulation_steps
         if num_items_in_batch is not None:
             ce = ce_sum / num_items_in_batch

@@ -16,6 +16,7 @@ from so8t.evaluation import (
     generate_answers,
     math_metrics,
     open_backend,
+    stability_metrics,
 )
 from so8t.io import read_json, read_jsonl, write_json, write_text
 from so8t.params import load_params
@@ -56,7 +57,7 @@ def main() -> None:
     details: dict[str, dict] = {"threads": threads, "artifacts": {}}
     confusion_rows, reliability_rows, quant_rows = [], [], []
     arts = artifacts(params.quantize.types)
-    per_artifact = len(decisions) + len(maths) + len(faqs)
+    per_artifact = len(decisions) + len(maths) + len(faqs) + (1 if faqs else 0)
     bar = progress()
     bar.start()
     task = bar.add_task("evaluate: test generations", total=len(arts) * per_artifact, info="")
@@ -69,6 +70,8 @@ def main() -> None:
         ppl = perplexity_of(backend, windows)
         math_gens = generate_answers(backend, maths, e.math_max_new_tokens, stops, step)
         faq_gens = generate_answers(backend, faqs, e.faq_max_new_tokens, stops, step)
+        stab = stability_metrics(backend, faqs[0], e.stability_max_new_tokens, stops) if faqs else None
+        step(1 if faqs else 0)
         close_backend(backend)
         mth = math_metrics(maths, math_gens, style)
         faq = faq_metrics(faqs, faq_gens, style)
@@ -93,8 +96,15 @@ def main() -> None:
             f"{a}.faq.rouge_l": faq["rouge_l"],
             f"{a}.faq.keigo_rate": faq["keigo_rate"],
             f"{a}.tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
+            f"{a}.prompt_tokens_per_s": ppl["tokens"] / max(ppl["seconds"], 1e-9),
             f"{a}.size_mb": size_mb,
         }
+        if stab is not None:
+            flat |= {
+                f"{a}.stability.repeated_ngram_rate": stab["repeated_ngram_rate"],
+                f"{a}.stability.longest_repeated_span": stab["longest_repeated_span"],
+                f"{a}.stability.oscillation": float(stab["oscillation"]),
+            }
         details["artifacts"][a] = {
             "kind": art.kind,
             "path": str(art.path),
@@ -102,6 +112,8 @@ def main() -> None:
             "perplexity": ppl,
             "math": mth,
             "faq": faq,
+            "stability": stab,
+            "threads": threads,
             "decision_rows": scored,
             "samples": [
                 {"id": ex["id"], "prompt": ex["prompt"], "reference": ex["response"], "output": g.text}
