@@ -388,8 +388,9 @@ def run_training(params, paths: TrainPaths) -> dict:
     """
     from datasets import Dataset
     from dvclive import Live
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainerState, TrainingArguments
     from transformers.integrations import DVCLiveCallback
+    from transformers.trainer_utils import TrainOutput
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from so8t.base_model import load_tokenizer
@@ -460,14 +461,21 @@ def run_training(params, paths: TrainPaths) -> dict:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
     stopper.install()
     start = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        if resumed_step >= p.max_steps:
+            # The run already finished: Trainer would take one more step, so restore instead.
+            trainer._load_from_checkpoint(resume_from)
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+            result = TrainOutput(trainer.state.global_step, _last_loss(trainer.state), {})
+        else:
+            result = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         stopper.uninstall()
     seconds = time.perf_counter() - start
-    done_steps = trainer.state.global_step - (int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0)
+    done_steps = trainer.state.global_step - resumed_step
     summary = {
         "exit_code": stopper.exit_code,
         "train_seconds": round(seconds, 1),
@@ -493,6 +501,12 @@ def run_training(params, paths: TrainPaths) -> dict:
         perf = {k: summary.get(k) for k in ("seconds_per_step", "tokens_per_s", "peak_rss_bytes", "gpu_peak_bytes")}
         write_json(paths.performance, perf | {"train_seconds": summary["train_seconds"]})
     return summary
+
+
+def _last_loss(state) -> float:
+    """Mean logged training loss of a finished run (what ``Trainer.train`` reports)."""
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    return float(sum(losses) / len(losses)) if losses else float("nan")
 
 
 def _broadcast_resume(path: str | None) -> str | None:

@@ -184,3 +184,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tiny_run):
     ckpts = list_checkpoints(work / "ckpt")
     assert ckpts and verify_checkpoint(ckpts[0]) is None
     assert not (work / "out").exists()  # no final adapter from an interrupted run
+
+
+def test_rerun_after_a_finished_run_restores_without_extra_steps(tiny_run, tmp_path):
+    root, base, data, reference = tiny_run
+    ref_work = root / "reference"
+    import shutil
+
+    out_before = _weights(ref_work / "out")
+    shutil.rmtree(ref_work / "out")  # as `dvc repro` deletes outputs before rerunning a stage
+    proc = _start(ref_work)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    again = _weights(ref_work / "out")
+    assert max(float((again[k] - out_before[k]).abs().max()) for k in again) == 0.0
+    assert "resuming from" in out and "checkpoint-8" in out
