@@ -240,6 +240,50 @@ class EvaluateParams(_Section):
     perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
 
 
+class DistillParams(_Section):
+    """Knowledge distillation from a GGUF teacher (stages ``distill-teacher`` and ``distill``)."""
+
+    #: Off by default: on Gemma 3 270M and 2 cores the two stages add about 25 minutes (README).
+    enabled: bool = False
+    #: The teacher, run through llama.cpp: a ``.gguf`` path (default: this pipeline's baked
+    #: Q8_0), or ``gemma3-270m`` / ``smollm2-135m`` (the embedded GGUFs). It must share the
+    #: student's tokenizer (checked; a mismatch stops the stage).
+    teacher_gguf: str = "models/gguf/so8t-q8_0.gguf"
+    #: Teacher log-probabilities stored per label position (the KD target is renormalised over them).
+    top_k: Annotated[int, Field(ge=2, le=1024)] = 32
+    #: Train examples the teacher scores (seeded sample; null = all); the teacher pass costs
+    #: ~16 ms per label token on 2 cores (Gemma 3 270M Q8_0, estimated).
+    max_train_examples: PosInt | None = 256
+    #: Test examples for the agreement metrics (seeded sample; null = all).
+    max_test_examples: PosInt | None = 32
+    #: ``lora``: the base with LoRA (+ SO8T) + PET exactly as ``train``; ``layer_subset``: the
+    #: base with only ``keep_layers`` decoder layers, fully fine-tuned (no SO8T).
+    student: Literal["lora", "layer_subset"] = "layer_subset"
+    #: Decoder layers a ``layer_subset`` student keeps (null = every other layer from 0, plus the last).
+    keep_layers: list[NonNegInt] | None = None
+    #: ``layer_subset``: keep the (tied) token embeddings and LM head frozen; they are shared with
+    #: the teacher's vocabulary and hold most of a small model's weights (168M of Gemma 3 270M's 268M).
+    freeze_embeddings: bool = True
+    #: Softmax temperature T of the KD term (Hinton et al. 2015); the term is scaled by T^2.
+    temperature: PosFloat = 2.0
+    #: ``loss = ce_weight * CE + (1 - ce_weight) * T^2 * KL(teacher || student)``.
+    ce_weight: Fraction = 0.5
+    #: Optimiser steps of the student (batch size, schedule, LoRA, SO8T and PET come from ``train``).
+    max_steps: PosInt = 60
+    learning_rate: PosFloat = 1.0e-4
+    #: GGUF type of the exported student (and of the base it is compared with).
+    gguf_type: Literal["F16", "Q8_0", "Q4_K_M"] = "Q8_0"
+    #: Balanced test decisions generated per model for macro-F1 (teacher, student, base).
+    max_decision_examples: PosInt = 6
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _distinct_layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"keep_layers must be distinct layer indices (or null), got {v}")
+        return v
+
+
 class RetrievalRootParams(_Section):
     """One folder of the organisation's documents."""
 
@@ -361,6 +405,7 @@ class Params(_Section):
     quantize: QuantizeParams = QuantizeParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    distill: DistillParams = DistillParams()
     runtime: RuntimeParams = RuntimeParams()
 
 

@@ -64,6 +64,8 @@ class ReportInputs:
     train_history: dict[str, list[tuple[float, float]]]
     bake_report: dict
     quantize_report: dict
+    #: ``reports/distill.json`` (flat metrics of the distill stage), or ``None`` / ``{"enabled": False}``.
+    distill: dict | None = None
 
 
 def read_dvclive_series(folder: Path, names: list[str]) -> dict[str, list[tuple[float, float]]]:
@@ -197,6 +199,38 @@ def plot_tradeoff(metrics: dict[str, float], names: list[str], path: Path) -> No
     _save(fig, path)
 
 
+#: Rows of the distillation table: (label, key suffix, format).
+DISTILL_ROWS: list[tuple[str, str, str]] = [
+    ("Size (MB)", "size_mb", "{:.0f}"),
+    ("Parameters (M)", "parameters", "{:.0f}"),
+    ("Generation tokens/s", "tokens_per_s", "{:.1f}"),
+    ("Prompt tokens/s", "prompt_tokens_per_s", "{:.0f}"),
+    ("Held-out perplexity", "perplexity", "{:.2f}"),
+    ("Decision macro-F1", "decision.macro_f1", "{:.3f}"),
+    ("Top-1 agreement with the teacher", "agreement.top1", "{:.3f}"),
+    ("Mean KL(teacher ‖ model), nats", "agreement.kl", "{:.3f}"),
+]
+
+
+def distill_table(d: dict) -> str:
+    """Teacher vs student vs base (all GGUF in llama.cpp) from the flat ``reports/distill.json``.
+
+    Missing values (e.g. the teacher's agreement with itself) are shown as ``—``.
+    """
+    names = ("teacher", "student", "base")
+    rows = []
+    for label, key, fmt in DISTILL_ROWS:
+        cells = []
+        for n in names:
+            v = d.get(f"{n}.{key}")
+            if v is None:
+                cells.append("—")
+            else:
+                cells.append(fmt.format(v / 1e6 if key == "parameters" else v))
+        rows.append([label, *cells])
+    return _table(["metric", *names], rows)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -300,6 +334,20 @@ def build_markdown(
         "`models/gguf/quantize_report.json`)."
     )
     out += ["", f"![size vs perplexity]({figures['tradeoff']})", ""]
+    d = inp.distill or {}
+    out += ["## Distillation", ""]
+    if d.get("enabled"):
+        out.append(
+            f"Student ({d.get('distill.student_layers')} layers) trained {d.get('distill.steps')} steps on the "
+            f"teacher's top-{d.get('distill.top_k')} log-probs at {d.get('distill.train_positions')} label positions "
+            f"(T = {d.get('distill.temperature')}, CE weight {d.get('distill.ce_weight')}); teacher pass "
+            f"{d.get('distill.teacher_seconds', math.nan):.0f} s, student training "
+            f"{d.get('distill.train_seconds', math.nan):.0f} s. Agreement on {d.get('distill.test_positions')} "
+            "test label positions."
+        )
+        out += ["", distill_table(d), ""]
+    else:
+        out += ["Not run (`distill.enabled: false` in params.yaml).", ""]
     out += ["## Sample generations (FAQ test prompts, greedy)", ""]
     arts = inp.details["artifacts"]
     left, right = "base", "baked" if "baked" in arts else names[-1]

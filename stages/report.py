@@ -19,6 +19,7 @@ from so8t.report import (
 
 OUT = Path("reports")
 FIG = OUT / "figures"
+DISTILL = OUT / "distill.json"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -44,6 +45,7 @@ def main() -> None:
         train_history=read_dvclive_series(Path("dvclive/plots/metrics"), ["loss", "ce", "pet", "pet_lambda"]),
         bake_report=read_json("models/baked/bake_report.json"),
         quantize_report=read_json("models/gguf/quantize_report.json"),
+        distill=read_json(DISTILL) if DISTILL.is_file() else None,
     )
     names = list(inp.details["artifacts"])
     figures = {k: f"figures/{k}.png" for k in ("training", "reliability", "confusion", "tradeoff")}

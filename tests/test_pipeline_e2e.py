@@ -111,7 +111,7 @@ def test_dvc_repro_runs_every_stage(pipeline):
     work, proc = pipeline
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for stage in ("base", "collect", "synthesize", "think-format", "train", "bake", "quantize", "calibrate",
-                  "evaluate", "report"):
+                  "evaluate", "report", "distill-teacher", "distill"):
         assert f"Running stage '{stage}'" in proc.stdout
 
 
@@ -132,6 +132,8 @@ def test_artifacts_are_real(pipeline):
     report = (work / "reports/report.md").read_text(encoding="utf-8")
     assert "Headline metrics" in report and "Data card" in report
     assert (work / "reports/figures/training.png").stat().st_size > 1000
+    assert json.loads((work / "reports/distill.json").read_text()) == {"enabled": False}
+    assert "## Distillation" in report
     rotations = work / "models/adapter/so8t_rotations.safetensors"
     assert rotations.is_file()
 
