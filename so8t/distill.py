@@ -510,6 +510,34 @@ def keep_decoder_layers(model: nn.Module, keep: list[int]) -> dict:
     return {"layers_before": n, "layers_after": len(keep), "kept": keep, "per_layer_config_keys": per_layer}
 
 
+#: llama.cpp's Gemma 3 loader does not read per-layer attention types from the GGUF: it assumes
+#: layer ``i`` is global when ``i % 6 == 5`` and sliding-window otherwise (``set_swa_pattern(6)``
+#: in llama.cpp's ``llama-model.cpp``; the converter writes only the window size).
+LLAMA_CPP_GLOBAL_EVERY: dict[str, int] = {"gemma3": 6, "gemma3_text": 6}
+
+
+def llama_cpp_attention_mismatch(config) -> list[int]:
+    """Layers whose attention type (``config.layer_types``) llama.cpp would get wrong in GGUF.
+
+    Only Gemma 3 is affected (:data:`LLAMA_CPP_GLOBAL_EVERY`): a layer subset that
+    does not keep its global layers at indices ``5, 11, ...`` runs there with the
+    other attention type. Outputs are still identical for contexts no longer than
+    ``config.sliding_window`` tokens (a window that long masks nothing).
+
+    Returns:
+        Indices of the mismatched layers (empty when none or not applicable).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    every = LLAMA_CPP_GLOBAL_EVERY.get(getattr(text, "model_type", ""))
+    types = getattr(text, "layer_types", None)
+    if every is None or not types or not getattr(text, "sliding_window", None):
+        return []
+    return [
+        i for i, t in enumerate(types)
+        if (t == "full_attention") != (i % every == every - 1)
+    ]
+
+
 def build_student(base_dir: str | Path, params, seed: int) -> tuple[nn.Module, dict]:
     """The student of ``params.distill.student`` and a description of it.
 
@@ -533,6 +561,12 @@ def build_student(base_dir: str | Path, params, seed: int) -> tuple[nn.Module, d
         keep = d.keep_layers if d.keep_layers is not None else default_keep_layers(n)
         info = {"student": "layer_subset", "so8t": False} | keep_decoder_layers(model, keep)
         info["layers"] = info["layers_after"]
+        mismatch = llama_cpp_attention_mismatch(model.config)
+        if mismatch:
+            info["llama_cpp_attention_mismatch"] = {
+                "layers": mismatch,
+                "exact_up_to_tokens": model.config.get_text_config().sliding_window,
+            }
         if d.freeze_embeddings:
             for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if emb is not None:
@@ -970,6 +1004,14 @@ def run_distillation(params, paths: DistillPaths, n_threads: int, log=print) -> 
     t0 = time.perf_counter()
     model, info = build_student(paths.base, params, params.seed)
     log(f"distill: student {info}")
+    if "llama_cpp_attention_mismatch" in info:
+        mm = info["llama_cpp_attention_mismatch"]
+        log(
+            f"distill: warning: llama.cpp assumes Gemma 3's fixed global-attention pattern, so layers "
+            f"{mm['layers']} of this layer subset run there with the other attention type; the GGUF student "
+            f"matches the HF student for contexts up to {mm['exact_up_to_tokens']} tokens (choose "
+            "distill.keep_layers with a global layer at every index i % 6 == 5 to lift this)"
+        )
     paths.student.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".distill-", dir=paths.student.parent))
     try:
@@ -1063,6 +1105,7 @@ __all__ = [
     "evaluate_gguf",
     "iter_label_logits",
     "keep_decoder_layers",
+    "llama_cpp_attention_mismatch",
     "label_positions",
     "load_topk",
     "open_scorer",

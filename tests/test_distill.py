@@ -235,6 +235,25 @@ def test_layer_subset_student_is_a_valid_smaller_model(tmp_path, arch):
         assert torch.equal(reloaded(input_ids=ids).logits, full)
 
 
+def test_llama_cpp_attention_pattern_mismatch_is_reported_for_gemma3_subsets():
+    from transformers import AutoConfig
+
+    from so8t.distill import llama_cpp_attention_mismatch
+
+    def gemma(types):
+        return AutoConfig.for_model("gemma3_text", num_hidden_layers=len(types), layer_types=types,
+                                    sliding_window=512)
+
+    full = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)]
+    assert llama_cpp_attention_mismatch(gemma(full)) == []
+    subset = [full[i] for i in default_keep_layers(18)]  # keeps only global layer 17, at index 9
+    assert llama_cpp_attention_mismatch(gemma(subset)) == [5, 9]
+    kept = [0, 3, 6, 9, 13, 17]  # 5 sliding layers, then a global one at index 5
+    assert llama_cpp_attention_mismatch(gemma([full[i] for i in kept])) == []
+    llama = AutoConfig.for_model("llama", num_hidden_layers=2)
+    assert llama_cpp_attention_mismatch(llama) == []
+
+
 def test_layer_subset_rejects_bad_indices(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(_deep_base(tmp_path / "b", "llama", 4))
     with pytest.raises(DistillError, match="distill.keep_layers"):
