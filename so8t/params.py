@@ -223,8 +223,8 @@ class CalibrateParams(_Section):
 class EvaluateParams(_Section):
     #: Test examples per task per artifact; they bound the stage's run time
     #: (generation dominates: ~35 tokens/s in llama.cpp on 2 cores).
-    max_decision_examples: PosInt = 18
-    max_math_examples: PosInt = 6
+    max_decision_examples: PosInt = 15
+    max_math_examples: PosInt = 4
     max_faq_examples: PosInt = 6
     #: CTRL repetition penalty for greedy generation in every backend (1.0 = off);
     #: also used by calibrate, so temperatures match the evaluated procedure.
@@ -234,7 +234,7 @@ class EvaluateParams(_Section):
     math_max_new_tokens: PosInt = 128
     faq_max_new_tokens: PosInt = 96
     #: Tokens of the long greedy generation (no penalty) whose repetition is measured.
-    stability_max_new_tokens: PosInt = 384
+    stability_max_new_tokens: PosInt = 256
     #: Held-out Japanese text scored for perplexity, and its window length.
     perplexity_max_tokens: PosInt = 2048
     perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
