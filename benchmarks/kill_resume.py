@@ -115,9 +115,10 @@ def main() -> None:
         proc.wait()
         killed_at = time.time()
         last = newest_checkpoint_time(work)
-        lost = killed_at - last if last else float("nan")
-        print(f"kill {k + 1}: at step {steps_logged(work)}, work lost {lost:.1f} s since the last checkpoint, "
-              f"resume overhead {overhead:+.1f} s")
+        ckpts = sorted(int(m.parent.name.split("-")[1]) for m in (work / "ckpt").glob("checkpoint-*/manifest.json"))
+        saved = (f"work lost {killed_at - last:.1f} s of wall time since checkpoint-{ckpts[-1]}"
+                 if last else "no checkpoint yet (restarts from step 0)")
+        print(f"kill {k + 1}: at step {steps_logged(work)}, {saved}, resume overhead {overhead:+.1f} s")
     proc = start(work)
     proc.wait()
     a, b = weights(ref / "out"), weights(work / "out")

@@ -42,7 +42,7 @@ HEADLINE: list[tuple[str, str, bool, str]] = [
     ("FAQ BLEU (ja-mecab)", "faq.bleu", True, "{:.1f}"),
     ("FAQ ROUGE-L", "faq.rouge_l", True, "{:.3f}"),
     ("Keigo rate", "faq.keigo_rate", True, "{:.2f}"),
-    ("Repeated 4-gram rate (512-token greedy)", "stability.repeated_ngram_rate", False, "{:.2f}"),
+    ("Repeated 4-gram rate (long greedy generation)", "stability.repeated_ngram_rate", False, "{:.2f}"),
     ("Longest repeated span (tokens)", "stability.longest_repeated_span", False, "{:.0f}"),
     ("Generation tokens/s", "tokens_per_s", True, "{:.1f}"),
     ("Prompt tokens/s", "prompt_tokens_per_s", True, "{:.0f}"),
@@ -243,11 +243,15 @@ def _one_line(text: str, limit: int = 160) -> str:
 
 
 def build_markdown(
-    inp: ReportInputs, figures: dict[str, str], params_diff: dict[str, tuple], previous: dict[str, float] | None = None
+    inp: ReportInputs,
+    figures: dict[str, str],
+    params_diff: dict[str, tuple],
+    previous: tuple[dict[str, float], str] | None = None,
 ) -> str:
     """The report's Markdown text (figure paths relative to the report).
 
-    ``previous``: the last committed run's flat metrics, for the comparison table.
+    ``previous``: ``(flat metrics, commit)`` of the previous run (:func:`previous_metrics`), for the
+    comparison table.
     """
     names = list(inp.details["artifacts"])
     m = inp.metrics
@@ -274,9 +278,9 @@ def build_markdown(
     ]
     out.append(_table(["source", "kind", "version", "licence", "records", "characters"], rows))
     st = inp.synth_stats
-    out += ["", "Synthesised records by task: " + ", ".join(f"{k} {v}" for k, v in st.get("by_task", {}).items())]
-    out.append("Decisions by label: " + ", ".join(f"{k} {v}" for k, v in st.get("by_decision", {}).items()))
-    out.append("Decisions by domain: " + ", ".join(f"{k} {v}" for k, v in st.get("by_domain", {}).items()))
+    out += ["", "- Synthesised records by task: " + ", ".join(f"{k} {v}" for k, v in st.get("by_task", {}).items())]
+    out.append("- Decisions by label: " + ", ".join(f"{k} {v}" for k, v in st.get("by_decision", {}).items()))
+    out.append("- Decisions by domain: " + ", ".join(f"{k} {v}" for k, v in st.get("by_domain", {}).items()))
     fs = inp.format_stats
     split_rows = [
         [s, d["examples"], d["groups"], d["by_task"], d["by_decision"]] for s, d in fs.get("splits", {}).items()
@@ -288,12 +292,13 @@ def build_markdown(
     )
     lens = fs.get("token_lengths", {})
     out += ["", _table(["task", "count", "min", "mean", "p95", "max"], [
-        [t, v["count"], v["min"], v["mean"], v["p95"], v["max"]] for t, v in lens.items()
+        [t, v["count"], v["min"], f"{v['mean']:.1f}", f"{v['p95']:.1f}", v["max"]] for t, v in lens.items()
     ])]
     out += ["", "## Training", "", f"![training curve]({figures['training']})", ""]
     out += ["## Headline metrics (test split; deltas against the base model)", "", headline_table(m, names), ""]
-    out += ["## Against the previous run (last committed `reports/metrics.json`)", "",
-            previous_run_table(m, previous, names), ""]
+    prev_metrics, prev_rev = previous if previous else (None, None)
+    title = f"commit {prev_rev}" if prev_rev else "last committed `reports/metrics.json`"
+    out += [f"## Against the previous run ({title})", "", previous_run_table(m, prev_metrics, names), ""]
     out += ["## Calibration (temperature scaling, fitted on val)", ""]
     cal_rows = []
     for n, c in inp.calibration.get("artifacts", {}).items():
@@ -360,27 +365,45 @@ def build_markdown(
     return "\n".join(out)
 
 
-def previous_metrics(path: str = "reports/metrics.json", rev: str = "HEAD") -> dict[str, float] | None:
-    """The metrics committed at ``rev`` (the previous run), or ``None`` outside git / before the first commit."""
+def previous_metrics(
+    current: dict[str, float] | None = None, path: str = "reports/metrics.json", max_commits: int = 50
+) -> tuple[dict[str, float], str] | None:
+    """The last committed run's metrics that differ from ``current``, and that commit's short hash.
+
+    Walks ``git log -- path`` from ``HEAD`` (at most ``max_commits`` commits) and
+    returns the first committed version whose content is not ``current``, so that
+    a report rebuilt after committing its own metrics still compares with the run
+    before. ``None`` outside git, before the first commit, or when no committed
+    version differs.
+    """
     import json
     import subprocess
 
-    try:
-        out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    try:
-        return json.loads(out.stdout)
-    except json.JSONDecodeError:
-        return None
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    log = git("log", f"-n{max_commits}", "--format=%h", "--", path)
+    for rev in (log or "").split():
+        text = git("show", f"{rev}:{path}")
+        if text is None:
+            continue
+        try:
+            metrics = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if metrics != current:
+            return metrics, rev
+    return None
 
 
 def previous_run_table(current: dict[str, float], previous: dict[str, float] | None, names: list[str]) -> str:
     """Markdown table of headline metrics: this run vs the previous committed run, per artifact."""
     if not previous:
-        return "No previous run is committed (`git show HEAD:reports/metrics.json` found nothing)."
+        return "No previous run is committed (no earlier `reports/metrics.json` differs from this one in git)."
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, suffix, higher, fmt in HEADLINE:
         cells = []

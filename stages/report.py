@@ -56,7 +56,7 @@ def main() -> None:
     plot_confusion(inp.details["artifacts"][served]["decision"]["confusion_matrix"],
                    f"Decisions ({served}, test)", FIG / "confusion.png")
     plot_tradeoff(inp.metrics, names, FIG / "tradeoff.png")
-    text = build_markdown(inp, figures, diff, previous_metrics())
+    text = build_markdown(inp, figures, diff, previous_metrics(inp.metrics))
     write_text(OUT / "report.md", text)
     write_text(OUT / "report.html", to_html(text, OUT))
     console.print(f"report: wrote {OUT / 'report.md'}, {OUT / 'report.html'} and {len(figures)} figures in {FIG}")

@@ -53,3 +53,29 @@ def test_html_is_self_contained_with_embedded_figures(tmp_path):
     assert "<table>" in html and "<td>1</td>" in html
     assert "data:image/png;base64," + base64.b64encode(png).decode() in html
     assert "figures/a.png" not in html
+
+
+def test_previous_metrics_skips_commits_equal_to_the_current_run(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    from so8t.report import previous_metrics
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    f = tmp_path / "reports" / "metrics.json"
+    runs = [{"baked.perplexity": 44.0}, {"baked.perplexity": 41.0}]
+    for run in runs:
+        f.write_text(json.dumps(run))
+        git("add", "-A")
+        git("commit", "-qm", "run")
+    monkeypatch.chdir(tmp_path)
+    found = previous_metrics(runs[1])
+    assert found is not None and found[0] == runs[0]
+    assert previous_metrics({"baked.perplexity": 40.0})[0] == runs[1]
+    monkeypatch.chdir(tmp_path.parent)  # outside any repository
+    assert previous_metrics(runs[1]) is None
