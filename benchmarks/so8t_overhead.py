@@ -50,7 +50,8 @@ def step_fn(model, inputs, pet: PETSchedule | None):
         ce, n = label_token_ce_sum(model, out.hidden_states[-1], inputs["labels"])
         loss = ce / n
         if pet is not None:
-            loss = loss + pet(0.5) * pet_penalty(out.hidden_states[-1], inputs["attention_mask"], PETParams().reduction)
+            penalty = pet_penalty(out.hidden_states[-1], inputs["attention_mask"], PETParams().reduction)
+            loss = loss + pet(0.5) * penalty
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -563,9 +563,11 @@ def build_student(base_dir: str | Path, params, seed: int) -> tuple[nn.Module, d
         info["layers"] = info["layers_after"]
         mismatch = llama_cpp_attention_mismatch(model.config)
         if mismatch:
+            text = model.config.get_text_config()
             info["llama_cpp_attention_mismatch"] = {
                 "layers": mismatch,
-                "exact_up_to_tokens": model.config.get_text_config().sliding_window,
+                "global_every": LLAMA_CPP_GLOBAL_EVERY[text.model_type],
+                "exact_up_to_tokens": text.sliding_window,
             }
         if d.freeze_embeddings:
             for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -1010,7 +1012,8 @@ def run_distillation(params, paths: DistillPaths, n_threads: int, log=print) -> 
             f"distill: warning: llama.cpp assumes Gemma 3's fixed global-attention pattern, so layers "
             f"{mm['layers']} of this layer subset run there with the other attention type; the GGUF student "
             f"matches the HF student for contexts up to {mm['exact_up_to_tokens']} tokens (choose "
-            "distill.keep_layers with a global layer at every index i % 6 == 5 to lift this)"
+            f"distill.keep_layers with a global layer at every index i % {mm['global_every']} == "
+            f"{mm['global_every'] - 1} to lift this)"
         )
     paths.student.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".distill-", dir=paths.student.parent))
