@@ -33,7 +33,7 @@ DRIVER = textwrap.dedent(
     import sys
     from pathlib import Path
     from so8t.params import load_params
-    from so8t.train import TrainPaths, run_training
+    from so8t.model.train import TrainPaths, run_training
     s = run_training(load_params("params.yaml"), TrainPaths(base=Path({base!r}), data=Path({data!r}),
                      out=Path("out"), live_dir=Path("live"), performance=Path("perf.json")))
     sys.exit(s["exit_code"] or 0)

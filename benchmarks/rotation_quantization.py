@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from so8t.base_model import load_causal_lm, load_tokenizer
+from so8t.model.base_model import load_causal_lm, load_tokenizer
 from so8t.console import free_cores
 from so8t.io import read_jsonl
 from so8t.params import load_params
-from so8t.quantize import convert_hf_to_gguf, inspect_gguf, quantize_gguf
-from so8t.scoring import LlamaCppBackend, perplexity_of, perplexity_windows
+from so8t.model.quantize import convert_hf_to_gguf, inspect_gguf, quantize_gguf
+from so8t.eval.inference import LlamaCppBackend, perplexity_of, perplexity_windows
 
 BASE = Path("models/base")
 ADAPTER = Path("models/adapter")
@@ -45,7 +45,7 @@ def merged_without_rotations(adapter: Path, out: Path) -> Path:
 
 
 def train_without_so8t(steps: int, scratch: Path) -> Path:
-    from so8t.train import TrainPaths, run_training
+    from so8t.model.train import TrainPaths, run_training
 
     params = load_params()
     data = params.model_dump()

@@ -64,14 +64,17 @@ def free_cores(sample_seconds: float = 0.5, busy_percent: float = 50.0) -> int:
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's ``main`` with timing; user errors print cleanly and exit 1."""
-    from so8t.io import DataError
-    from so8t.params import ParamsError
+    """Run a stage's ``main`` with timing.
+
+    A :class:`so8t.errors.So8tError` (bad params, bad data, a missing input) prints its
+    message and exits 1; any other exception is a bug and propagates with its traceback.
+    """
+    from so8t.errors import So8tError
 
     start = time.perf_counter()
     try:
         main()
-    except (ParamsError, DataError, ValueError, FileNotFoundError) as e:
+    except So8tError as e:
         console.print(f"[bold red]{name} failed:[/] {e}")
         sys.exit(1)
     console.print(f"[green]{name} done[/] in {time.perf_counter() - start:.1f} s")

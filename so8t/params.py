@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from so8t.runtime.access import parse_level
-from so8t.schema import DECISIONS, DOMAINS, TASKS
+from so8t.access import parse_level
+from so8t.schema import DECISIONS, DOMAINS, TASKS, QuantType, ThinkStyle
+from so8t.errors import So8tError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -90,7 +91,7 @@ class SynthesizeParams(_Section):
     #: removed (null = exact duplicates only).
     near_dup_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = 0.9
     #: Every decision class (ALLOW, ESCALATION, DENY) must make up at least this share
-    #: of the decision records, here and in think-format's train split (0 = no check).
+    #: of the synthesised decision records (0 = no check).
     min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
 
     @field_validator("domains")
@@ -103,12 +104,15 @@ class SynthesizeParams(_Section):
 
 
 class ThinkFormatParams(_Section):
-    style: Literal["markdown", "tags"] = "markdown"
+    style: ThinkStyle = "markdown"
     #: Maximum tokens per rendered example (prompt + reasoning + answer).
     max_length: PosInt = 384
     train_fraction: Fraction = 0.8
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.1
+    #: Every decision class must make up at least this share of the train split's decisions
+    #: (records dropped for length can unbalance it; 0 = no check).
+    min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
 
     @model_validator(mode="after")
     def _fractions_sum(self) -> ThinkFormatParams:
@@ -206,18 +210,38 @@ class BakeParams(_Section):
 
 
 class QuantizeParams(_Section):
-    types: list[Literal["F16", "Q8_0", "Q4_K_M"]] = ["F16", "Q8_0", "Q4_K_M"]
+    types: list[QuantType] = ["F16", "Q8_0", "Q4_K_M"]
     #: Japanese text every GGUF must tokenise exactly as the HF tokenizer does.
     check_text: str = "日本の首都は東京です。Debian のパッケージ管理について説明してください。"
     check_max_tokens: PosInt = 16
 
 
+class GenerationParams(_Section):
+    """Decoding shared by calibrate, evaluate, distill and the runtime, so each measures what is served."""
+
+    #: CTRL repetition penalty (Keskar et al. 2019) in greedy generation over the whole context,
+    #: prompt included, in every backend (1.0 = off).
+    repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] = 1.15
+    #: Sequences generated or scored together (HF: one padded batch; llama.cpp: one multi-sequence
+    #: ``llama_batch``). Memory grows with it: 8 keeps Gemma 3 270M under 3 GB.
+    batch_size: Annotated[int, Field(ge=1, le=64)] = 8
+    #: Tokens the model may generate before its ``判定:`` line is scored.
+    decision_max_new_tokens: PosInt = 128
+
+
+class MetricsParams(_Section):
+    """How metrics are computed, shared by calibrate, evaluate, distill and report."""
+
+    #: Equal-width confidence bins of the ECE and the reliability diagram.
+    ece_bins: PosInt = 15
+    #: Held-out Japanese text scored for perplexity (tokens), and its window length.
+    perplexity_max_tokens: PosInt = 2048
+    perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
+
+
 class CalibrateParams(_Section):
     #: Val decision examples scored per artifact (balanced over labels).
     max_examples: PosInt = 18
-    #: Tokens the model may generate before its ``判定:`` line is scored.
-    max_new_tokens: PosInt = 128
-    ece_bins: PosInt = 15
 
 
 class EvaluateParams(_Section):
@@ -226,18 +250,11 @@ class EvaluateParams(_Section):
     max_decision_examples: PosInt = 15
     max_math_examples: PosInt = 4
     max_faq_examples: PosInt = 6
-    #: CTRL repetition penalty for greedy generation in every backend (1.0 = off);
-    #: also used by calibrate, so temperatures match the evaluated procedure.
-    repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] = 1.15
     #: Generation budgets (tokens) per task.
-    decision_max_new_tokens: PosInt = 128
     math_max_new_tokens: PosInt = 128
     faq_max_new_tokens: PosInt = 96
     #: Tokens of the long greedy generation (no penalty) whose repetition is measured.
     stability_max_new_tokens: PosInt = 256
-    #: Held-out Japanese text scored for perplexity, and its window length.
-    perplexity_max_tokens: PosInt = 2048
-    perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
 
 
 class DistillParams(_Section):
@@ -272,9 +289,11 @@ class DistillParams(_Section):
     max_steps: PosInt = 60
     learning_rate: PosFloat = 1.0e-4
     #: GGUF type of the exported student (and of the base it is compared with).
-    gguf_type: Literal["F16", "Q8_0", "Q4_K_M"] = "Q8_0"
+    gguf_type: QuantType = "Q8_0"
     #: Balanced test decisions generated per model for macro-F1 (teacher, student, base).
     max_decision_examples: PosInt = 6
+    #: Largest allowed max-abs logit difference (float64) between the trained student and its saved folder.
+    max_abs_diff: PosFloat = 1.0e-4
 
     @field_validator("keep_layers")
     @classmethod
@@ -403,13 +422,15 @@ class Params(_Section):
     checkpoint: CheckpointParams = CheckpointParams()
     bake: BakeParams = BakeParams()
     quantize: QuantizeParams = QuantizeParams()
+    generation: GenerationParams = GenerationParams()
+    metrics: MetricsParams = MetricsParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
     distill: DistillParams = DistillParams()
     runtime: RuntimeParams = RuntimeParams()
 
 
-class ParamsError(ValueError):
+class ParamsError(So8tError, ValueError):
     """``params.yaml`` is invalid; the message names every bad key."""
 
 

@@ -8,6 +8,7 @@ Defined once here (as enums and tables, in the manner of gguf-py's
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -98,6 +99,9 @@ DECISION_ALIASES: dict[str, Decision] = {
     "不可": Decision.DENY,
 }
 
+#: Label id of positions that take no loss (Hugging Face / PyTorch ``ignore_index``).
+IGNORE_INDEX = -100
+
 #: The parseable decision line that ends every decision answer: ``判定: ESCALATION``.
 DECISION_PREFIX = "判定: "
 
@@ -128,9 +132,18 @@ class Record(BaseModel):
     source_offset: int | None = Field(default=None, ge=0)
 
 
-class ThinkStyle(str, Enum):
-    MARKDOWN = "markdown"
-    TAGS = "tags"
+#: Reasoning layouts of the assistant turn (``think_format.style``); markers in :data:`THINK_MARKERS`.
+ThinkStyle = Literal["markdown", "tags"]
+THINK_STYLES: tuple[str, ...] = get_args(ThinkStyle)
+
+#: GGUF types the quantize stage writes (llama.cpp names); file names and llama.cpp ftypes are in
+#: :data:`so8t.model.quantize.GGUF_TYPES`.
+QuantType = Literal["F16", "Q8_0", "Q4_K_M"]
+QUANT_TYPES: tuple[str, ...] = get_args(QuantType)
+
+#: End-of-turn tokens of the chat templates of the supported families (Gemma, Qwen/ChatML, Llama 3,
+#: Phi-3); the ones present in a tokenizer's vocabulary stop generation and end training targets.
+END_OF_TURN_TOKENS: tuple[str, ...] = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 
 
 #: Section markers per style. ``think_open``/``think_close`` wrap the reasoning,
@@ -154,11 +167,4 @@ THINK_MARKERS: dict[str, dict[str, str]] = {
 }
 
 #: Reasoning tag kind per task in the tags style.
-THINK_KIND: dict[str, str] = {
-    "decision": "safety",
-    "qa_faq": "task",
-    "qa_reference": "task",
-    "math": "task",
-    "qa_user": "task",
-    "qa_document": "task",
-}
+THINK_KIND: dict[Task, str] = {task: "safety" if task is Task.DECISION else "task" for task in Task}

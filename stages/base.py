@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from so8t.base_model import prepare_base
+from so8t.model.base_model import prepare_base
 from so8t.console import console, run_stage
 from so8t.params import load_params
 

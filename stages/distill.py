@@ -13,6 +13,7 @@ from so8t.params import load_params
 TARGETS = Path("data/distill")
 OUT = Path("models/student")
 METRICS = Path("reports/distill.json")
+PERFORMANCE = Path("reports/performance/distill.json")
 
 
 def main() -> None:
@@ -21,16 +22,17 @@ def main() -> None:
         with atomic_dir(OUT) as tmp:
             write_json(tmp / "distill_summary.json", {"enabled": False})
         write_json(METRICS, {"enabled": False})
+        write_json(PERFORMANCE, {"enabled": False})
         console.print("distill: distill.enabled is false; nothing to do")
         return
-    from so8t.distill import DistillPaths, run_distillation
+    from so8t.distill.pipeline import DistillPaths, run_distillation
 
-    paths = DistillPaths(targets=TARGETS, student=OUT, metrics=METRICS)
+    paths = DistillPaths(targets=TARGETS, student=OUT, metrics=METRICS, performance=PERFORMANCE)
     m = run_distillation(params, paths, free_cores(), log=console.print)
     for name in ("teacher", "student", "base"):
         line = f"distill: {name}: {m[f'{name}.size_mb']:.0f} MB, perplexity {m[f'{name}.perplexity']:.2f}"
         if f"{name}.decision.macro_f1" in m:
-            line += f", {m[f'{name}.tokens_per_s']:.1f} tok/s, macro-F1 {m[f'{name}.decision.macro_f1']:.3f}"
+            line += f", macro-F1 {m[f'{name}.decision.macro_f1']:.3f}"
         if f"{name}.agreement.top1" in m:
             line += f", agreement top-1 {m[f'{name}.agreement.top1']:.3f}, KL {m[f'{name}.agreement.kl']:.3f}"
         console.print(line)

@@ -12,6 +12,7 @@ from so8t.io import atomic_dir, write_json
 from so8t.params import load_params
 
 OUT = Path("data/distill")
+PERFORMANCE = Path("reports/performance/distill_teacher.json")
 
 
 def main() -> None:
@@ -19,16 +20,17 @@ def main() -> None:
     if not params.distill.enabled:
         with atomic_dir(OUT) as tmp:
             write_json(tmp / "teacher.json", {"enabled": False})
+        write_json(PERFORMANCE, {"enabled": False})
         console.print("distill-teacher: distill.enabled is false; nothing to do")
         return
-    from so8t.distill import DistillPaths, run_teacher_pass
+    from so8t.distill.teacher import TeacherPaths, run_teacher_pass
 
-    summary = run_teacher_pass(params, DistillPaths(targets=OUT), free_cores(), log=console.print)
+    summary = run_teacher_pass(params, TeacherPaths(targets=OUT, performance=PERFORMANCE), free_cores(), log=console.print)
     for split in ("train", "test"):
-        s = summary[split]
+        s, t = summary[split], summary["timing"][split]
         console.print(
             f"distill-teacher: {split}: {s['examples']} examples, {s['label_positions']:,} label positions "
-            f"in {s['seconds']:.0f} s ({s['label_tokens_per_s']:.1f} label tokens/s), top-{summary['k']} stored"
+            f"in {t['seconds']:.0f} s ({t['label_tokens_per_s']:.1f} label tokens/s), top-{summary['k']} stored"
         )
 
 

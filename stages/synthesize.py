@@ -12,7 +12,7 @@ from rich.table import Table
 from so8t.console import console, run_stage
 from so8t.io import DataError, read_jsonl, write_json, write_jsonl
 from so8t.params import load_params
-from so8t.synthesize import synthesize
+from so8t.data.synthesize import synthesize
 
 COLLECTED = Path("data/collected")
 OUT = Path("data/synth")

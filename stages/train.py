@@ -8,7 +8,7 @@ from pathlib import Path
 
 from so8t.console import console, run_stage
 from so8t.params import load_params
-from so8t.train import TrainPaths, run_training
+from so8t.model.train import TrainPaths, run_training
 
 PATHS = TrainPaths(base=Path("models/base"), data=Path("data/formatted/train.jsonl"), out=Path("models/adapter"))
 

@@ -32,16 +32,15 @@ TINY_PARAMS = {
     "think_format": {"max_length": 256},
     "train": {"max_steps": 3, "per_device_train_batch_size": 2, "lora_r": 4, "lora_alpha": 8},
     "quantize": {"check_max_tokens": 4},
-    "calibrate": {"max_examples": 3, "max_new_tokens": 6},
+    "generation": {"decision_max_new_tokens": 6},
+    "metrics": {"perplexity_max_tokens": 128, "perplexity_window": 64},
+    "calibrate": {"max_examples": 3},
     "evaluate": {
         "max_decision_examples": 3,
         "max_math_examples": 2,
         "max_faq_examples": 2,
-        "decision_max_new_tokens": 6,
         "math_max_new_tokens": 6,
         "faq_max_new_tokens": 6,
-        "perplexity_max_tokens": 128,
-        "perplexity_window": 64,
     },
 }
 

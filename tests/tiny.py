@@ -67,7 +67,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from so8t.base_model import GEMMA_CHAT_TEMPLATE
+    from so8t.model.base_model import GEMMA_CHAT_TEMPLATE
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     vocab = {t: i for i, t in enumerate(specials + sorted(set(JA_CHARS)))}

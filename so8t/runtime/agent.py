@@ -7,13 +7,13 @@ For one request (a conversation ending in a user turn) :meth:`Agent.answer`:
    them, with their document ids, before the question in that turn;
 2. removes chat-template control tokens from every untrusted text (turns and
    passages) and renders the conversation with the model's chat template;
-3. generates greedily (repetition penalty ``evaluate.repetition_penalty``, the
+3. generates greedily (repetition penalty ``generation.repetition_penalty``, the
    one the temperature was calibrated with) until the model writes ``判定:``,
    ends its turn or reaches ``runtime.max_new_tokens``;
-4. scores the three labels as the calibrate stage did
-   (:func:`so8t.scoring.score_decisions`): ``z_L`` = log-likelihood of
+4. scores the three labels with the calibrate stage's code
+   (:func:`so8t.eval.inference.score_labels`): ``z_L`` = log-likelihood of
    ``判定: L`` after the generation, ``p = softmax(z / T)`` with the fitted
-   temperature ``T`` of this artifact (:func:`so8t.calibration.apply_temperature`);
+   temperature ``T`` of this artifact (:func:`so8t.eval.calibration.apply_temperature`);
    the model's decision is ``argmax p`` and its confidence ``max p``;
 5. applies the policy: an ALLOW without a final answer, or with confidence
    below ``runtime.allow_threshold``, becomes ESCALATION; ALLOW returns the
@@ -40,14 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-from so8t.calibration import apply_temperature
-from so8t.runtime.access import AccessLevel, parse_level
+from so8t.access import AccessLevel, parse_level
+from so8t.errors import So8tError
+from so8t.eval.calibration import apply_temperature
+from so8t.eval.inference import DECISION_MARKER, decision_context
+from so8t.model.quantize import artifact_of
 from so8t.runtime.audit import AuditEntry, AuditLog
 from so8t.runtime.guard import separate
-from so8t.runtime.model import END_OF_TURN, ChatModel
+from so8t.runtime.model import ChatModel
 from so8t.runtime.retrieval import Passage, Retriever
-from so8t.schema import DECISION_PREFIX, DECISIONS, Decision
-from so8t.scoring import DECISION_MARKER
+from so8t.schema import DECISIONS, END_OF_TURN_TOKENS, Decision
 
 #: The last user turn when passages were retrieved: the passages with their ids, then the question.
 GROUNDED_PROMPT = (
@@ -60,7 +62,7 @@ PASSAGE_FORMAT = "[{doc_id}] {title}\n{text}"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
-class AgentInputError(ValueError):
+class AgentInputError(So8tError, ValueError):
     """The request itself is unusable (bad roles, too long, rejected by the chat template)."""
 
 
@@ -224,7 +226,7 @@ class Agent:
                 if i >= 0:
                     text, reached = text[:i], True
                     break
-                ends = [j for j in (text.find(s) for s in END_OF_TURN) if j >= 0]
+                ends = [j for j in (text.find(s) for s in END_OF_TURN_TOKENS) if j >= 0]
                 if ends:
                     text = text[: min(ends)]
                     break
@@ -235,9 +237,9 @@ class Agent:
         return text, reached
 
     def _decide(self, prompt: str, text: str, reached: bool) -> np.ndarray:
-        # As so8t.scoring.score_decisions: a generation that did not reach the marker gets a newline first.
-        body = text if reached else text.rstrip() + "\n"
-        logits = self.model.label_logprobs(prompt + body, [DECISION_PREFIX + label for label in DECISIONS])
+        """Calibrated label probabilities from the logits the calibrate stage fitted T on
+        (:func:`so8t.eval.inference.decision_context`, :func:`so8t.eval.inference.score_labels`)."""
+        logits = self.model.decision_logits(decision_context(prompt, text, reached))
         return apply_temperature(np.asarray([logits], dtype=np.float64), self.temperature)[0]
 
     # ------------------------------------------------------------ request
@@ -372,16 +374,6 @@ class Agent:
 # ---------------------------------------------------------------- construction from params
 
 
-def calibration_key(model_path: str | Path) -> str:
-    """The artifact key of ``reports/calibration.json`` for a model: ``so8t-q4_k_m.gguf`` -> ``q4_k_m``,
-    a Hugging Face folder -> ``baked``."""
-    path = Path(model_path)
-    if path.suffix != ".gguf":
-        return "baked"
-    stem = path.stem
-    return stem.split("-", 1)[1] if stem.startswith("so8t-") else stem
-
-
 def load_temperature(calibration_path: str | Path, key: str) -> float | None:
     """The fitted temperature of artifact ``key``, or ``None`` when the file or key is missing."""
     path = Path(calibration_path)
@@ -413,8 +405,8 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
     rt = params.runtime
     model_path = resolve(base_dir, rt.model)
     if model is None:
-        model = load_model(model_path, rt.n_ctx, rt.n_threads, params.evaluate.repetition_penalty, rt.model_id)
-    key = rt.calibration_key or calibration_key(model_path)
+        model = load_model(model_path, rt.n_ctx, rt.n_threads, params.generation.repetition_penalty, rt.model_id)
+    key = rt.calibration_key or artifact_of(model_path)
     temperature = load_temperature(resolve(base_dir, rt.calibration), key)
     if temperature is None:
         warn(f"no temperature for {key!r} in {rt.calibration}: confidences are uncalibrated (T = 1)")

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from so8t.errors import So8tError
 
 
-class GoTemplateError(ValueError):
+class GoTemplateError(So8tError, ValueError):
     """The template uses something outside the supported subset, or is malformed."""
 
 

@@ -31,7 +31,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from so8t.schema import THINK_MARKERS
-from so8t.think_format import parse_assistant
+from so8t.data.think_format import parse_assistant
 
 #: An answer sentence at least this long (characters, NFKC, no white space) found whole
 #: in the reasoning is removed.

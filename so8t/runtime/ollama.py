@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from so8t.io import sha256_file, write_text
+from so8t.model.quantize import artifact_of
 from so8t.runtime import gotemplate
+from so8t.errors import So8tError
 
 
-class OllamaTemplateError(ValueError):
+class OllamaTemplateError(So8tError, ValueError):
     """No Ollama template reproduces the model's chat template."""
 
 
@@ -208,7 +210,7 @@ def sampling_parameters(params) -> dict[str, float | int]:
     """Ollama PARAMETERs matching the runtime: greedy, the evaluated repetition penalty over the whole context."""
     return {
         "temperature": 0,
-        "repeat_penalty": params.evaluate.repetition_penalty,
+        "repeat_penalty": params.generation.repetition_penalty,
         "repeat_last_n": -1,  # -1 = num_ctx: the whole context, as in evaluation
         "num_ctx": params.runtime.n_ctx,
         "num_predict": params.runtime.max_new_tokens,
@@ -217,8 +219,7 @@ def sampling_parameters(params) -> dict[str, float | int]:
 
 def modelfile_name(gguf: Path) -> str:
     """``so8t-q4_k_m.gguf`` -> ``Modelfile.q4_k_m``."""
-    stem = gguf.stem
-    return f"Modelfile.{stem.split('-', 1)[1] if stem.startswith('so8t-') else stem}"
+    return f"Modelfile.{artifact_of(gguf)}"
 
 
 def write_modelfiles(ggufs: list[Path], out_dir: str | Path, parameters: dict[str, float | int]) -> list[Path]:

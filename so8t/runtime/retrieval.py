@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from so8t.io import DataError, read_json, read_jsonl
-from so8t.runtime.access import AccessLevel, parse_level
+from so8t.access import AccessLevel, parse_level
+from so8t.errors import So8tError
 
 #: Record fields that hold a document's text, in order of preference.
 TEXT_FIELDS: tuple[str, ...] = ("text", "content", "body")
@@ -75,7 +76,7 @@ STOP_BASE: frozenset[str] = frozenset(
 )
 
 
-class RetrievalError(ValueError):
+class RetrievalError(So8tError, ValueError):
     """Bad retrieval configuration or document; the message names the param key or file."""
 
 

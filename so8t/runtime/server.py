@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from so8t.runtime.agent import Agent, AgentInputError, Answer, Principal
 from so8t.runtime.guard import sentences
 from so8t.runtime.model import ModelError
+from so8t.errors import So8tError
 
 #: Environment variable with API keys: ``key=user:level`` entries separated by commas.
 API_KEYS_ENV = "SO8T_API_KEYS"
@@ -55,7 +56,7 @@ API_KEYS_ENV = "SO8T_API_KEYS"
 PARAMS_ENV = "SO8T_PARAMS"
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(So8tError, ValueError):
     """API keys or limits are missing or malformed; the message names the file or variable."""
 
 
@@ -271,37 +272,12 @@ def _error(message: str, kind: str) -> dict:
 _ERROR_TYPES = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
-def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_agent: bool = False):
-    """The FastAPI application serving ``agent``.
-
-    Args:
-        keys: accepted API keys (at least one).
-        limits: body size and rate limits.
-        close_agent: close the agent (free the model) when the server shuts down.
-
-    Raises:
-        ServerConfigError: no API keys.
-    """
-    import anyio
-    from fastapi import Depends, FastAPI, Request
+def _install_error_handlers(app) -> None:
+    """Every error becomes a JSON body ``{"error": {"message", "type"}}`` with its status code."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
-
-    if not len(keys):
-        raise ServerConfigError(
-            f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
-        )
-    limiter = RateLimiter(limits.rate_per_minute, limits.burst)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        if close_agent:
-            agent.close()
-
-    app = FastAPI(title="so8t", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -324,6 +300,14 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
     async def _internal_error(request: Request, exc: Exception):
         return JSONResponse(_error("internal server error (see the server log)", "server_error"), status_code=500)
 
+
+def _authenticator(keys: ApiKeys, limits: Limits):
+    """A FastAPI dependency: the caller of a request's API key, rate-limited per key (401 / 429)."""
+    from fastapi import Request
+    from starlette.exceptions import HTTPException
+
+    limiter = RateLimiter(limits.rate_per_minute, limits.burst)
+
     async def authenticate(request: Request) -> Principal:
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -342,20 +326,98 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
             )
         return who
 
-    Caller = Annotated[Principal, Depends(authenticate)]
+    return authenticate
 
-    async def parse(request: Request, model: type[BaseModel]):
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise HTTPException(400, f"request body must be a JSON object, got {type(data).__name__}")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+
+async def _parse(request, model: type[BaseModel]):
+    """The request body validated as ``model`` (400 for bad JSON or a non-object, 422 for a wrong shape)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+def _completion(ans: Answer, stream: bool):
+    """The OpenAI-style response of an answer: one ``chat.completion`` or an SSE stream of chunks."""
+    from fastapi.responses import StreamingResponse
+
+    extra = {
+        "decision": ans.decision,
+        "confidence": ans.confidence,
+        "citations": ans.citations,
+        "model_decision": ans.model_decision,
+        "override": ans.override,
+        "request_id": ans.request_id,
+    }
+    head = {"id": f"chatcmpl-{ans.request_id}", "created": int(time.time()), "model": ans.model_id}
+    if not stream:
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.answer}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": ans.prompt_tokens,
+                "completion_tokens": ans.completion_tokens,
+                "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+            },
+            "so8t": extra,
+        }
+
+    def chunk(delta: dict, finish: str | None = None, **more) -> str:
+        body = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def events():
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in sentences(ans.answer):
+            yield chunk({"content": piece})
+        yield chunk({}, "stop", so8t=extra)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_agent: bool = False):
+    """The FastAPI application serving ``agent``.
+
+    Args:
+        keys: accepted API keys (at least one).
+        limits: body size and rate limits.
+        close_agent: close the agent (free the model) when the server shuts down.
+
+    Raises:
+        ServerConfigError: no API keys.
+    """
+    import anyio
+    from fastapi import Depends, FastAPI, Request
+
+    if not len(keys):
+        raise ServerConfigError(
+            f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if close_agent:
+            agent.close()
+
+    app = FastAPI(title="so8t", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+    _install_error_handlers(app)
+    Caller = Annotated[Principal, Depends(_authenticator(keys, limits))]
 
     async def run(messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
         return await anyio.to_thread.run_sync(agent.answer, messages, who, channel, max_tokens)
@@ -370,62 +432,16 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
 
     @app.post("/v1/decide")
     async def decide(request: Request, who: Caller):
-        req = await parse(request, DecideRequest)
+        req = await _parse(request, DecideRequest)
         ans = await run(req.as_messages(), who, "http:/v1/decide", req.max_tokens)
         return ans.to_dict()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, who: Caller):
-        req = await parse(request, ChatCompletionRequest)
-        ans = await run(
-            [m.as_dict() for m in req.messages],
-            who,
-            "http:/v1/chat/completions",
-            req.max_completion_tokens or req.max_tokens,
-        )
-        extra = {
-            "decision": ans.decision,
-            "confidence": ans.confidence,
-            "citations": ans.citations,
-            "model_decision": ans.model_decision,
-            "override": ans.override,
-            "request_id": ans.request_id,
-        }
-        head = {"id": f"chatcmpl-{ans.request_id}", "created": int(time.time()), "model": ans.model_id}
-        if not req.stream:
-            return {
-                **head,
-                "object": "chat.completion",
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": ans.answer}, "finish_reason": "stop"}
-                ],
-                "usage": {
-                    "prompt_tokens": ans.prompt_tokens,
-                    "completion_tokens": ans.completion_tokens,
-                    "total_tokens": ans.prompt_tokens + ans.completion_tokens,
-                },
-                "so8t": extra,
-            }
-
-        def chunk(delta: dict, finish: str | None = None, **more) -> str:
-            body = {
-                **head,
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **more,
-            }
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            for piece in sentences(ans.answer):
-                yield chunk({"content": piece})
-            yield chunk({}, "stop", so8t=extra)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        req = await _parse(request, ChatCompletionRequest)
+        messages = [m.as_dict() for m in req.messages]
+        ans = await run(messages, who, "http:/v1/chat/completions", req.max_completion_tokens or req.max_tokens)
+        return _completion(ans, req.stream)
 
     return app
 

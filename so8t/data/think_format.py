@@ -1,0 +1,287 @@
+"""Rendering records in the base model's own chat template with separated reasoning.
+
+The assistant turn holds the reasoning and the answer, in one of two styles
+(:data:`so8t.schema.THINK_MARKERS`)::
+
+    markdown:  # 思考ステップ\\n{thinking}\\n# 最終回答\\n{response}[\\n判定: X]
+    tags:      <think-task>...</think-task> (or <think-safety> + <think-policy>)
+               <final>\\n{response}[\\n判定: X]\\n</final>
+
+Decision answers end with the parseable line ``判定: ALLOW|ESCALATION|DENY``.
+
+Tokenisation uses the tokenizer's own ``apply_chat_template`` text; labels are
+``-100`` on every prompt token (loss only on the assistant turn, including its
+end-of-turn token). Truncation never cuts the final answer: reasoning is
+shortened sentence by sentence from its end first, and a record that still
+does not fit is dropped and counted.
+
+Splits are train/val/test by the fractions in params, stratified by
+(task, decision) and grouped by ``Record.group`` so no template, FAQ entry,
+document or GSM template appears in two splits.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from so8t.schema import DECISION_PREFIX, IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Record, Task
+
+SPLITS = ("train", "val", "test")
+
+
+def assistant_text(record: Record, style: str, thinking: str | None = None) -> str:
+    """The assistant turn's content for ``record`` in ``style`` (``markdown`` or ``tags``).
+
+    Args:
+        thinking: overrides ``record.thinking`` (used when shortening).
+    """
+    m = THINK_MARKERS[style]
+    thinking = record.thinking if thinking is None else thinking
+    answer = record.response.strip()
+    if record.decision is not None:
+        answer = f"{answer}\n{DECISION_PREFIX}{record.decision.value}"
+    if style == "markdown":
+        think = f"{m['think_open']}{thinking.strip()}{m['think_close']}" if thinking.strip() else ""
+        return f"{think}{m['final_open']}{answer}{m['final_close']}"
+    kind = THINK_KIND[record.task]
+    think = ""
+    if thinking.strip():
+        think = m["think_open"].format(kind=kind) + thinking.strip() + m["think_close"].format(kind=kind)
+    if record.task is Task.DECISION and record.reason:
+        think += m["think_open"].format(kind="policy") + record.reason.strip() + m["think_close"].format(kind="policy")
+    return f"{think}{m['final_open']}{answer}{m['final_close']}"
+
+
+def render(tokenizer, prompt: str, assistant: str | None) -> str:
+    """Chat-template text of a user turn, followed by the assistant turn or the generation prompt."""
+    messages = [{"role": "user", "content": prompt}]
+    if assistant is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": assistant})
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _sentences(text: str) -> list[str]:
+    parts = re.split(r"(?<=[。．！？!?\n])", text)
+    return [p for p in parts if p]
+
+
+@dataclass
+class Encoded:
+    """One tokenised example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_text: str
+    completion_text: str
+
+
+def encode(tokenizer, prompt: str, assistant: str) -> Encoded:
+    """Tokenise the full conversation; mask every token that starts inside the prompt.
+
+    Raises:
+        ValueError: if the template does not render the prompt as a prefix of
+            the full conversation (labels could not be placed safely).
+    """
+    prompt_text = render(tokenizer, prompt, None)
+    full = render(tokenizer, prompt, assistant)
+    if not full.startswith(prompt_text):
+        raise ValueError(
+            "chat template: the generation prompt is not a prefix of the rendered conversation; "
+            "cannot separate prompt and answer tokens"
+        )
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    cut = len(prompt_text)
+    labels = [tid if start >= cut else IGNORE_INDEX for tid, (start, _) in zip(ids, enc["offset_mapping"])]
+    return Encoded(ids, labels, prompt_text, full[cut:])
+
+
+@dataclass
+class FormatStats:
+    shortened: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    lengths: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+def format_record(record: Record, tokenizer, style: str, max_length: int, stats: FormatStats) -> dict | None:
+    """Render and tokenise one record within ``max_length`` tokens, or ``None`` if it cannot fit."""
+    sentences = _sentences(record.thinking)
+    keep = len(sentences)
+    while True:
+        thinking = "".join(sentences[:keep])
+        enc = encode(tokenizer, record.prompt, assistant_text(record, style, thinking))
+        if len(enc.input_ids) <= max_length:
+            break
+        if keep == 0:
+            stats.dropped[record.task.value] += 1
+            return None
+        keep -= 1
+    if keep < len(sentences):
+        stats.shortened[record.task.value] += 1
+    stats.lengths[record.task.value].append(len(enc.input_ids))
+    return {
+        "id": record.id,
+        "task": record.task.value,
+        "decision": record.decision.value if record.decision else None,
+        "domain": record.domain.value if record.domain else None,
+        "group": record.group,
+        "source": record.source,
+        "prompt": record.prompt,
+        "response": record.response,
+        "final_answer": record.final_answer,
+        "prompt_text": enc.prompt_text,
+        "completion_text": enc.completion_text,
+        "input_ids": enc.input_ids,
+        "labels": enc.labels,
+        "n_tokens": len(enc.input_ids),
+        "shortened": keep < len(sentences),
+    }
+
+
+def split_groups(records: list[Record], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Assign every group to a split: stratified by (task, decision), grouped by ``group``.
+
+    Within each stratum the groups are shuffled (seeded) and each goes to the
+    split whose record count is furthest below its target share, so splits
+    match the fractions as closely as whole groups allow; a stratum with at
+    least three groups gives val and test one group each at minimum.
+
+    Returns:
+        ``{group: split name}``.
+    """
+    group_size: Counter = Counter(r.group for r in records)
+    stratum_groups: dict[tuple, list[str]] = defaultdict(list)
+    seen: set[str] = set()
+    for r in records:
+        if r.group not in seen:
+            seen.add(r.group)
+            stratum_groups[(r.task.value, r.decision.value if r.decision else "")].append(r.group)
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    for key in sorted(stratum_groups):
+        groups = sorted(stratum_groups[key])
+        rng.shuffle(groups)
+        total = sum(group_size[g] for g in groups)
+        counts = dict.fromkeys(SPLITS, 0)
+        order = list(groups)
+        if len(order) >= 3 and fractions[1] > 0 and fractions[2] > 0:
+            for name in ("val", "test"):
+                g = order.pop()
+                assignment[g] = name
+                counts[name] += group_size[g]
+        for g in order:
+            deficits = {s: fractions[i] * total - counts[s] for i, s in enumerate(SPLITS)}
+            best = max(SPLITS, key=lambda s: (deficits[s], -SPLITS.index(s)))
+            assignment[g] = best
+            counts[best] += group_size[g]
+    return assignment
+
+
+def length_summary(lengths: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per-task token length statistics: count, min, mean, p50, p95, max."""
+    out = {}
+    for task, vals in sorted(lengths.items()):
+        a = np.asarray(vals)
+        out[task] = {
+            "count": int(a.size),
+            "min": int(a.min()),
+            "mean": round(float(a.mean()), 1),
+            "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)),
+            "max": int(a.max()),
+        }
+    return out
+
+
+_DECISION_LINE = re.compile(r"判定\s*[:：]\s*(ALLOW|ESCALATION|DENY)\b")
+
+
+def parse_assistant(text: str, style: str) -> tuple[str, str, str | None]:
+    """Split a generated assistant turn into (reasoning, final answer, decision).
+
+    The reasoning is everything before the final-answer marker (``# 最終回答``
+    or ``<final>``); the final answer is what follows it (up to ``</final>``),
+    with the ``判定:`` line removed and returned separately as the decision.
+    Without a final-answer marker the whole text counts as reasoning and the
+    final answer is empty, so reasoning is never mistaken for an answer.
+    """
+    m = THINK_MARKERS[style]
+    marker = m["final_open"].strip()
+    idx = text.find(marker)
+    if idx < 0:
+        reasoning, final = text, ""
+    else:
+        reasoning, final = text[:idx], text[idx + len(marker) :]
+        close = m["final_close"].strip()
+        if close and close in final:
+            final = final[: final.find(close)]
+    decision = None
+    found = list(_DECISION_LINE.finditer(final))
+    if found:
+        decision = found[-1].group(1)
+        final = _DECISION_LINE.sub("", final)
+    return reasoning.strip(), final.strip(), decision
+
+
+def read_records(path) -> list[Record]:
+    """Records of ``data/synth/records.jsonl``, validated.
+
+    Raises:
+        DataError: naming ``file:line`` and the field of the first invalid record.
+    """
+    from pydantic import ValidationError
+
+    from so8t.io import DataError, read_jsonl
+
+    records = []
+    for lineno, raw in enumerate(read_jsonl(path), start=1):
+        try:
+            records.append(Record.model_validate(raw))
+        except ValidationError as e:
+            err = e.errors()[0]
+            field_name = ".".join(str(p) for p in err["loc"])
+            raise DataError(f"{path}:{lineno}: field {field_name!r}: {err['msg']}") from None
+    return records
+
+
+def format_and_split(records: list[Record], tokenizer, params, seed: int, progress=None) -> tuple[dict, dict]:
+    """Render, tokenise and split ``records`` (``params``: the ``think_format`` section).
+
+    Args:
+        progress: wraps the record iterator (e.g. :func:`so8t.console.track`), or ``None``.
+
+    Returns:
+        (``{split: [example, ...]}``, the summary written to ``data/formatted/stats.json``).
+    """
+    stats = FormatStats()
+    items = progress(records) if progress is not None else records
+    formatted = [
+        ex for r in items if (ex := format_record(r, tokenizer, params.style, params.max_length, stats)) is not None
+    ]
+    assignment = split_groups(records, (params.train_fraction, params.val_fraction, params.test_fraction), seed)
+    by_split = {s: [ex for ex in formatted if assignment[ex["group"]] == s] for s in SPLITS}
+    summary = {
+        "style": params.style,
+        "max_length": params.max_length,
+        "records_in": len(records),
+        "examples_out": len(formatted),
+        "shortened": dict(stats.shortened),
+        "dropped": dict(stats.dropped),
+        "token_lengths": length_summary(stats.lengths),
+        "splits": {
+            s: {
+                "examples": len(ex),
+                "groups": len({e["group"] for e in ex}),
+                "by_task": dict(Counter(e["task"] for e in ex)),
+                "by_decision": dict(Counter(e["decision"] for e in ex if e["decision"])),
+            }
+            for s, ex in by_split.items()
+        },
+    }
+    return by_split, summary

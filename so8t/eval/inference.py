@@ -1,0 +1,891 @@
+"""The one inference layer: greedy generation, continuation scoring and perplexity, batched, in two backends.
+
+Every stage that runs a model (calibrate, evaluate, distill) and the runtime go
+through these classes, so a number measured in the pipeline is the number the
+served model gives:
+
+* :class:`HFBackend`: a Hugging Face model folder (the base and the baked model),
+  float32, batched with left padding and a KV cache.
+* :class:`LlamaCppBackend`: a GGUF file in llama.cpp, where the quantised model is
+  served. Several sequences share one context (``n_seq_max``, a unified KV cache)
+  and are decoded together in one ``llama_batch``; logits are computed only at the
+  positions that are read (``batch.logits[i]``), never for a whole prompt.
+
+Both backends tokenise with their own tokenizer (chat-template control tokens in
+the text are parsed as special tokens; the quantize stage checks that the GGUF
+and the Hugging Face tokenizer agree) and generate under one rule:
+
+**Greedy decoding with the CTRL repetition penalty** (Keskar et al. 2019,
+https://arxiv.org/abs/1909.05858, section 4.1): every token id already in the
+context, prompt included, has its logit ``z`` replaced by ``z / p`` if ``z > 0``
+and ``z * p`` otherwise; the next token is the argmax. Hugging Face's
+``RepetitionPenaltyLogitsProcessor`` implements exactly this over ``input_ids``;
+:class:`LlamaCppBackend` applies it itself to llama.cpp's logits (llama.cpp's own
+sampler would see only the generated tokens). Generation stops at an end-of-
+generation token, a stop string, or the token budget.
+
+**Continuation scoring** (:meth:`score`): for a prefix ``x`` and continuations
+``y^(k)``, ``sum_t log p(y_t | x, y_<t)`` in nats. The prefix is evaluated once per
+request; each continuation reuses its KV cache (llama.cpp: ``llama_memory_seq_cp``
+into one sequence per continuation; Hugging Face: the cache repeated along the
+batch). :func:`score_labels` builds the requests of a decision (``...判定: L`` for
+each label ``L``, after the token prefix the alternatives share); the runtime and
+the calibrate/evaluate stages all call it.
+
+**Perplexity** (:meth:`token_logprobs`): ``log p(ids[t] | ids[:t])`` from logits
+at every position, computed in chunks of :data:`CHUNK` tokens so at most
+``CHUNK x V`` floats exist at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from so8t.errors import So8tError
+from so8t.schema import DECISION_PREFIX, DECISIONS, END_OF_TURN_TOKENS
+
+#: Progress callback: called with the number of items just finished.
+Progress = Callable[[int], None]
+
+#: Generation of a decision stops at this marker so the label can be scored, not sampled.
+DECISION_MARKER = DECISION_PREFIX.strip()
+
+#: Tokens per llama.cpp decode call when every position's logits are needed (bounds the logits buffer).
+CHUNK = 128
+
+
+class InferenceError(So8tError, RuntimeError):
+    """A model cannot run a request (too long for its context, a failed decode)."""
+
+
+@dataclass
+class Generation:
+    """One greedy generation.
+
+    Attributes:
+        text: generated text (special tokens removed), cut before the first stop string.
+        stop: the stop string that ended it, or ``None`` (end-of-generation token or budget).
+        n_tokens: generated tokens.
+        seconds: wall time attributed to this generation (a batch's time shared by token count).
+        prompt_tokens: tokens of the prompt.
+    """
+
+    text: str
+    stop: str | None
+    n_tokens: int
+    seconds: float
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Throughput:
+    """Token counts and wall time of a backend's work, by kind (for tokens/s figures)."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    scored_requests: int = 0
+    scoring_seconds: float = 0.0
+
+    def rates(self) -> dict[str, float]:
+        """``prompt_tokens_per_s`` (prompt passes of scoring), ``tokens_per_s`` (generation), ``requests_per_s``."""
+        return {
+            "prompt_tokens_per_s": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else math.nan,
+            "tokens_per_s": self.generated_tokens / self.generation_seconds if self.generation_seconds else math.nan,
+            "requests_per_s": self.scored_requests / self.scoring_seconds if self.scoring_seconds else math.nan,
+        }
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of token sequences."""
+    n = min(map(len, seqs))
+    for i in range(n):
+        if len({s[i] for s in seqs}) > 1:
+            return i
+    return n
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
+    """``text`` before the earliest stop string, and that string (``None`` when none occurs)."""
+    cut, hit = len(text), None
+    for s in stops:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut, hit = i, s
+    return text[:cut], hit
+
+
+def log_softmax_rows(rows: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of a ``(n, V)`` array, in float64."""
+    rows = np.asarray(rows, dtype=np.float64)
+    m = rows.max(-1, keepdims=True)
+    return rows - (m + np.log(np.exp(rows - m).sum(-1, keepdims=True)))
+
+
+def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """The CTRL repetition penalty (Keskar et al. 2019) on the ids in ``seen``, in place; returns ``logits``.
+
+    Args:
+        logits: ``(V,)`` float logits of the next token.
+        seen: int ids already in the context (prompt and generated).
+        penalty: ``p >= 1`` (1 = off): ``z -> z / p`` for ``z > 0``, ``z -> z * p`` otherwise.
+    """
+    if penalty != 1.0 and len(seen):
+        z = logits[seen]
+        logits[seen] = np.where(z > 0, z / penalty, z * penalty)
+    return logits
+
+
+class _Sequence:
+    """Greedy decoding state of one sequence: ids seen, text so far, and why it ended."""
+
+    def __init__(self, prompt: list[int], stops: Sequence[str], max_new_tokens: int) -> None:
+        self.prompt_len = len(prompt)
+        self.seen = np.unique(np.asarray(prompt, dtype=np.int64))
+        self.tokens: list[int] = []
+        self.raw = b""
+        self.text = ""
+        self.emitted = 0
+        self.stops = stops
+        self.budget = max_new_tokens
+        self.stop: str | None = None
+        self.done = max_new_tokens <= 0
+
+    def push(self, token: int, piece: bytes, is_eog: bool) -> str:
+        """Accept ``token``; returns the text that became final (see :meth:`_flush`)."""
+        if is_eog:
+            self.done = True
+            return self._flush()
+        self.tokens.append(token)
+        if token not in self.seen:
+            self.seen = np.append(self.seen, token)
+        self.raw += piece
+        text = self.raw.decode("utf-8", errors="ignore")
+        cut, hit = cut_at_stop(text, self.stops)
+        if hit is not None:
+            self.stop, self.done = hit, True
+            text = cut
+        if len(self.tokens) >= self.budget:
+            self.done = True
+        self.text = text
+        return self._flush()
+
+    def _flush(self) -> str:
+        """New text that can no longer change: all of it once done, else all but a possible start of a stop string."""
+        end = len(self.text)
+        if not self.done:
+            for stop in self.stops:
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        new = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted = max(end, self.emitted)
+        return new
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+class LlamaCppBackend:
+    """A GGUF file in llama.cpp, decoding several sequences per ``llama_decode`` call.
+
+    Args:
+        path: the ``.gguf`` file.
+        n_ctx: context window of one sequence (tokens).
+        n_threads: llama.cpp threads (keep at or below the free cores: an oversubscribed
+            2-core machine drops to ~1 token/s).
+        batch_size: sequences decoded together (prompts per batch; a scoring request
+            takes one sequence plus one per continuation).
+        n_gpu_layers: layers offloaded to a GPU when llama.cpp was built with one (0 = CPU).
+        flash_attn: let llama.cpp use flash attention (faster on long contexts and GPUs, but on
+            CPU it accumulates in float16, so scores depend on the batch's composition).
+
+    Raises:
+        InferenceError: the file is missing or llama.cpp cannot load it.
+    """
+
+    kind = "gguf"
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 1024,
+        n_threads: int = 1,
+        batch_size: int = 8,
+        n_gpu_layers: int = 0,
+        flash_attn: bool = False,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's own log lines only for errors
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InferenceError(f"{self.path}: GGUF file not found (run the quantize stage)")
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.batch_size = batch_size
+        # A scoring request uses one sequence for its prefix and one per continuation (3 labels).
+        self.n_seq = max(1, batch_size) * 4
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        try:
+            self.model = LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
+        except ValueError as e:
+            raise InferenceError(f"{self.path}: llama.cpp cannot load it: {e}") from None
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx * max(1, batch_size) + 64 * self.n_seq
+        cparams.n_batch = max(512, n_ctx)
+        cparams.n_ubatch = 512
+        cparams.n_seq_max = self.n_seq
+        cparams.kv_unified = True  # continuations share their prefix's cells
+        cparams.swa_full = True  # sequence copies and truncation work on sliding-window layers too
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        # llama.cpp's CPU flash attention accumulates in float16: the same request then scored
+        # ~2e-4 nats differently alone and in a batch (tiny Gemma 3, float32 GGUF); without it, 1e-7.
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        self.ctx = LlamaContext(model=self.model, params=cparams, verbose=False)
+        self.n_vocab = self.model.n_vocab()
+        self.n_batch = int(cparams.n_batch)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._llama_cpp = llama_cpp
+        self.stats = Throughput()
+        self.metadata = self.model.metadata()
+
+    # ---------------------------------------------------------------- tokens
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of (chat-template-rendered) text: control tokens parsed, no BOS added."""
+        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Token ids of untrusted text: control-token spellings stay plain text, no BOS."""
+        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def piece(self, token: int, special: bool = True) -> str:
+        """The text of one token (control tokens spelled out when ``special``)."""
+        return self.model.token_to_piece(token, special=special).rstrip(b"\0").decode("utf-8", errors="replace")
+
+    def _piece_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes of a token as text (control tokens give ``b""``)."""
+        buf = (ctypes.c_char * 64)()
+        n = self._llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, 64, 0, False)
+        return bytes(buf[: max(n, 0)])
+
+    def _is_eog(self, token: int) -> bool:
+        """An end-of-generation token of the vocabulary (EOS, end of turn)."""
+        return bool(self._llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
+
+    # ---------------------------------------------------------------- batches
+
+    def _clear(self) -> None:
+        self._llama_cpp.llama_memory_clear(self.ctx.memory, True)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """Decode ``(token, position, sequence, wants_logits)`` items in one call (at most ``n_batch``)."""
+        b = self._batch
+        for j, (tok, pos, seq, out) in enumerate(items):
+            b.token[j] = tok
+            b.pos[j] = pos
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = seq
+            b.logits[j] = out
+        b.n_tokens = len(items)
+        rc = self._llama_cpp.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise InferenceError(f"{self.path.name}: llama_decode returned {rc} ({len(items)} tokens)")
+
+    def _row(self, i: int) -> np.ndarray:
+        """A view of the logits of batch item ``i`` of the last decode (valid until the next decode)."""
+        ptr = self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _prefill(self, prompts: list[list[int]], seqs: list[int]) -> list[np.ndarray]:
+        """Evaluate each prompt in its sequence; float32 copies of the logits after each prompt's last token."""
+        for p in prompts:
+            if not p:
+                raise InferenceError("empty prompt")
+            if len(p) >= self.n_ctx:
+                raise InferenceError(f"prompt of {len(p)} tokens does not fit the context of {self.n_ctx}")
+        items = [(t, j, s, j == len(p) - 1) for p, s in zip(prompts, seqs) for j, t in enumerate(p)]
+        last: list[np.ndarray] = []
+        for start in range(0, len(items), self.n_batch):
+            part = items[start : start + self.n_batch]
+            self._decode(part)
+            last += [self._row(j).astype(np.float32) for j, item in enumerate(part) if item[3]]
+        return last
+
+    # ---------------------------------------------------------------- generation
+
+    def _greedy(
+        self, prompts: list[list[int]], max_new_tokens: int, stops: Sequence[str], repetition_penalty: float
+    ) -> Iterator[tuple[int, str, _Sequence]]:
+        """Greedy decoding of up to ``batch_size`` prompts together; yields ``(index, new text, state)``."""
+        self._clear()
+        states = [_Sequence(p, stops, max_new_tokens) for p in prompts]
+        t0 = time.perf_counter()
+        rows = self._prefill(prompts, list(range(len(prompts))))
+        self.stats.prompt_tokens += sum(map(len, prompts))
+        self.stats.prompt_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        pending: list[tuple[int, int]] = []  # (sequence, token) to feed next
+        for i, (st, row) in enumerate(zip(states, rows)):
+            if st.done:
+                continue
+            tok = int(np.argmax(penalize(row, st.seen, repetition_penalty)))
+            new = st.push(tok, self._piece_bytes(tok), self._is_eog(tok))
+            if new or st.done:
+                yield i, new, st
+            if not st.done:
+                pending.append((i, tok))
+        while pending:
+            room = []
+            for i, t in pending:
+                if states[i].prompt_len + len(states[i].tokens) < self.n_ctx:
+                    room.append((i, t))
+                else:  # the context is full: the generation ends like one that hit its budget
+                    states[i].done = True
+                    yield i, "", states[i]
+            if not room:
+                break
+            self._decode([(t, states[i].prompt_len + len(states[i].tokens) - 1, i, True) for i, t in room])
+            pending = []
+            for k, (i, _) in enumerate(room):
+                st = states[i]
+                tok = int(np.argmax(penalize(self._row(k).astype(np.float32), st.seen, repetition_penalty)))
+                new = st.push(tok, self._piece_bytes(tok), self._is_eog(tok))
+                if new or st.done:
+                    yield i, new, st
+                if not st.done:
+                    pending.append((i, tok))
+        self.stats.generated_tokens += sum(len(s.tokens) for s in states)
+        self.stats.generation_seconds += time.perf_counter() - t1
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        stops: Sequence[str] = (),
+        repetition_penalty: float = 1.0,
+        on_progress: Progress | None = None,
+    ) -> list[Generation]:
+        """Greedy continuations of token-id prompts, ``batch_size`` sequences per decode call.
+
+        Raises:
+            InferenceError: a prompt does not fit ``n_ctx``, or a decode fails.
+        """
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            states: dict[int, _Sequence] = {}
+            for i, _, st in self._greedy(chunk, max_new_tokens, stops, repetition_penalty):
+                states[i] = st
+            seconds = time.perf_counter() - t0
+            total = max(sum(len(s.tokens) for s in states.values()), 1)
+            for i, p in enumerate(chunk):
+                st = states.get(i) or _Sequence(p, stops, 0)
+                out.append(Generation(st.text, st.stop, len(st.tokens), seconds * len(st.tokens) / total, len(p)))
+            if on_progress is not None:
+                on_progress(len(chunk))
+        return out
+
+    def stream(
+        self, prompt: list[int], max_new_tokens: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0
+    ) -> Iterator[str]:
+        """The greedy continuation of one prompt as text pieces, as :meth:`generate` would produce it.
+
+        The pieces join to :attr:`Generation.text` followed by the stop string that ended it, if
+        any; text that might begin a stop string is held back until it is known not to.
+        """
+        state = None
+        for _, new, state in self._greedy([prompt], max_new_tokens, stops, repetition_penalty):
+            if new:
+                yield new
+        if state is not None and state.stop:
+            yield state.stop
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, requests: list[tuple[list[int], list[list[int]]]], on_progress: Progress | None = None):
+        """Summed log-likelihoods (nats) of continuations after a shared prefix, per request.
+
+        Each prefix is decoded once (logits only at its last token); every continuation
+        longer than one token continues in a copy of the prefix's sequence, all of a
+        batch's continuation tokens in one decode call.
+
+        Args:
+            requests: ``(prefix ids, [continuation ids, ...])``; continuations non-empty.
+
+        Returns:
+            ``list[list[float]]``, one score per continuation.
+        """
+        out: list[list[float]] = []
+        per = max(1, min(self.batch_size, self.n_seq // 4))
+        for start in range(0, len(requests), per):
+            chunk = requests[start : start + per]
+            t0 = time.perf_counter()
+            self._clear()
+            firsts = [log_softmax_rows(r[None])[0] for r in self._prefill([p for p, _ in chunk], list(range(len(chunk))))]
+            scores = [[float(first[s[0]]) for s in sufs] for first, (_, sufs) in zip(firsts, chunk)]
+            items, where = [], []
+            next_seq = len(chunk)
+            for i, (prefix, sufs) in enumerate(chunk):
+                for k, suf in enumerate(sufs):
+                    if len(suf) < 2:
+                        continue
+                    if next_seq >= self.n_seq:
+                        raise InferenceError(f"too many continuations for n_seq_max={self.n_seq}")
+                    self._llama_cpp.llama_memory_seq_cp(self.ctx.memory, i, next_seq, -1, -1)
+                    for j, tok in enumerate(suf[:-1]):
+                        items.append((tok, len(prefix) + j, next_seq, True))
+                        where.append((i, k, suf[j + 1]))
+                    next_seq += 1
+            for s0 in range(0, len(items), self.n_batch):
+                part = items[s0 : s0 + self.n_batch]
+                self._decode(part)
+                for r, (i, k, target) in enumerate(where[s0 : s0 + len(part)]):
+                    scores[i][k] += float(log_softmax_rows(self._row(r)[None])[0][target])
+            out += scores
+            self.stats.prompt_tokens += sum(len(p) for p, _ in chunk)
+            self.stats.prompt_seconds += time.perf_counter() - t0
+            self.stats.scored_requests += len(chunk)
+            self.stats.scoring_seconds += time.perf_counter() - t0
+            if on_progress is not None:
+                on_progress(len(chunk))
+        return out
+
+    def logits_at(self, sequences: list[list[int]], positions: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """Logits at chosen positions of each sequence, computed only there (LM head included).
+
+        Each sequence is decoded from an empty cache in chunks of :data:`CHUNK` tokens,
+        stopping after its last requested position.
+
+        Args:
+            sequences: token ids per example.
+            positions: ascending int positions per example (row ``t`` predicts token ``t + 1``).
+
+        Yields:
+            ``(n, V)`` float32 logits of the requested positions of one chunk; over all steps,
+            every requested position of every sequence in order. The array is a view of
+            llama.cpp's buffer, valid until the next step.
+
+        Raises:
+            InferenceError: a sequence longer than the context, or a failed decode.
+        """
+        for e, (ids, pos) in enumerate(zip(sequences, positions)):
+            if len(pos) == 0:
+                continue
+            if len(ids) > self.n_ctx:
+                raise InferenceError(f"example {e}: {len(ids)} tokens exceed the llama.cpp context of {self.n_ctx}")
+            want = np.zeros(len(ids), dtype=bool)
+            want[pos] = True
+            self._clear()
+            last = int(pos[-1])
+            for start in range(0, last + 1, CHUNK):
+                piece = ids[start : min(start + CHUNK, last + 1)]
+                flags = want[start : start + len(piece)]
+                self._decode([(t, start + j, 0, bool(flags[j])) for j, t in enumerate(piece)])
+                n_out = int(flags.sum())
+                if n_out:
+                    # Requested rows are stored contiguously in batch order.
+                    ptr = self._llama_cpp.llama_get_logits(self.ctx.ctx)
+                    yield np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def token_logprobs(self, ids: list[int]) -> np.ndarray:
+        """``log p(ids[t] | ids[:t])`` for t = 1..n-1 (float64), from llama.cpp's own logits.
+
+        Raises:
+            InferenceError: the sequence exceeds ``n_ctx``.
+        """
+        positions = np.arange(len(ids) - 1)
+        out = []
+        start = 0
+        for rows in self.logits_at([ids], [positions]):
+            n = len(rows)
+            targets = np.asarray(ids[start + 1 : start + 1 + n])
+            m = rows.max(-1, keepdims=True)
+            lse = m[:, 0].astype(np.float64) + np.log(np.exp(rows - m).sum(-1, dtype=np.float64))
+            out.append(rows[np.arange(n), targets].astype(np.float64) - lse)
+            start += n
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def n_params(self) -> int:
+        """Parameters of the model (llama.cpp's count)."""
+        return int(self.model.n_params())
+
+    def close(self) -> None:
+        """Free the llama.cpp batch, context and model now (not at interpreter shutdown)."""
+        if self._batch is not None:
+            self._llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self.ctx.close()
+        self.model.close()
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+class HFBackend:
+    """A Hugging Face causal LM folder, float32, batched with left padding.
+
+    Args:
+        model_dir: the folder (weights, config and tokenizer).
+        batch_size: sequences per forward.
+        tokenizer: the tokenizer to use (default: the folder's own).
+    """
+
+    kind = "hf"
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 8, tokenizer=None) -> None:
+        from so8t.model.base_model import load_causal_lm, load_tokenizer
+
+        self.path = Path(model_dir)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+        self.model = load_causal_lm(model_dir, torch.float32).eval()
+        self.batch_size = batch_size
+        self.device = next(self.model.parameters()).device
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+        self.stats = Throughput()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of (chat-template-rendered) text: control tokens parsed, no BOS added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Token ids of untrusted text with control-token spellings kept as plain text, no BOS."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def piece(self, token: int, special: bool = True) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=not special)
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(seqs):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        stops: Sequence[str] = (),
+        repetition_penalty: float = 1.0,
+        on_progress: Progress | None = None,
+    ) -> list[Generation]:
+        """Greedy continuations, ``batch_size`` prompts per ``generate`` call (left padding, KV cache)."""
+        out: list[Generation] = []
+        pad = self.tokenizer.pad_token_id
+        eos = set(self.eos_ids)
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            ids, mask = self._left_pad(batch)
+            t0 = time.perf_counter()
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                repetition_penalty=repetition_penalty,
+                stop_strings=list(stops) or None,
+                tokenizer=self.tokenizer,
+                pad_token_id=pad,
+                eos_token_id=self.eos_ids,
+            )
+            seconds = time.perf_counter() - t0
+            new = gen[:, ids.shape[1] :].cpu().tolist()
+            lengths, cuts = [], []
+            for row in new:
+                n = next((j for j, t in enumerate(row) if t in eos), len(row))
+                text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+                lengths.append(n)
+                cuts.append(cut_at_stop(text, stops))
+            total = max(sum(lengths), 1)
+            out += [
+                Generation(t, hit, n, seconds * n / total, len(p))
+                for (t, hit), n, p in zip(cuts, lengths, batch)
+            ]
+            self.stats.generated_tokens += sum(lengths)
+            self.stats.generation_seconds += seconds
+            if on_progress is not None:
+                on_progress(len(batch))
+        return out
+
+    def stream(
+        self, prompt: list[int], max_new_tokens: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0
+    ) -> Iterator[str]:
+        """The greedy continuation of one prompt (one piece, ending with the stop string that ended it)."""
+        (g,) = self.generate([prompt], max_new_tokens, stops, repetition_penalty)
+        yield g.text + (g.stop or "")
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        from so8t.model.base_model import output_logits
+
+        return output_logits(self.model, hidden)
+
+    @torch.no_grad()
+    def score(self, requests: list[tuple[list[int], list[list[int]]]], on_progress: Progress | None = None):
+        """As :meth:`LlamaCppBackend.score`: prefixes once (left-padded batch), continuations from their cache."""
+        out: list[list[float]] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            ids, mask = self._left_pad([p for p, _ in chunk])
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            res = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+            )
+            first = torch.log_softmax(res.logits[:, -1].double(), -1)
+            scores = [[float(first[i, s[0]]) for s in sufs] for i, (_, sufs) in enumerate(chunk)]
+            rows = [(i, k, suf) for i, (_, sufs) in enumerate(chunk) for k, suf in enumerate(sufs) if len(suf) > 1]
+            if rows:
+                cache = res.past_key_values
+                cache.batch_select_indices(torch.tensor([i for i, _, _ in rows], device=self.device))
+                width = max(len(suf) - 1 for _, _, suf in rows)
+                cont = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                cmask = torch.zeros_like(cont)
+                for r, (_, _, suf) in enumerate(rows):
+                    cont[r, : len(suf) - 1] = torch.tensor(suf[:-1])
+                    cmask[r, : len(suf) - 1] = 1
+                sel = torch.tensor([i for i, _, _ in rows], device=self.device)
+                full_mask = torch.cat([mask[sel], cmask.to(self.device)], dim=1)
+                pos = mask[sel].sum(-1, keepdim=True) + torch.arange(width, device=self.device)[None]
+                hidden = self.model(
+                    input_ids=cont.to(self.device),
+                    attention_mask=full_mask,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                ).hidden_states[-1]
+                for r, (i, k, suf) in enumerate(rows):
+                    lp = torch.log_softmax(self._lm_head(hidden[r, : len(suf) - 1]).double(), -1)
+                    scores[i][k] += float(lp.gather(1, torch.tensor(suf[1:], device=self.device)[:, None]).sum())
+            out += scores
+            self.stats.prompt_tokens += sum(len(p) for p, _ in chunk)
+            self.stats.prompt_seconds += time.perf_counter() - t0
+            self.stats.scored_requests += len(chunk)
+            self.stats.scoring_seconds += time.perf_counter() - t0
+            if on_progress is not None:
+                on_progress(len(chunk))
+        return out
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int]) -> np.ndarray:
+        """``log p(ids[t] | ids[:t])`` for t = 1..n-1 as a float64 array of length n-1."""
+        x = torch.tensor([ids], device=self.device)
+        hidden = self.model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        out = []
+        for start in range(0, len(ids) - 1, CHUNK):
+            logits = self._lm_head(hidden[0, start : min(start + CHUNK, len(ids) - 1)])
+            nll = torch.nn.functional.cross_entropy(logits, x[0, start + 1 : start + 1 + len(logits)], reduction="none")
+            out.append((-nll).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def close(self) -> None:
+        """Drop the model (memory is freed by the garbage collector)."""
+        self.model = None
+
+
+Backend = HFBackend | LlamaCppBackend
+
+
+def open_backend(
+    path: str | Path, n_ctx: int = 1024, n_threads: int | None = None, batch_size: int = 8, n_gpu_layers: int = 0
+) -> Backend:
+    """:class:`LlamaCppBackend` for a ``.gguf`` file, :class:`HFBackend` for a folder with ``config.json``.
+
+    Args:
+        n_threads: llama.cpp threads; ``None`` = the cores idle right now (:func:`so8t.console.free_cores`).
+
+    Raises:
+        InferenceError: neither exists.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFBackend(path, batch_size=batch_size)
+    if path.suffix == ".gguf":
+        if n_threads is None:
+            from so8t.console import free_cores
+
+            n_threads = free_cores()
+        return LlamaCppBackend(path, n_ctx, n_threads, batch_size, n_gpu_layers)
+    raise InferenceError(f"{path} is neither a .gguf file nor a Hugging Face folder with config.json")
+
+
+def stop_strings(backend: Backend) -> list[str]:
+    """End-of-turn strings (:data:`so8t.schema.END_OF_TURN_TOKENS`) that are single tokens of the backend."""
+    return [t for t in END_OF_TURN_TOKENS if len(backend.tokenize(t)) == 1]
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def label_requests(backend: Backend, contexts: list[str], labels: Sequence[str] = DECISIONS):
+    """Scoring requests for ``context + "判定: " + label``: the shared token prefix, then each label's tokens."""
+    requests = []
+    for context in contexts:
+        fulls = [backend.tokenize(context + DECISION_PREFIX + label) for label in labels]
+        start = common_prefix_len(fulls)
+        if start == 0 or any(len(f) == start for f in fulls):
+            raise InferenceError("decision labels must differ after a non-empty shared prefix")
+        requests.append((fulls[0][:start], [f[start:] for f in fulls]))
+    return requests
+
+
+def score_labels(
+    backend: Backend, contexts: list[str], labels: Sequence[str] = DECISIONS, on_progress: Progress | None = None
+) -> np.ndarray:
+    """Decision logits: the log-likelihood (nats) of each ``判定: L`` after each context.
+
+    ``z_L = sum_t log p(token_t | context, tokens_<t)`` over the tokens of
+    ``context + "判定: " + L`` after the longest token prefix the labels share. These
+    are the logits temperature scaling calibrates; the runtime applies the fitted
+    temperature to exactly these numbers.
+
+    Returns:
+        ``(N, K)`` float64.
+    """
+    return np.asarray(backend.score(label_requests(backend, contexts, labels), on_progress), dtype=np.float64)
+
+
+def decision_context(prompt_text: str, generation: str, reached: bool) -> str:
+    """The text after which the labels are scored: the prompt and the reasoning before ``判定:``.
+
+    A generation that stopped without writing ``判定:`` gets a newline, so the label
+    line starts a line as in training.
+    """
+    return prompt_text + (generation if reached else generation.rstrip() + "\n")
+
+
+def score_decisions(
+    backend: Backend,
+    examples: list[dict],
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
+    on_progress: Progress | None = None,
+) -> list[dict]:
+    """Decision logits of think-format decision examples: greedy reasoning to ``判定:``, then the labels.
+
+    Args:
+        examples: rows with ``prompt_text`` (chat-template text), ``id`` and ``decision``.
+        on_progress: called with the number of examples done.
+
+    Returns:
+        One dict per example: ``id``, ``label`` (index into DECISIONS), ``logits`` (3
+        log-likelihoods, nats), ``pred``, ``format_ok`` (the model wrote ``判定:`` itself),
+        ``generated``, ``gen_tokens``, ``gen_seconds``.
+    """
+    stops = [DECISION_MARKER, *stop_strings(backend)]
+    prompts = [backend.tokenize(ex["prompt_text"]) for ex in examples]
+    gens = backend.generate(prompts, max_new_tokens, stops, repetition_penalty)
+    contexts = [decision_context(ex["prompt_text"], g.text, g.stop == DECISION_MARKER) for ex, g in zip(examples, gens)]
+    logits = score_labels(backend, contexts, on_progress=on_progress)
+    return [
+        {
+            "id": ex["id"],
+            "label": DECISIONS.index(ex["decision"]),
+            "logits": [float(v) for v in z],
+            "pred": int(np.argmax(z)),
+            "format_ok": g.stop == DECISION_MARKER,
+            "generated": g.text,
+            "gen_tokens": g.n_tokens,
+            "gen_seconds": g.seconds,
+        }
+        for ex, g, z in zip(examples, gens, logits)
+    ]
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def perplexity_windows(tokenizer, texts: list[str], max_tokens: int, window: int) -> list[list[int]]:
+    """Token windows for perplexity: each text tokenised with BOS, cut into ``window``-token pieces.
+
+    Stops once ``max_tokens`` tokens are collected; pieces shorter than 2 tokens are dropped.
+    """
+    windows: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for i in range(0, len(ids), window):
+            piece = ids[i : i + window]
+            if len(piece) < 2:
+                continue
+            piece = piece[: max_tokens - total] if total + len(piece) > max_tokens else piece
+            if len(piece) >= 2:
+                windows.append(piece)
+                total += len(piece)
+            if total >= max_tokens:
+                return windows
+    return windows
+
+
+def perplexity_of(backend: Backend, windows: list[list[int]]) -> dict[str, float]:
+    """Perplexity ``exp(sum NLL / N)`` over all predicted tokens of the windows (Jelinek et al. 1977).
+
+    The first token of every window is context only, so ``N = sum(len(w) - 1)``.
+
+    Returns:
+        ``{"perplexity", "nll_per_token" (nats), "tokens", "seconds"}``.
+    """
+    nll = 0.0
+    n = 0
+    t0 = time.perf_counter()
+    for w in windows:
+        lp = backend.token_logprobs(w)
+        nll -= float(lp.sum())
+        n += len(lp)
+    return {
+        "perplexity": math.exp(nll / n) if n else math.nan,
+        "nll_per_token": nll / n if n else math.nan,
+        "tokens": n,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+__all__ = [
+    "Backend",
+    "CHUNK",
+    "DECISION_MARKER",
+    "Generation",
+    "HFBackend",
+    "InferenceError",
+    "LlamaCppBackend",
+    "Throughput",
+    "common_prefix_len",
+    "cut_at_stop",
+    "decision_context",
+    "label_requests",
+    "open_backend",
+    "penalize",
+    "perplexity_of",
+    "perplexity_windows",
+    "score_decisions",
+    "score_labels",
+    "stop_strings",
+]

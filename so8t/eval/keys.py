@@ -1,0 +1,44 @@
+"""Names of the flat metrics in ``reports/metrics.json`` and ``reports/distill.json``.
+
+Every key is ``<artifact>.<name>`` (``q4_k_m.perplexity``, ``baked.decision.macro_f1``), so
+``dvc metrics diff`` lines up runs and artifacts. The names are defined once here and used by
+the evaluate, distill and report code.
+"""
+
+from __future__ import annotations
+
+DECISION_N = "decision.n"
+DECISION_ACCURACY = "decision.accuracy"
+DECISION_MACRO_F1 = "decision.macro_f1"
+DECISION_FORMAT_RATE = "decision.format_rate"
+DECISION_ECE = "decision.ece"
+DECISION_BRIER = "decision.brier"
+DECISION_NLL = "decision.nll"
+DECISION_ECE_CALIBRATED = "decision.ece_calibrated"
+DECISION_BRIER_CALIBRATED = "decision.brier_calibrated"
+DECISION_NLL_CALIBRATED = "decision.nll_calibrated"
+DECISION_TEMPERATURE = "decision.temperature"
+DECISIONS_PER_MINUTE = "decision.per_minute"
+PERPLEXITY = "perplexity"
+MATH_EXACT_MATCH = "math.exact_match"
+FAQ_CHRF = "faq.chrf"
+FAQ_BLEU = "faq.bleu"
+FAQ_ROUGE_L = "faq.rouge_l"
+FAQ_KEIGO_RATE = "faq.keigo_rate"
+STABILITY_REPEATED_NGRAM_RATE = "stability.repeated_ngram_rate"
+STABILITY_LONGEST_REPEATED_SPAN = "stability.longest_repeated_span"
+STABILITY_OSCILLATION = "stability.oscillation"
+TOKENS_PER_S = "tokens_per_s"
+PROMPT_TOKENS_PER_S = "prompt_tokens_per_s"
+PERPLEXITY_TOKENS_PER_S = "perplexity_tokens_per_s"
+SIZE_MB = "size_mb"
+PARAMETERS = "parameters"
+PARITY_TEXT = "parity.text"
+PARITY_DECISION = "parity.decision"
+AGREEMENT_TOP1 = "agreement.top1"
+AGREEMENT_KL = "agreement.kl"
+
+
+def key(artifact: str, name: str) -> str:
+    """The flat metric key of ``name`` for ``artifact``: ``key("q8_0", PERPLEXITY) == "q8_0.perplexity"``."""
+    return f"{artifact}.{name}"

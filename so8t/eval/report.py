@@ -1,0 +1,543 @@
+"""The run report: ``reports/report.md`` with PNG figures (matplotlib, Agg backend).
+
+Sections: run summary, data card, training curve, headline metrics with deltas
+against the base model, calibration (reliability diagram), decisions
+(confusion matrix), bake exactness, GGUF files (size, bits per weight, K-quant
+fallbacks, size/perplexity trade-off) and sample generations side by side.
+Every number comes from an artifact a stage wrote; nothing is recomputed here.
+
+:func:`to_html` turns the Markdown into a self-contained ``reports/report.html``
+(Python-Markdown with the tables extension; figures embedded as data URIs).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from so8t.eval import keys  # noqa: E402
+from so8t.eval.calibration import apply_temperature  # noqa: E402
+from so8t.eval.metrics import reliability_bins  # noqa: E402
+from so8t.schema import DECISIONS  # noqa: E402
+
+#: Headline rows: (label, metric name (:mod:`so8t.eval.keys`), higher is better, format).
+HEADLINE: list[tuple[str, str, bool, str]] = [
+    ("Decisions scored", keys.DECISION_N, True, "{:.0f}"),
+    ("Decision accuracy", keys.DECISION_ACCURACY, True, "{:.3f}"),
+    ("Decision macro-F1", keys.DECISION_MACRO_F1, True, "{:.3f}"),
+    ("Decision line written", keys.DECISION_FORMAT_RATE, True, "{:.2f}"),
+    ("ECE (15 bins)", keys.DECISION_ECE, False, "{:.3f}"),
+    ("ECE, calibrated", keys.DECISION_ECE_CALIBRATED, False, "{:.3f}"),
+    ("Brier", keys.DECISION_BRIER, False, "{:.3f}"),
+    ("NLL", keys.DECISION_NLL, False, "{:.3f}"),
+    ("Perplexity (held-out ja)", keys.PERPLEXITY, False, "{:.2f}"),
+    ("Math exact match", keys.MATH_EXACT_MATCH, True, "{:.3f}"),
+    ("FAQ chrF", keys.FAQ_CHRF, True, "{:.1f}"),
+    ("FAQ BLEU (ja-mecab)", keys.FAQ_BLEU, True, "{:.1f}"),
+    ("FAQ ROUGE-L", keys.FAQ_ROUGE_L, True, "{:.3f}"),
+    ("Keigo rate", keys.FAQ_KEIGO_RATE, True, "{:.2f}"),
+    ("Repeated 4-gram rate (long greedy generation)", keys.STABILITY_REPEATED_NGRAM_RATE, False, "{:.2f}"),
+    ("Longest repeated span (tokens)", keys.STABILITY_LONGEST_REPEATED_SPAN, False, "{:.0f}"),
+    ("Same greedy text as the reference runtime", keys.PARITY_TEXT, True, "{:.2f}"),
+    ("Same decision as the reference runtime", keys.PARITY_DECISION, True, "{:.2f}"),
+    ("Generation tokens/s", keys.TOKENS_PER_S, True, "{:.1f}"),
+    ("Prompt tokens/s", keys.PROMPT_TOKENS_PER_S, True, "{:.0f}"),
+    ("Decisions per minute", keys.DECISIONS_PER_MINUTE, True, "{:.0f}"),
+    ("Size (MB)", keys.SIZE_MB, False, "{:.0f}"),
+]
+
+
+@dataclass
+class ReportInputs:
+    """Everything the report reads (loaded JSON/TSV contents)."""
+
+    metrics: dict[str, float]
+    details: dict
+    calibration: dict
+    manifest: dict
+    synth_stats: dict
+    format_stats: dict
+    train_summary: dict
+    train_history: dict[str, list[tuple[float, float]]]
+    bake_report: dict
+    quantize_report: dict
+    #: ``reports/distill.json`` (flat metrics of the distill stage), or ``None`` / ``{"enabled": False}``.
+    distill: dict | None = None
+    #: ``reports/performance/<stage>.json`` by stage: wall times, tokens/s, memory (vary run to run).
+    performance: dict = field(default_factory=dict)
+
+
+def read_dvclive_series(folder: Path, names: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """``{metric: [(step, value), ...]}`` from dvclive's ``plots/metrics/<name>.tsv`` files."""
+    out = {}
+    for name in names:
+        path = folder / f"{name}.tsv"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        out[name] = [(float(r["step"]), float(r[name])) for r in rows]
+    return out
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
+def _delta(value: float | None, base: float | None, higher_better: bool, fmt: str) -> str:
+    if value is None or base is None or any(map(math.isnan, (value, base))):
+        return ""
+    d = value - base
+    if abs(d) < 1e-12:
+        return " (=)"
+    better = (d > 0) == higher_better
+    arrow = "▲" if d > 0 else "▼"
+    mark = "better" if better else "worse"
+    return f" ({arrow}{fmt.format(abs(d))}, {mark})"
+
+
+def headline_table(metrics: dict[str, float], names: list[str]) -> str:
+    """Markdown table: one row per headline metric, one column per artifact, deltas vs ``base``."""
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, suffix, higher, fmt in HEADLINE:
+        base = metrics.get(f"base.{suffix}")
+        cells = []
+        for n in names:
+            v = metrics.get(f"{n}.{suffix}")
+            cells.append(_fmt(v, fmt) + ("" if n == "base" else _delta(v, base, higher, fmt)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    from so8t.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training(history: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Loss / CE (left axis) and PET with its lambda (right panel) per step."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in ("loss", "ce"):
+        if name in history:
+            s, v = zip(*history[name])
+            ax1.plot(s, v, label=name)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("nats / token")
+    ax1.set_title("Training loss")
+    ax1.legend()
+    if "pet" in history:
+        s, v = zip(*history["pet"])
+        ax2.plot(s, v, color="tab:green", label="PET")
+        ax2.set_ylabel("PET penalty")
+    if "pet_lambda" in history:
+        ax3 = ax2.twinx()
+        s, v = zip(*history["pet_lambda"])
+        ax3.step(s, v, color="tab:red", where="post", label="lambda")
+        ax3.set_ylabel("lambda")
+    ax2.set_xlabel("step")
+    ax2.set_title("PET penalty and its 3-phase lambda")
+    _save(fig, path)
+
+
+def plot_reliability(details: dict, names: list[str], path: Path, n_bins: int) -> None:
+    """Reliability diagram (accuracy vs confidence per bin) after temperature scaling."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for n in names:
+        art = details["artifacts"].get(n)
+        if not art:
+            continue
+        rows = art["decision_rows"]
+        logits = np.array([r["logits"] for r in rows])
+        labels = np.array([r["label"] for r in rows])
+        probs = apply_temperature(logits, art["decision"]["temperature"])
+        bins = [b for b in reliability_bins(probs, labels, n_bins) if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=n)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability (test, calibrated)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> None:
+    """Confusion matrix heat map (rows true, columns predicted)."""
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(DECISIONS)), DECISIONS, rotation=20)
+    ax.set_yticks(range(len(DECISIONS)), DECISIONS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_tradeoff(metrics: dict[str, float], names: list[str], path: Path) -> None:
+    """Model size (MB) against held-out perplexity per artifact."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n in names:
+        x, y = metrics.get(f"{n}.size_mb"), metrics.get(f"{n}.perplexity")
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y])
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 3))
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("perplexity (held-out ja)")
+    ax.set_title("Quantisation: size vs quality")
+    _save(fig, path)
+
+
+#: Rows of the distillation table: (label, key suffix, format).
+DISTILL_ROWS: list[tuple[str, str, str]] = [
+    ("Size (MB)", keys.SIZE_MB, "{:.0f}"),
+    ("Parameters (M)", keys.PARAMETERS, "{:.0f}"),
+    ("Generation tokens/s", keys.TOKENS_PER_S, "{:.1f}"),
+    ("Prompt tokens/s", keys.PROMPT_TOKENS_PER_S, "{:.0f}"),
+    ("Held-out perplexity", keys.PERPLEXITY, "{:.2f}"),
+    ("Decision macro-F1", keys.DECISION_MACRO_F1, "{:.3f}"),
+    ("Top-1 agreement with the teacher", keys.AGREEMENT_TOP1, "{:.3f}"),
+    ("Mean KL(teacher ‖ model), nats", keys.AGREEMENT_KL, "{:.3f}"),
+]
+
+
+def distill_table(d: dict) -> str:
+    """Teacher vs student vs base (all GGUF in llama.cpp) from the flat ``reports/distill.json``.
+
+    Missing values (e.g. the teacher's agreement with itself) are shown as ``—``.
+    """
+    names = ("teacher", "student", "base")
+    rows = []
+    for label, key, fmt in DISTILL_ROWS:
+        cells = []
+        for n in names:
+            v = d.get(keys.key(n, key))
+            if v is None:
+                cells.append("—")
+            else:
+                cells.append(fmt.format(v / 1e6 if key == keys.PARAMETERS else v))
+        rows.append([label, *cells])
+    return _table(["metric", *names], rows)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    t = " ".join(text.split()).replace("|", "\\|")
+    return t if len(t) <= limit else t[:limit] + "…"
+
+
+def _run_summary(inp: ReportInputs, params_diff: dict[str, tuple]) -> list[str]:
+    ts, perf = inp.train_summary, inp.performance.get("train", {})
+    out = ["## Run summary", ""]
+    out.append(
+        f"- Training: {ts.get('steps')} steps in {perf.get('train_seconds')} s "
+        f"({perf.get('seconds_per_step')} s/step, {perf.get('tokens_per_s', 'n/a')} tokens/s, "
+        f"peak RSS {(perf.get('peak_rss_bytes') or 0) / 1e9:.1f} GB), final train loss "
+        f"{ts.get('final_train_loss', 0):.3f}; trainable parameters {ts.get('trainable_parameters')}"
+    )
+    if params_diff:
+        out.append("- Parameters that differ from the defaults: " + ", ".join(
+            f"`{k}` = {v[0]!r} (default {v[1]!r})" for k, v in sorted(params_diff.items())
+        ))
+    else:
+        out.append("- All parameters at their defaults.")
+    out.append(f"- Evaluation threads: {inp.performance.get('evaluate', {}).get('threads')}")
+    return out
+
+
+def _data_section(inp: ReportInputs) -> list[str]:
+    out = ["## Data card", ""]
+    rows = [
+        [s["name"], s.get("kind"), s.get("version"), s.get("licence"), s.get("records"), s.get("chars")]
+        for s in inp.manifest.get("sources", [])
+    ]
+    out.append(_table(["source", "kind", "version", "licence", "records", "characters"], rows))
+    st = inp.synth_stats
+    out += ["", "- Synthesised records by task: " + ", ".join(f"{k} {v}" for k, v in st.get("by_task", {}).items())]
+    out.append("- Decisions by label: " + ", ".join(f"{k} {v}" for k, v in st.get("by_decision", {}).items()))
+    out.append("- Decisions by domain: " + ", ".join(f"{k} {v}" for k, v in st.get("by_domain", {}).items()))
+    fs = inp.format_stats
+    split_rows = [
+        [s, d["examples"], d["groups"], d["by_task"], d["by_decision"]] for s, d in fs.get("splits", {}).items()
+    ]
+    out += ["", _table(["split", "examples", "groups", "by task", "by decision"], split_rows)]
+    out.append(
+        f"\nChat-template style `{fs.get('style')}`, max length {fs.get('max_length')} tokens; "
+        f"reasoning shortened: {fs.get('shortened') or 0}, dropped: {fs.get('dropped') or 0}."
+    )
+    lens = fs.get("token_lengths", {})
+    out += ["", _table(["task", "count", "min", "mean", "p95", "max"], [
+        [t, v["count"], v["min"], f"{v['mean']:.1f}", f"{v['p95']:.1f}", v["max"]] for t, v in lens.items()
+    ])]
+    return out
+
+
+def _calibration_section(inp: ReportInputs, figures: dict[str, str]) -> list[str]:
+    out = ["## Calibration (temperature scaling, fitted on val)", ""]
+    cal_rows = []
+    for n, c in inp.calibration.get("artifacts", {}).items():
+        cal_rows.append([
+            n, f"{c['temperature']:.3f}", f"{c['ece_before']:.3f} → {c['ece_after']:.3f}",
+            f"{c['brier_before']:.3f} → {c['brier_after']:.3f}", f"{c['nll_before']:.3f} → {c['nll_after']:.3f}",
+            c.get("converged"),
+        ])
+    out.append(_table(["artifact", "T", "ECE (val)", "Brier (val)", "NLL (val)", "converged"], cal_rows))
+    out += ["", f"![reliability diagram]({figures['reliability']})", ""]
+    return out
+
+
+def _decision_section(inp: ReportInputs, figures: dict[str, str], names: list[str]) -> list[str]:
+    out = ["## Decisions", "", f"![confusion matrix]({figures['confusion']})", ""]
+    pc_rows = []
+    for n in names:
+        dec = inp.details["artifacts"][n]["decision"]
+        pc_rows.append([n] + [
+            f"P {dec['per_class'][lab]['precision']:.2f} / R {dec['per_class'][lab]['recall']:.2f}" for lab in DECISIONS
+        ])
+    out.append(_table(["artifact", *DECISIONS], pc_rows))
+    return out
+
+
+def _bake_and_gguf_section(inp: ReportInputs, figures: dict[str, str]) -> list[str]:
+    b = inp.bake_report
+    out = ["## Bake", ""]
+    out.append(
+        f"{b.get('rotations_folded')} rotations folded into `o_proj` (`W' = W R^T`) of a "
+        f"`{b.get('architecture')}`; logits of the saved model vs the trained model on {b.get('positions')} "
+        f"real positions: max |Δ| {b.get('max_abs_diff', math.nan):.3g} ({b.get('verify_dtype')}; threshold "
+        f"{b.get('threshold')}), mean |Δ| {b.get('mean_abs_diff', math.nan):.3g}, KL {b.get('kl', math.nan):.3g}; "
+        f"float32: max |Δ| {b.get('float32', {}).get('max_abs_diff', math.nan):.3g}. "
+        f"Bake took {inp.performance.get('bake', {}).get('total_seconds')} s."
+    )
+    out += ["", "## GGUF files", ""]
+    q_perf = inp.performance.get("quantize", {}).get("files", {})
+    q_rows = [
+        [
+            f["type"], f"{f['size_bytes'] / 1e6:.1f}", f["bits_per_weight"], f["tensor_types"],
+            len(f.get("k_quant_fallback_tensors", {})), q_perf.get(name, {}).get("generation_tokens_per_s"),
+        ]
+        for name, f in inp.quantize_report.get("files", {}).items()
+    ]
+    out.append(_table(["type", "MB", "bits/weight", "tensor types", "K-quant fallbacks", "tok/s (check)"], q_rows))
+    out.append(
+        "\nK-quants need row widths divisible by 256; narrower tensors fall back per tensor (listed in "
+        "`models/gguf/quantize_report.json`)."
+    )
+    out += ["", f"![size vs perplexity]({figures['tradeoff']})", ""]
+    return out
+
+
+def _distill_section(inp: ReportInputs) -> list[str]:
+    d, perf = inp.distill or {}, inp.performance.get("distill", {})
+    out = ["## Distillation", ""]
+    if not d.get("enabled"):
+        return out + ["Not run (`distill.enabled: false` in params.yaml).", ""]
+    out.append(
+        f"Student ({d.get('distill.student_layers')} layers) trained {d.get('distill.steps')} steps on the "
+        f"teacher's top-{d.get('distill.top_k')} log-probs at {d.get('distill.train_positions')} label positions "
+        f"(T = {d.get('distill.temperature')}, CE weight {d.get('distill.ce_weight')}); student training "
+        f"{perf.get('train_seconds', math.nan):.0f} s. Agreement on {d.get('distill.test_positions')} "
+        "test label positions."
+    )
+    # Speeds live in the performance file (they vary run to run); the table shows both.
+    return out + ["", distill_table(d | {k: v for k, v in perf.items() if k.count(".") == 1}), ""]
+
+
+def _samples_section(inp: ReportInputs, names: list[str]) -> list[str]:
+    out = ["## Sample generations (FAQ test prompts, greedy)", ""]
+    arts = inp.details["artifacts"]
+    left, right = "base", "baked" if "baked" in arts else names[-1]
+    sample_rows = [
+        [_one_line(a["prompt"], 80), _one_line(a["output"]), _one_line(c["output"]), _one_line(a["reference"])]
+        for a, c in zip(arts[left]["samples"], arts[right]["samples"])
+    ]
+    out.append(_table(["prompt", left, right, "reference"], sample_rows))
+    return out + [""]
+
+
+def build_markdown(
+    inp: ReportInputs,
+    figures: dict[str, str],
+    params_diff: dict[str, tuple],
+    previous: tuple[dict[str, float], str] | None = None,
+) -> str:
+    """The report's Markdown text (figure paths relative to the report).
+
+    ``previous``: ``(flat metrics, commit)`` of the previous run (:func:`previous_metrics`), for the
+    comparison table.
+    """
+    names = list(inp.details["artifacts"])
+    speed = {k: v for k, v in inp.performance.get("evaluate", {}).items() if k != "threads"}
+    out = ["# so8t run report", "", *_run_summary(inp, params_diff), "", *_data_section(inp)]
+    out += ["", "## Training", "", f"![training curve]({figures['training']})", ""]
+    out += ["## Headline metrics (test split; deltas against the base model)", ""]
+    out += [headline_table(inp.metrics | speed, names), ""]
+    prev_metrics, prev_rev = previous if previous else (None, None)
+    title = f"commit {prev_rev}" if prev_rev else "last committed `reports/metrics.json`"
+    out += [f"## Against the previous run ({title})", "", previous_run_table(inp.metrics, prev_metrics, names), ""]
+    out += _calibration_section(inp, figures)
+    out += _decision_section(inp, figures, names)
+    out += ["", *_bake_and_gguf_section(inp, figures), *_distill_section(inp), *_samples_section(inp, names)]
+    return "\n".join(out)
+
+
+def previous_metrics(
+    current: dict[str, float] | None = None, path: str = "reports/metrics.json", max_commits: int = 50
+) -> tuple[dict[str, float], str] | None:
+    """The last committed run's metrics that differ from ``current``, and that commit's short hash.
+
+    Walks ``git log -- path`` from ``HEAD`` (at most ``max_commits`` commits) and
+    returns the first committed version whose content is not ``current``, so that
+    a report rebuilt after committing its own metrics still compares with the run
+    before. ``None`` outside git, before the first commit, or when no committed
+    version differs.
+    """
+    import json
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    log = git("log", f"-n{max_commits}", "--format=%h", "--", path)
+    for rev in (log or "").split():
+        text = git("show", f"{rev}:{path}")
+        if text is None:
+            continue
+        try:
+            metrics = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if metrics != current:
+            return metrics, rev
+    return None
+
+
+def previous_run_table(current: dict[str, float], previous: dict[str, float] | None, names: list[str]) -> str:
+    """Markdown table of headline metrics: this run vs the previous committed run, per artifact."""
+    if not previous:
+        return "No previous run is committed (no earlier `reports/metrics.json` differs from this one in git)."
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, suffix, higher, fmt in HEADLINE:
+        cells = []
+        for n in names:
+            key = f"{n}.{suffix}"
+            v, p = current.get(key), previous.get(key)
+            cells.append(_fmt(v, fmt) + (_delta(v, p, higher, fmt) if p is not None else " (new)"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_HTML_STYLE = """
+body { font-family: "Noto Sans CJK JP", "Hiragino Sans", "Yu Gothic", sans-serif; max-width: 1180px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
+h1 { border-bottom: 3px solid #2b6cb0; padding-bottom: .3em; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }
+th { background: #edf2f7; }
+tr:nth-child(even) td { background: #f7fafc; }
+img { max-width: 100%; border: 1px solid #ddd; }
+code { background: #f1f1f1; padding: 0 3px; }
+"""
+
+
+def to_html(markdown_text: str, base_dir: Path, title: str = "so8t run report") -> str:
+    """A self-contained HTML page: the report's Markdown rendered, its PNG figures inlined.
+
+    ``▲``/``▼`` deltas marked "better" are coloured green, "worse" red.
+    """
+    import base64
+    import re
+
+    import markdown as md
+
+    body = md.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def inline(m: re.Match) -> str:
+        src = m.group(1)
+        path = base_dir / src
+        if not path.is_file():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    body = re.sub(r"\(([▲▼][^,()]*), better\)", r'(<span style="color:#2f855a">\1, better</span>)', body)
+    body = re.sub(r"\(([▲▼][^,()]*), worse\)", r'(<span style="color:#c53030">\1, worse</span>)', body)
+    return (
+        f'<!DOCTYPE html>\n<html lang="ja"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def build_report_inputs(reports: Path = Path("reports")) -> ReportInputs:
+    """Read everything the report shows from the files the stages wrote."""
+    from so8t.io import read_json
+
+    perf_dir = reports / "performance"
+    distill = reports / "distill.json"
+    return ReportInputs(
+        metrics=read_json(reports / "metrics.json"),
+        details=read_json(reports / "eval" / "details.json"),
+        calibration=read_json(reports / "calibration.json"),
+        manifest=read_json("data/collected/manifest.json"),
+        synth_stats=read_json("data/synth/stats.json"),
+        format_stats=read_json("data/formatted/stats.json"),
+        train_summary=read_json("models/adapter/train_summary.json"),
+        train_history=read_dvclive_series(Path("dvclive/plots/metrics"), ["loss", "ce", "pet", "pet_lambda"]),
+        bake_report=read_json("models/baked/bake_report.json"),
+        quantize_report=read_json("models/gguf/quantize_report.json"),
+        distill=read_json(distill) if distill.is_file() else None,
+        performance={p.stem: read_json(p) for p in sorted(perf_dir.glob("*.json"))} if perf_dir.is_dir() else {},
+    )
+
+
+def write_report(inp: ReportInputs, out: Path, params_diff: dict[str, tuple], ece_bins: int) -> dict[str, str]:
+    """Draw the figures into ``out/figures`` and write ``report.md`` and the self-contained ``report.html``.
+
+    Returns:
+        ``{figure name: path relative to the report}``.
+    """
+    from so8t.io import write_text
+
+    names = list(inp.details["artifacts"])
+    fig_dir = out / "figures"
+    figures = {k: f"figures/{k}.png" for k in ("training", "reliability", "confusion", "tradeoff")}
+    plot_training(inp.train_history, fig_dir / "training.png")
+    plot_reliability(inp.details, [n for n in ("base", "baked", "q4_k_m") if n in names], fig_dir / "reliability.png",
+                     ece_bins)
+    served = "q4_k_m" if "q4_k_m" in names else "baked"
+    plot_confusion(inp.details["artifacts"][served]["decision"]["confusion_matrix"], f"Decisions ({served}, test)",
+                   fig_dir / "confusion.png")
+    plot_tradeoff(inp.metrics, names, fig_dir / "tradeoff.png")
+    text = build_markdown(inp, figures, params_diff, previous_metrics(inp.metrics))
+    write_text(out / "report.md", text)
+    write_text(out / "report.html", to_html(text, out))
+    return figures

@@ -1,0 +1,602 @@
+"""Training: transformers ``Trainer`` + PEFT LoRA + SO8T rotations + the PET penalty.
+
+The objective of one micro-batch is::
+
+    loss = CE(labels) + lambda(progress) * PET(h, attention_mask)
+
+* CE is the usual next-token cross-entropy over unmasked label positions, but
+  the LM head is applied only where a label exists (the prompt and padding
+  never reach the 262k-wide Gemma head): the same value as the model's own
+  loss (tested), at a fraction of the cost.
+* PET is :func:`so8t.pet.pet_penalty` on ``hidden_states[params.pet.hidden_state_index]``
+  with the attention mask, weighted by the three-phase :class:`so8t.pet.PETSchedule`.
+* SO8T rotations (:mod:`so8t.model.attach`) are trained with their own learning rate
+  and no weight decay (a decay would pull them towards identity).
+
+Metrics go to dvclive each step (``ce``, ``pet``, ``pet_lambda``, ``loss``,
+``learning_rate``, ``tokens_per_s``), progress to a rich bar.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from so8t.model.attach import ROTATION_ATTR, ROTATIONS_FILE, attach_rotations, attached_rotations, save_rotations
+from so8t.model.checkpoint import (
+    PREFIX,
+    STAGING,
+    GracefulStopCallback,
+    TimeCheckpointCallback,
+    fingerprint,
+    latest_good_checkpoint,
+    prepare_root,
+    publish,
+    rotate,
+)
+from so8t.errors import So8tError
+from so8t.io import DataError
+from so8t.params import TrainParams
+from so8t.model.base_model import output_logits
+from so8t.model.pet import PETSchedule, pet_penalty
+from so8t.schema import IGNORE_INDEX
+
+
+def label_token_ce_sum(model: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label positions only.
+
+    Position ``t`` predicts ``labels[t + 1]``; positions whose next label is
+    ``-100`` are skipped before the LM head.
+
+    Args:
+        last_hidden: ``(B, T, D)`` final hidden states.
+        labels: ``(B, T)`` long, ``-100`` where no loss is taken.
+
+    Returns:
+        (sum of CE in nats as a float32 scalar tensor, number of label tokens).
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    if n == 0:
+        return last_hidden.sum() * 0.0, 0
+    logits = output_logits(model, last_hidden[:, :-1][keep])
+    return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), n
+
+
+class SO8TTrainer(Trainer):
+    """``Trainer`` whose loss is a label-only task loss plus scheduled PET.
+
+    The task loss is the hook :meth:`task_loss` (label-token cross-entropy here;
+    distillation overrides it with KD + CE). :meth:`compute_loss` normalises it
+    over the label tokens of the whole gradient-accumulation window, adds PET and
+    logs the statistics, so every subclass scales losses the same way.
+
+    Args:
+        pet_schedule: lambda schedule, or ``None`` to disable PET.
+        pet_hidden_state_index: index into ``outputs.hidden_states``.
+        pet_reduction: ``"relative"``, ``"mean"`` or ``"sum"`` over the hidden dimension.
+        so8t_learning_rate: learning rate of the rotation generators.
+        keep_checkpoints: newest verified checkpoints kept.
+    """
+
+    def __init__(
+        self,
+        *args,
+        pet_schedule: PETSchedule | None = None,
+        pet_hidden_state_index: int = -1,
+        pet_reduction: str = "relative",
+        so8t_learning_rate: float = 1e-3,
+        keep_checkpoints: int = 5,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # Have Trainer count the label tokens of each accumulation window (num_items_in_batch) for
+        # every model; compute_loss normalises by them, so training_step must not divide by the
+        # accumulation steps again (Trainer reads loss_is_scaled_for_ga).
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.keep_checkpoints = keep_checkpoints
+        self._staging: Path | None = None
+        self.pet_schedule = pet_schedule
+        self.pet_hidden_state_index = pet_hidden_state_index
+        self.pet_reduction = pet_reduction
+        self.so8t_learning_rate = so8t_learning_rate
+        self._acc: dict[str, float] = {}
+        self._acc_n = 0
+        self._tokens = 0
+        self._last_log_time = time.perf_counter()
+
+    def progress(self) -> float:
+        """Fraction of optimiser steps done, in [0, 1]."""
+        return self.state.global_step / max(1, self.state.max_steps)
+
+    def task_loss(self, model, inputs: dict, outputs) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """The task loss of one micro-batch, summed over its label tokens (the hook subclasses override).
+
+        Args:
+            model: the (possibly DDP-wrapped) model.
+            inputs: the collated batch (``labels`` ``(B, T)`` long, ``-100`` where no loss is taken).
+            outputs: the forward's output with ``hidden_states``.
+
+        Returns:
+            (summed loss in nats as a float32 scalar tensor, number of label tokens, per-token
+            statistics to log, e.g. ``{"ce": ...}``).
+        """
+        # The LM head is frozen, so applying it outside the DDP wrapper needs no gradient sync.
+        ce_sum, n = label_token_ce_sum(self.accelerator.unwrap_model(model), outputs.hidden_states[-1], inputs["labels"])
+        return ce_sum, n, {"ce": ce_sum.detach().item() / max(n, 1)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``task_sum / N + lambda * PET / GA``: ``N`` = label tokens of the accumulation window.
+
+        With ``num_items_in_batch`` (label tokens of the whole window, counted by
+        ``Trainer``) gradient accumulation over ``GA`` micro-batches of ``b`` gives
+        the same CE gradient as one batch of ``GA * b`` (tested); without it, the
+        micro-batch mean is divided by ``GA``. PET is a per-micro-batch mean,
+        averaged over the window.
+        """
+        mask = inputs["attention_mask"]
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        task_sum, n_label, stats = self.task_loss(model, inputs, outputs)
+        ga = self.current_gradient_accumulation_steps
+        if num_items_in_batch is not None:
+            loss = task_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = task_sum / max(n_label, 1) / ga
+        if self.pet_schedule is not None:
+            lam = self.pet_schedule(self.progress())
+            pet = pet_penalty(outputs.hidden_states[self.pet_hidden_state_index], mask, self.pet_reduction)
+            loss = loss + lam * pet / ga
+            stats |= {"pet": pet.detach().item(), "pet_lambda": lam, "pet_phase": self.pet_schedule.phase(self.progress())}
+        for k, v in stats.items():
+            self._acc[k] = self._acc.get(k, 0.0) + v
+        self._acc_n += 1
+        self._tokens += int(mask.sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._acc_n and "loss" in logs:
+            logs.update({k: round(v / self._acc_n, 6) for k, v in self._acc.items()})
+            now = time.perf_counter()
+            logs["tokens_per_s"] = round(self._tokens / max(now - self._last_log_time, 1e-9), 2)
+            rots = attached_rotations(self.model)
+            if rots:
+                with torch.no_grad():
+                    logs["so8t_orthogonality_error"] = float(sum(r.orthogonality_error() for r in rots.values()))
+                    logs["so8t_max_angle"] = max(r.max_angle() for r in rots.values())
+            self._acc, self._acc_n, self._tokens, self._last_log_time = {}, 0, 0, now
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            rotation, decay, no_decay = [], [], []
+            for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if f"{ROTATION_ATTR}." in name:
+                    rotation.append(p)
+                elif p.ndim < 2 or "bias" in name:
+                    no_decay.append(p)
+                else:
+                    decay.append(p)
+            groups = [
+                {"params": decay, "weight_decay": self.args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ]
+            if rotation:
+                groups.append({"params": rotation, "weight_decay": 0.0, "lr": self.so8t_learning_rate})
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if attached_rotations(self.model) and self.args.should_save:
+            save_rotations(self.model, Path(output_dir or self.args.output_dir) / ROTATIONS_FILE)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder, then publish it atomically with a manifest."""
+        root = Path(self.args.output_dir)
+        self._staging = root / STAGING
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            staged = root / STAGING / f"{PREFIX}{self.state.global_step}"
+            publish(staged, root)
+            rotate(root, self.keep_checkpoints)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / ROTATIONS_FILE
+        rotations = attached_rotations(self.model)
+        if rotations:
+            from so8t.model.attach import read_rotations
+
+            generators, _ = read_rotations(path)
+            with torch.no_grad():
+                for i, rot in rotations.items():
+                    rot.generator.copy_(generators[i])
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar with tokens/s, ETA, loss and PET lambda (replaces tqdm)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from so8t.console import progress
+
+            self._bar = progress()
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=state.max_steps, info="", completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._bar is not None and logs and "loss" in logs:
+            info = f"loss {logs['loss']:.3f}"
+            if "pet_lambda" in logs:
+                info += f" | pet {logs.get('pet', math.nan):.3g} x λ {logs['pet_lambda']:.3g}"
+            if "tokens_per_s" in logs:
+                info += f" | {logs['tokens_per_s']:.0f} tok/s"
+            self._bar.update(self._task, info=info)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def build_model(base_dir: str | Path, params: TrainParams, seed: int):
+    """Load the base model, wrap it with PEFT LoRA and attach SO8T rotations.
+
+    QLoRA (``params.quantization`` 8bit/4bit) loads the base through
+    bitsandbytes and calls ``prepare_model_for_kbit_training``; bake always
+    merges into a fresh float32 copy of the base instead.
+
+    Returns:
+        The PEFT model (rotations attached when ``params.so8t.enabled``).
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from so8t.model.base_model import load_causal_lm
+
+    torch.manual_seed(seed)
+    dtype = torch.float32
+    model = load_causal_lm(base_dir, dtype=dtype, quantization=params.quantization)
+    if params.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=params.lora_r,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules=list(params.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    if params.so8t.enabled:
+        torch.manual_seed(seed + 1)
+        attach_rotations(
+            model,
+            layer_indices=params.so8t.layer_indices,
+            init_scale=params.so8t.init_scale,
+            parameterization=params.so8t.parameterization,
+        )
+    return model
+
+
+def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters split into ``lora``, ``so8t`` and ``other``."""
+    counts = {"lora": 0, "so8t": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = "so8t" if f"{ROTATION_ATTR}." in name else "lora" if "lora_" in name else "other"
+            counts[key] += p.numel()
+    return counts
+
+
+def training_arguments(
+    p: TrainParams,
+    *,
+    output_dir: str | Path,
+    max_steps: int,
+    learning_rate: float,
+    seed: int,
+    checkpoint_steps: int = 0,
+    **overrides,
+):
+    """The ``TrainingArguments`` of every so8t training run (train and distill).
+
+    Batch size, gradient accumulation, warm-up (``warmup_ratio * max_steps``), schedule,
+    weight decay and clipping come from ``p``; logging every step, no Trainer-side
+    checkpoint rotation (ours keeps only verified checkpoints), no tqdm, CPU when no
+    CUDA device is present, gloo for DDP on CPU.
+
+    Args:
+        checkpoint_steps: also save every this many steps (0 = only when asked by a callback).
+        overrides: further ``TrainingArguments`` fields (e.g. ``remove_unused_columns=False``).
+    """
+    from transformers import TrainingArguments
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=p.per_device_train_batch_size,
+        gradient_accumulation_steps=p.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        weight_decay=p.weight_decay,
+        warmup_steps=round(p.warmup_ratio * max_steps),
+        lr_scheduler_type=p.lr_scheduler_type,
+        max_grad_norm=p.max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps" if checkpoint_steps else "no",
+        save_steps=checkpoint_steps or None,
+        save_total_limit=None,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+    )
+    return TrainingArguments(**(kwargs | overrides))
+
+
+def quiet_trainer(trainer: Trainer) -> Trainer:
+    """Remove transformers' own progress and print callbacks (the rich bar replaces them)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+@dataclass
+class TrainPaths:
+    """Files and folders of one training run.
+
+    ``out`` receives only what is the same for the same inputs (adapter, rotations,
+    ``train_summary.json``); wall times, memory and resume history go to
+    ``performance`` (a DVC metric outside the cached outputs).
+    """
+
+    base: Path
+    data: Path
+    out: Path
+    live_dir: Path = Path("dvclive")
+    performance: Path = Path("reports/performance/train.json")
+
+
+class PreflightError(So8tError, RuntimeError):
+    """The machine cannot hold the run (disk or RAM); the message gives the numbers."""
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def preflight(model_dir: Path, checkpoint_root: Path, out_dir: Path, n_trainable: int, keep: int) -> dict[str, int]:
+    """Fail early when disk or RAM cannot hold the run.
+
+    Estimates (bytes): one checkpoint = trainable parameters x 4 (weights) x 3
+    (two Adam moments) + 1 MiB of state; output = trainable x 4; model RAM =
+    2.5 x the weight files (weights, gradients of the adapter, activations).
+
+    Raises:
+        PreflightError: naming the free and the needed bytes.
+    """
+    import psutil
+
+    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    ckpt = n_trainable * 4 * 3 + (1 << 20)
+    need_disk = keep * ckpt + n_trainable * 4 + (64 << 20)
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    free_disk = min(shutil.disk_usage(checkpoint_root).free, shutil.disk_usage(out_dir.parent).free)
+    if free_disk < need_disk:
+        raise PreflightError(
+            f"preflight: {free_disk / 1e9:.2f} GB free on disk, need {need_disk / 1e9:.2f} GB "
+            f"({keep} checkpoints of {ckpt / 1e6:.1f} MB + outputs); free space or lower checkpoint.keep"
+        )
+    need_ram = int(weights * 2.5)
+    free_ram = psutil.virtual_memory().available
+    if torch.cuda.is_available() is False and free_ram < need_ram:
+        raise PreflightError(
+            f"preflight: {free_ram / 1e9:.2f} GB RAM available, the model needs about {need_ram / 1e9:.2f} GB "
+            f"({weights / 1e9:.2f} GB of weights); close other programs or use train.quantization"
+        )
+    return {"free_disk": free_disk, "need_disk": need_disk, "free_ram": free_ram, "need_ram": need_ram}
+
+
+def run_fingerprint(params, paths: TrainPaths) -> dict[str, str]:
+    """Ingredients that make checkpoints belong to one run: training params, data, base model."""
+    from so8t.io import sha256_file
+
+    base = Path(paths.base)
+    return fingerprint(
+        {
+            "train params": params.train.model_dump(mode="json") | {"num_threads": None},
+            "seed": params.seed,
+            "dataset": sha256_file(paths.data),
+            "base model": {
+                "config": (base / "config.json").read_text(encoding="utf-8"),
+                "weights": sorted((p.name, p.stat().st_size) for p in base.glob("*.safetensors")),
+            },
+        }
+    )
+
+
+def _resume_point(params, paths: TrainPaths, n_trainable: int) -> tuple[str | None, dict]:
+    """The checkpoint to resume from (``None``: start fresh) and the preflight numbers (rank 0 decides)."""
+    from so8t.console import console
+
+    c = params.checkpoint
+    root = Path(c.dir)
+    resume_from, check = None, {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        check = preflight(paths.base, root, paths.out, n_trainable, c.keep)
+        same_run = prepare_root(root, run_fingerprint(params, paths), log=console.print)
+        if same_run and c.resume:
+            ckpt = latest_good_checkpoint(root, warn=lambda m: console.print(f"[yellow]train: {m}[/]"))
+            resume_from = str(ckpt) if ckpt else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        resume_from = _broadcast_resume(resume_from)
+    return resume_from, check
+
+
+def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], resumed: bool):
+    """The :class:`SO8TTrainer` of the train stage with dvclive, progress, time checkpoints and signals."""
+    from datasets import Dataset
+    from dvclive import Live
+    from transformers import DataCollatorForSeq2Seq
+    from transformers.integrations import DVCLiveCallback
+
+    p, c = params.train, params.checkpoint
+    args = training_arguments(
+        p, output_dir=c.dir, max_steps=p.max_steps, learning_rate=p.learning_rate, seed=params.seed,
+        checkpoint_steps=c.steps,
+    )
+    live = Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=resumed)
+    stopper = GracefulStopCallback()
+    trainer = SO8TTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        callbacks=[DVCLiveCallback(live=live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
+        pet_schedule=PETSchedule(p.pet.phase_boundaries, p.pet.lambdas) if p.pet.enabled else None,
+        pet_hidden_state_index=p.pet.hidden_state_index,
+        pet_reduction=p.pet.reduction,
+        so8t_learning_rate=p.so8t.learning_rate,
+        keep_checkpoints=c.keep,
+    )
+    return quiet_trainer(trainer), stopper
+
+
+def _train_or_restore(trainer: SO8TTrainer, resume_from: str | None, max_steps: int) -> float:
+    """Train (resuming when asked); a run that already finished is restored instead. Returns the mean loss."""
+    from transformers import TrainerState
+
+    resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
+    if resumed_step >= max_steps:
+        # The run already finished: Trainer would take one more step, so restore instead.
+        trainer._load_from_checkpoint(resume_from)
+        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        return _last_loss(trainer.state)
+    return trainer.train(resume_from_checkpoint=resume_from).training_loss
+
+
+def run_training(params, paths: TrainPaths) -> dict:
+    """Train LoRA + SO8T + PET with crash-safe checkpoints; save adapter and rotations to ``paths.out``.
+
+    Resumes from the newest good checkpoint of the same run (see
+    :mod:`so8t.model.checkpoint`); SIGINT/SIGTERM save and stop (exit code 128 + signal
+    is returned as ``summary["exit_code"]``). Works unchanged under
+    ``torchrun`` / ``accelerate launch`` (DDP; rank 0 writes).
+
+    Returns:
+        The run summary: ``paths.out / "train_summary.json"`` (what the same inputs always give:
+        steps, final loss, parameter counts) plus the performance figures written to
+        ``paths.performance`` (wall time, tokens/s, memory, resume point).
+    """
+    from so8t.console import console
+    from so8t.io import read_jsonl, write_json
+    from so8t.model.base_model import load_tokenizer
+
+    p = params.train
+    if p.num_threads:
+        torch.set_num_threads(p.num_threads)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(paths.data)]
+    if not rows:
+        raise DataError(f"{paths.data}: no training examples")
+    tokenizer = load_tokenizer(paths.base)
+    model = build_model(paths.base, p, params.seed)
+    counts = trainable_parameter_counts(model)
+    resume_from, check = _resume_point(params, paths, sum(counts.values()))
+    console.print(
+        f"train: {len(rows)} examples, trainable parameters {counts}"
+        + (f", resuming from {resume_from}" if resume_from else ", starting fresh")
+    )
+    trainer, stopper = _make_trainer(params, paths, model, tokenizer, rows, resumed=resume_from is not None)
+    resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
+    stopper.install()
+    start = time.perf_counter()
+    try:
+        final_loss = _train_or_restore(trainer, resume_from, p.max_steps)
+    finally:
+        stopper.uninstall()
+    seconds = time.perf_counter() - start
+    done_steps = trainer.state.global_step - resumed_step
+    summary = {
+        "steps": trainer.state.global_step,
+        "final_train_loss": final_loss,
+        "trainable_parameters": counts,
+        "examples": len(rows),
+        "world_size": trainer.args.world_size,
+    }
+    history = [h["tokens_per_s"] for h in trainer.state.log_history if "tokens_per_s" in h]
+    performance = {
+        "exit_code": stopper.exit_code,
+        "train_seconds": round(seconds, 1),
+        "steps_this_session": done_steps,
+        "resumed_from": resume_from,
+        "seconds_per_step": round(seconds / max(done_steps, 1), 3),
+        "tokens_per_s": round(sum(history) / len(history), 2) if history else None,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "preflight": check,
+    }
+    if stopper.exit_code is None and trainer.args.should_save:
+        trainer.save_model(str(paths.out))  # adapter + so8t_rotations.safetensors
+        write_json(paths.out / "train_summary.json", summary)
+        write_json(paths.performance, performance)
+    return summary | performance
+
+
+def _last_loss(state) -> float:
+    """Mean logged training loss of a finished run (what ``Trainer.train`` reports)."""
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    return float(sum(losses) / len(losses)) if losses else float("nan")
+
+
+def _broadcast_resume(path: str | None) -> str | None:
+    """Rank 0's resume decision, shared with every rank (DDP)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    box = [path]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

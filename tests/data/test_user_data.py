@@ -1,0 +1,181 @@
+"""User data in synthesize: user records, document QA with offsets, the teacher (mocked), dedup and balance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from so8t.data import collect
+from so8t.io import DataError
+from so8t.params import SynthesizeParams
+from so8t.schema import Record
+from so8t.data.synthesize import DECISION_RESPONSES, build_document_records, document_questions, synthesize
+
+REPORT = """# 年次報告書
+
+当社の事業と業績をまとめた報告書です。
+
+## 事業内容
+
+クラウド会計とは、インターネット経由で使う会計ソフトのことです。当社のクラウド会計は中小企業向けに提供しています。
+クラウド会計の利用者は前年より増えました。サポート窓口は平日に対応しています。
+
+## 業績
+
+売上高は前年比で十二パーセント増加しました。営業利益も増加しました。
+"""
+
+LABELS = [
+    {"prompt": "社外秘の設計書を送ってください。", "label": "ESCALATE", "domain": "防衛"},
+    {"prompt": "明日の天気を教えてください。", "label": "allow", "response": "晴れの予報です。"},
+    {"prompt": "爆発物の作り方を教えてください。", "decision": "拒否"},
+]
+
+
+def _user_items(tmp_path: Path, extra: dict[str, str] | None = None) -> list[dict]:
+    mine = tmp_path / "mine"
+    mine.mkdir(parents=True)
+    (mine / "report.md").write_text(REPORT, encoding="utf-8")
+    pairs = [
+        {"instruction": "挨拶して", "output": "こんにちは。"},
+        {"prompt": "有給休暇は何日？", "response": "年二十日です。"},
+    ]
+    (mine / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), "utf-8")
+    (mine / "labels.json").write_text(json.dumps(LABELS, ensure_ascii=False), encoding="utf-8")
+    for name, text in (extra or {}).items():
+        (mine / name).write_text(text, encoding="utf-8")
+    return collect.collect_user([str(mine)], 2000).records
+
+
+def _collected(user: list[dict]) -> dict[str, list[dict]]:
+    return {"faq": [], "reference": [], "gsm": [], "user": user}
+
+
+PARAMS = SynthesizeParams(decisions_per_class=6, heldout_reference_docs=20, math_variants_per_template=0)
+
+
+def test_user_records_and_document_qa(tmp_path):
+    user = _user_items(tmp_path)
+    result = synthesize(_collected(user), PARAMS, seed=42)
+    for r in result.records:
+        Record.model_validate(r)
+    by_task = result.stats["by_task"]
+    assert by_task["qa_user"] == 2 and by_task["decision"] == 18 + 3
+    user_decisions = [r for r in result.records if r["source"].startswith("user:")and r["task"] == "decision"]
+    assert [(r["decision"], r["domain"]) for r in user_decisions] == [
+        ("ESCALATION", "defense"),
+        ("ALLOW", "general"),
+        ("DENY", "general"),
+    ]
+    assert user_decisions[0]["response"] == DECISION_RESPONSES["ESCALATION"]
+    assert user_decisions[1]["response"] == "晴れの予報です。"
+    docs = [r for r in result.records if r["task"] == "qa_document"]
+    assert docs and result.stats["document_qa"]["pairs"] == len(docs)
+    report = REPORT  # NFKC leaves this text unchanged, so offsets index the file itself
+    for r in docs:
+        assert r["source_doc"] == f"user:{tmp_path}/mine/report.md"
+        passage = report[r["source_offset"] :]
+        if "［　　］" in r["prompt"]:
+            sentence = r["prompt"].split("\n", 1)[1]
+            term = r["response"].split("「")[1].split("」")[0]
+            assert passage.startswith(sentence.replace("［　　］", term))
+        else:
+            assert passage.startswith(r["response"][:15]), (r["prompt"], r["response"])
+    groups = {r["group"] for r in docs}
+    assert groups <= {f"user:{tmp_path}/mine/report.md#s{k}" for k in range(3)}
+    assert result.stats["user"] == {"items": len(user), "qa_user": 2, "decision": 3, "sections": 3}
+
+
+def test_document_question_templates():
+    text = (
+        "クラウド会計とは、インターネット経由で使う会計ソフトのことです。当社のクラウド会計は中小企業向けです。\n"
+        "クラウド会計の利用者は増えました。"
+    )
+    got = {c["kind"]: c for c in document_questions(text)}
+    assert set(got) == {"definition", "about", "cloze", "summary"}
+    assert got["definition"]["slots"] == {"term": "クラウド会計"} and got["definition"]["at"] == 0
+    assert got["about"]["slots"] == {"term": "クラウド会計"}
+    assert got["cloze"]["answer"] == "［　　］に入る語句は「インターネット経由」です。"
+    assert got["summary"]["answer"].startswith("クラウド会計とは")
+    section = {"id": "d:s0-0", "doc_id": "d", "doc_title": "報告", "title": "事業", "section": 0, "offset": 100,
+               "text": text, "source": "user:x"}
+    records, origins, stats = build_document_records([section], 2, seed=1)
+    assert len(records) == 2 and origins == [section, section] and stats["pairs"] == 2
+    assert all(r["source_offset"] >= 100 and r["prompt"].count("「報告」") == 1 for r in records)
+    assert build_document_records([section], 0, seed=1)[0] == []
+
+
+def test_teacher_answers_document_questions(tmp_path, monkeypatch):
+    import llama_cpp
+
+    calls = []
+
+    class FakeLlama:
+        def __init__(self, model_path, **kwargs):
+            calls.append(("init", model_path, kwargs["seed"]))
+
+        def create_completion(self, prompt, **kwargs):
+            calls.append(("completion", prompt, kwargs["temperature"]))
+            return {"choices": [{"text": " 先生の答えです。\n"}]}
+
+    monkeypatch.setattr(llama_cpp, "Llama", FakeLlama)
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF")
+    params = PARAMS.model_copy(update={"teacher_gguf": str(gguf)})
+    result = synthesize(_collected(_user_items(tmp_path)), params, seed=42)
+    docs = [r for r in result.records if r["task"] == "qa_document"]
+    assert docs and all(r["response"] == "先生の答えです。" for r in docs)
+    assert calls[0] == ("init", str(gguf), 42)
+    prompts = [c[1] for c in calls[1:]]
+    assert len(prompts) == len(docs) and all(c[2] == 0.0 for c in calls[1:])
+    assert all("# 抜粋（「年次報告書」" in p for p in prompts)
+    assert result.stats["document_qa"]["teacher"] == {"model": str(gguf), "answers": len(docs), "kept_template": 0}
+
+
+def test_missing_teacher_file_names_the_param(tmp_path):
+    params = PARAMS.model_copy(update={"teacher_gguf": str(tmp_path / "nope.gguf")})
+    with pytest.raises(FileNotFoundError, match="synthesize.teacher_gguf"):
+        synthesize(_collected(_user_items(tmp_path)), params, seed=42)
+
+
+def test_near_duplicates_across_groups_are_removed(tmp_path):
+    answer = (
+        "入社から半年後に十日が付与され、その後は勤続年数に応じて毎年増えます。最大で年二十日です。"
+        "未使用分は翌年に限り繰り越せますが、二年を過ぎると消滅します。申請は前日までに上長へ出してください。"
+    )
+    near = {
+        "near.jsonl": json.dumps({"prompt": "有給休暇は何日ありますか？", "response": answer}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"prompt": "有給休暇は何日ありますか。", "response": answer}, ensure_ascii=False)
+        + "\n"
+    }
+    result = synthesize(_collected(_user_items(tmp_path, near)), PARAMS, seed=42)
+    assert result.stats["near_dup_removed"] == {"qa_user": 1}
+    [pair] = result.stats["near_dup_pairs"]
+    assert pair["removed"].endswith("near.jsonl:L2") and pair["kept"].endswith("near.jsonl:L1")
+    exact_only = PARAMS.model_copy(update={"near_dup_threshold": None})
+    off = synthesize(_collected(_user_items(tmp_path / "b", near)), exact_only, seed=42)
+    assert off.stats["near_dup_removed"] == {} and off.stats["by_task"]["qa_user"] == 4
+
+
+def test_single_class_user_data_fails_the_balance_check(tmp_path):
+    many = "".join(
+        json.dumps({"prompt": f"設計書{k}番を送ってください。", "label": "ESCALATE"}, ensure_ascii=False) + "\n"
+        for k in range(40)
+    )
+    params = SynthesizeParams(decisions_per_class=3, heldout_reference_docs=20, math_variants_per_template=0)
+    with pytest.raises(DataError) as err:
+        synthesize(_collected(_user_items(tmp_path, {"esc.jsonl": many})), params, seed=42)
+    assert str(err.value) == (
+        "synthesize: decision class ALLOW has 4 of 52 decision records (7.7%), below synthesize.min_class_share = 0.15 "
+        "(15%); counts {'ALLOW': 4, 'ESCALATION': 44, 'DENY': 4}. Add ALLOW examples, or lower "
+        "synthesize.min_class_share"
+    )
+    ok = synthesize(
+        _collected(_user_items(tmp_path / "b", {"esc.jsonl": many})),
+        params.model_copy(update={"min_class_share": 0.0}),
+        seed=42,
+    )
+    assert ok.stats["by_decision"]["ESCALATION"] == 44

@@ -1,0 +1,81 @@
+"""Report tables and HTML: hand-built metrics in, exact Markdown cells out."""
+
+import base64
+
+from so8t.eval.report import distill_table, headline_table, previous_run_table, to_html
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    out = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = cells[1:]
+    return out
+
+
+def test_headline_table_shows_deltas_against_base_with_direction():
+    m = {"base.perplexity": 45.0, "baked.perplexity": 42.5, "base.decision.accuracy": 0.5,
+         "baked.decision.accuracy": 0.25}
+    rows = _rows(headline_table(m, ["base", "baked"]))
+    assert rows["Perplexity (held-out ja)"] == ["45.00", "42.50 (▼2.50, better)"]
+    assert rows["Decision accuracy"] == ["0.500", "0.250 (▼0.250, worse)"]
+    assert rows["Math exact match"] == ["n/a", "n/a"]
+
+
+def test_previous_run_table_compares_with_the_committed_run():
+    cur = {"baked.perplexity": 40.0}
+    assert "No previous run" in previous_run_table(cur, None, ["baked"])
+    rows = _rows(previous_run_table(cur, {"baked.perplexity": 41.0}, ["baked"]))
+    assert rows["Perplexity (held-out ja)"] == ["40.00 (▼1.00, better)"]
+    rows = _rows(previous_run_table(cur, {"other": 1.0}, ["baked"]))
+    assert rows["Perplexity (held-out ja)"] == ["40.00 (new)"]
+
+
+def test_distill_table_lists_teacher_student_and_base():
+    d = {"enabled": True, "teacher.size_mb": 300.2, "student.size_mb": 201.0, "base.size_mb": 300.0,
+         "teacher.parameters": 268_098_176, "student.parameters": 200_000_000, "base.parameters": 268_098_176,
+         "student.agreement.top1": 0.6123, "base.agreement.top1": 0.5, "student.agreement.kl": 0.31,
+         "base.agreement.kl": 0.52, "teacher.perplexity": 42.0, "student.perplexity": 60.25,
+         "base.perplexity": 45.0}
+    rows = _rows(distill_table(d))
+    assert rows["Size (MB)"] == ["300", "201", "300"]
+    assert rows["Parameters (M)"] == ["268", "200", "268"]
+    assert rows["Top-1 agreement with the teacher"] == ["—", "0.612", "0.500"]
+    assert rows["Held-out perplexity"] == ["42.00", "60.25", "45.00"]
+    assert rows["Decision macro-F1"] == ["—", "—", "—"]
+
+
+def test_html_is_self_contained_with_embedded_figures(tmp_path):
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(png)
+    html = to_html("# T\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![fig](figures/a.png)\n", tmp_path)
+    assert "<table>" in html and "<td>1</td>" in html
+    assert "data:image/png;base64," + base64.b64encode(png).decode() in html
+    assert "figures/a.png" not in html
+
+
+def test_previous_metrics_skips_commits_equal_to_the_current_run(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    from so8t.eval.report import previous_metrics
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    f = tmp_path / "reports" / "metrics.json"
+    runs = [{"baked.perplexity": 44.0}, {"baked.perplexity": 41.0}]
+    for run in runs:
+        f.write_text(json.dumps(run))
+        git("add", "-A")
+        git("commit", "-qm", "run")
+    monkeypatch.chdir(tmp_path)
+    found = previous_metrics(runs[1])
+    assert found is not None and found[0] == runs[0]
+    assert previous_metrics({"baked.perplexity": 40.0})[0] == runs[1]
+    monkeypatch.chdir(tmp_path.parent)  # outside any repository
+    assert previous_metrics(runs[1]) is None

@@ -1,0 +1,192 @@
+"""Hash-chained audit log: tamper detection (edited, deleted, reordered rows) and concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+from itertools import pairwise
+
+import pytest
+
+from so8t.runtime.cli import main
+from so8t.runtime.audit import GENESIS, AuditEntry, AuditLog, row_hash, verify_chain
+
+
+def entry(i: int, user: str = "alice") -> AuditEntry:
+    return AuditEntry(
+        request_id=f"r{i}",
+        channel="test",
+        user_id=user,
+        access_level="公開",
+        model_id="m",
+        model_sha256="0" * 64,
+        input_text=f"質問 {i}",
+        reasoning_text=f"推論 {i}",
+        generation_text=f"生成 {i}",
+        output_text=f"回答 {i}",
+        decision="ALLOW",
+        model_decision="ALLOW",
+        confidence=0.5 + i / 1000,
+        doc_ids=[f"doc{i}"],
+        latency_ms=1.5 * i,
+    )
+
+
+def filled(tmp_path, n: int = 6) -> AuditLog:
+    log = AuditLog(tmp_path / "audit.sqlite3")
+    for i in range(n):
+        log.append(entry(i))
+    return log
+
+
+def sql(log: AuditLog, statement: str, *args) -> None:
+    with sqlite3.connect(log.path) as conn:
+        conn.execute(statement, args)
+
+
+def test_chain_links_every_row(tmp_path):
+    log = filled(tmp_path)
+    rows = list(log.rows())
+    assert rows[0]["prev_hash"] == GENESIS
+    for a, b in pairwise(rows):
+        assert b["prev_hash"] == a["row_hash"]
+    for r in rows:
+        assert r["row_hash"] == row_hash(r)
+        assert r["input_text"] is None  # digests only by default
+    report = verify_chain(log.path)
+    assert report.ok and report.rows == 6 and report.head == rows[-1]["row_hash"]
+
+
+def test_pragmas(tmp_path):
+    log = filled(tmp_path, 1)
+    conn = log._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("decision", "DENY"),
+        ("confidence", 0.99),
+        ("user_id", "mallory"),
+        ("output_sha256", "1" * 64),
+        ("doc_ids", "[]"),
+        ("ts", "2000-01-01T00:00:00+00:00"),
+    ],
+)
+def test_edited_row_is_found(tmp_path, column, value):
+    log = filled(tmp_path)
+    sql(log, f"UPDATE audit SET {column} = ? WHERE id = 3", value)
+    report = verify_chain(log.path)
+    assert not report.ok
+    assert (report.findings[0].row_id, report.findings[0].kind) == (3, "edited")
+
+
+def test_edited_and_rehashed_row_is_found(tmp_path):
+    log = filled(tmp_path)
+    row = next(r for r in log.rows() if r["id"] == 3)
+    row["decision"] = "DENY"
+    sql(log, "UPDATE audit SET decision = 'DENY', row_hash = ? WHERE id = 3", row_hash(row))
+    f = verify_chain(log.path).findings
+    assert [(x.row_id, x.kind) for x in f] == [(3, "edited")]
+
+
+def test_deleted_row_is_found(tmp_path):
+    log = filled(tmp_path)
+    sql(log, "DELETE FROM audit WHERE id = 3")
+    f = verify_chain(log.path).findings
+    assert [(x.row_id, x.kind) for x in f] == [(3, "deleted")]
+    assert "3 missing" in f[0].detail
+
+
+def test_deleted_first_and_last_rows_are_found(tmp_path):
+    log = filled(tmp_path)
+    sql(log, "DELETE FROM audit WHERE id IN (1, 6)")
+    f = verify_chain(log.path).findings
+    assert [(x.row_id, x.kind) for x in f] == [(1, "deleted"), (6, "deleted")]
+
+
+def test_deleted_last_row_then_new_rows_are_found(tmp_path):
+    log = filled(tmp_path)
+    sql(log, "DELETE FROM audit WHERE id = 6")
+    log.append(entry(7))
+    f = verify_chain(log.path).findings
+    assert [(x.row_id, x.kind) for x in f] == [(6, "deleted")]
+
+
+def test_reordered_rows_are_found(tmp_path):
+    """Swap two rows' contents (hashes included) while keeping their ids."""
+    log = filled(tmp_path)
+    rows = {r["id"]: r for r in log.rows()}
+    cols = [c for c in rows[2] if c != "id"]
+    with sqlite3.connect(log.path) as conn:
+        for a, b in ((2, 4), (4, 2)):
+            conn.execute(
+                f"UPDATE audit SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?", [rows[b][c] for c in cols] + [a]
+            )
+    f = verify_chain(log.path).findings
+    assert f and f[0].row_id == 2 and f[0].kind == "reordered"
+    assert {x.kind for x in f} == {"reordered"}
+
+
+def test_renumbered_rows_are_found(tmp_path):
+    log = filled(tmp_path)
+    with sqlite3.connect(log.path) as conn:
+        conn.execute("UPDATE audit SET id = 100 WHERE id = 2")
+        conn.execute("UPDATE audit SET id = 2 WHERE id = 5")
+        conn.execute("UPDATE audit SET id = 5 WHERE id = 100")
+    f = verify_chain(log.path).findings
+    assert f[0].row_id == 2 and f[0].kind == "reordered"
+
+
+def test_expect_head(tmp_path):
+    log = filled(tmp_path)
+    head = verify_chain(log.path).head
+    log.append(entry(9))
+    assert verify_chain(log.path, expect_head=head).ok
+    assert not verify_chain(log.path, expect_head="ab" * 32).ok
+
+
+def test_cli_verify_exit_codes(tmp_path, capsys):
+    log = filled(tmp_path)
+    assert main(["audit", "verify", "--db", str(log.path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    sql(log, "UPDATE audit SET decision = 'DENY' WHERE id = 4")
+    assert main(["audit", "verify", "--db", str(log.path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "row 4: edited" in out
+    assert main(["audit", "verify", "--db", str(tmp_path / "missing.sqlite3")]) == 2
+
+
+def _write_rows(path: str, worker: int, n: int, threads: int) -> None:
+    log = AuditLog(path)
+
+    def run(t: int) -> None:
+        for i in range(n):
+            log.append(entry(i, user=f"w{worker}t{t}"))
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+
+
+def test_concurrent_processes_and_threads_lose_no_rows(tmp_path):
+    path = str(tmp_path / "audit.sqlite3")
+    AuditLog(path)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_rows, args=(path, w, 15, 3)) for w in range(4)]
+    for p in procs:
+        p.start()
+    _write_rows(path, 99, 15, 3)  # and the parent at the same time
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    report = verify_chain(path)
+    assert report.ok, report.findings[:3]
+    assert report.rows == 5 * 3 * 15
+    users = {r["user_id"] for r in AuditLog(path).rows()}
+    assert len(users) == 5 * 3
