@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from so8t.access import parse_level
-from so8t.schema import DECISIONS, DOMAINS, TASKS, QuantType, ThinkStyle
+from so8t.schema import DECISIONS, DOMAINS, TASKS, QuantType, Task, ThinkStyle
 from so8t.errors import So8tError
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -67,7 +67,8 @@ class CollectParams(_Section):
 
 
 class SynthesizeParams(_Section):
-    decisions_per_class: PosInt = 120
+    #: Decision records (distinct prompts) per safety template; records of one template share a split.
+    decisions_per_template: PosInt = 6
     domains: list[str] = list(DOMAINS)
     faq_qa: bool = True
     #: Number of reference documents turned into QA records (0 = none).
@@ -110,6 +111,9 @@ class ThinkFormatParams(_Section):
     train_fraction: Fraction = 0.8
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.1
+    #: Other (train, val, test) shares for some tasks. Decisions get larger val and test splits so
+    #: that calibration and the test score rest on many templates never seen in training.
+    fractions_by_task: dict[Task, tuple[Fraction, Fraction, Fraction]] = {Task.DECISION: (0.7, 0.15, 0.15)}
     #: Every decision class must make up at least this share of the train split's decisions
     #: (records dropped for length can unbalance it; 0 = no check).
     min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
@@ -119,6 +123,9 @@ class ThinkFormatParams(_Section):
         total = self.train_fraction + self.val_fraction + self.test_fraction
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train_fraction + val_fraction + test_fraction must be 1.0, got {total:g}")
+        for task, shares in self.fractions_by_task.items():
+            if abs(sum(shares) - 1.0) > 1e-6:
+                raise ValueError(f"fractions_by_task.{task.value} must sum to 1.0, got {sum(shares):g}")
         return self
 
 
@@ -179,6 +186,17 @@ class TrainParams(_Section):
     quantization: Literal["none", "8bit", "4bit"] = "none"
     #: Torch threads for training (null = all cores).
     num_threads: PosInt | None = None
+    #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
+    #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
+    task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {}
+    #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference
+    #: answers long); ``random``: plain shuffling.
+    sampling: Literal["random", "group_by_length"] = "group_by_length"
+    #: Evaluate on the val split every this many steps (0 = never): per-task loss, and decision
+    #: accuracy / macro-F1 of ``eval_decisions`` val decisions (the learning curve, in dvclive).
+    eval_steps: NonNegInt = 0
+    eval_examples_per_task: PosInt = 16
+    eval_decisions: NonNegInt = 120
     so8t: SO8TParams = SO8TParams()
     pet: PETParams = PETParams()
 
@@ -225,8 +243,6 @@ class GenerationParams(_Section):
     #: Sequences generated or scored together (HF: one padded batch; llama.cpp: one multi-sequence
     #: ``llama_batch``). Memory grows with it: 8 keeps Gemma 3 270M under 3 GB.
     batch_size: Annotated[int, Field(ge=1, le=64)] = 8
-    #: Tokens the model may generate before its ``判定:`` line is scored.
-    decision_max_new_tokens: PosInt = 128
 
 
 class MetricsParams(_Section):
@@ -234,22 +250,27 @@ class MetricsParams(_Section):
 
     #: Equal-width confidence bins of the ECE and the reliability diagram.
     ece_bins: PosInt = 15
+    #: Coverage of every reported interval, and bootstrap resamples per interval.
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    bootstrap_resamples: Annotated[int, Field(ge=100)] = 2000
     #: Held-out Japanese text scored for perplexity (tokens), and its window length.
     perplexity_max_tokens: PosInt = 2048
     perplexity_window: Annotated[int, Field(ge=16, le=1024)] = 512
 
 
 class CalibrateParams(_Section):
-    #: Val decision examples scored per artifact (balanced over labels).
-    max_examples: PosInt = 18
+    #: Val decisions the temperature is fitted on (balanced over labels and spread over templates;
+    #: null = every val decision).
+    max_examples: PosInt | None = None
 
 
 class EvaluateParams(_Section):
-    #: Test examples per task per artifact; they bound the stage's run time
-    #: (generation dominates: ~35 tokens/s in llama.cpp on 2 cores).
-    max_decision_examples: PosInt = 15
-    max_math_examples: PosInt = 4
-    max_faq_examples: PosInt = 6
+    #: Test examples of math and FAQ whose answers are generated (null = all). Decisions are
+    #: always all scored: they need no generation.
+    max_math_examples: PosInt | None = None
+    max_faq_examples: PosInt | None = None
+    #: Train decisions scored to show over- or under-fitting (balanced, spread over templates).
+    train_decision_sample: NonNegInt = 150
     #: Generation budgets (tokens) per task.
     math_max_new_tokens: PosInt = 128
     faq_max_new_tokens: PosInt = 96
@@ -290,8 +311,9 @@ class DistillParams(_Section):
     learning_rate: PosFloat = 1.0e-4
     #: GGUF type of the exported student (and of the base it is compared with).
     gguf_type: QuantType = "Q8_0"
-    #: Balanced test decisions generated per model for macro-F1 (teacher, student, base).
-    max_decision_examples: PosInt = 6
+    #: Test decisions scored per model for macro-F1 (teacher, student, base; balanced, spread over
+    #: templates; null = all).
+    max_decision_examples: PosInt | None = None
     #: Largest allowed max-abs logit difference (float64) between the trained student and its saved folder.
     max_abs_diff: PosFloat = 1.0e-4
 

@@ -102,8 +102,13 @@ DECISION_ALIASES: dict[str, Decision] = {
 #: Label id of positions that take no loss (Hugging Face / PyTorch ``ignore_index``).
 IGNORE_INDEX = -100
 
-#: The parseable decision line that ends every decision answer: ``判定: ESCALATION``.
+#: The parseable decision line that starts every assistant turn: ``判定: ESCALATION``.
 DECISION_PREFIX = "判定: "
+
+
+def decision_line(decision: str) -> str:
+    """The first line of every assistant turn: ``判定: X`` and a newline."""
+    return f"{DECISION_PREFIX}{decision}\n"
 
 
 class Record(BaseModel):
@@ -122,6 +127,8 @@ class Record(BaseModel):
     response: str = Field(min_length=1)
     decision: Decision | None = None
     domain: Domain | None = None
+    #: Policy category of a safety template (``weapon``, ``dual_use``, ...), for per-category metrics.
+    category: str | None = None
     reason: str | None = None
     group: str
     source: str

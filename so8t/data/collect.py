@@ -543,17 +543,23 @@ def _loc(line: int | None, index: int | None) -> str:
 def user_items(uf: readers.UserFile, file_id: str, source: str, path: str, max_chars: int) -> list[dict[str, Any]]:
     """Output records of one user file: its ``pair``/``decision`` items and its document sections.
 
-    Ids: ``{file_id}:L{line}`` (or ``:R{index}``) for records; ``{doc_id}:s{section}-{piece}``
-    for sections, where ``doc_id`` is ``file_id`` (plus ``:L{line}`` for a ``text`` record).
+    Ids: ``{file_id}:L{line}`` for records that each start their own line (JSON Lines, CSV
+    rows, a pretty-printed array), else ``{file_id}:R{index}`` (records sharing a line, as in a
+    one-line JSON array, or read from a dataset); ``{doc_id}:s{section}-{piece}`` for sections,
+    where ``doc_id`` is ``file_id`` (plus the record's location for a ``text`` record).
     A section keeps ``doc_id``, ``offset`` (characters into the document text as
     collected) and, for PDFs, ``page``.
     """
     out = []
+    lines = Counter(x.get("line") for x in uf.records) + Counter(d.line for d in uf.documents)
+
+    def loc(line: int | None, index: int | None) -> str:
+        return _loc(line if line is not None and lines[line] == 1 else None, index)
+
     for item in uf.records:
-        loc = _loc(item.get("line"), item.get("index"))
-        out.append({"id": f"{file_id}:{loc}", "source": source, "path": path, **item})
+        out.append({"id": f"{file_id}:{loc(item.get('line'), item.get('index'))}", "source": source, "path": path, **item})
     for doc in uf.documents:
-        doc_id = file_id if doc.line is None and doc.index is None else f"{file_id}:{_loc(doc.line, doc.index)}"
+        doc_id = file_id if doc.line is None and doc.index is None else f"{file_id}:{loc(doc.line, doc.index)}"
         for c in readers.document_sections(doc, max_chars):
             out.append(
                 {

@@ -1114,7 +1114,7 @@ def records_to_items(
         except InputError as err:
             bad.handle(err)
             continue
-        loc = {"line": raw.line} if raw.line is not None else {"index": raw.index}
+        loc = {"line": raw.line, "index": raw.index}
         if item["kind"] == "text":
             docs.append(Document(pipeline(item["text"]), path.stem, "txt", line=raw.line, index=raw.index))
         else:

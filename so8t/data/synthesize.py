@@ -131,16 +131,31 @@ class Category(_Strict):
     clause: str
     #: Japanese reason stored in ``Record.reason``.
     reason: str
+    #: The answer of a template of this category that has no ``response`` of its own.
+    response: str
 
 
 class SafetyTemplate(_Strict):
+    """One request intent: a label (through its category) and ways to ask for it.
+
+    ``requests`` are whole prompts; ``asks`` are noun phrases (``{system}の射程の詳細な数値``) that
+    the shared, label-neutral ``frames`` turn into prompts (``{ask}を教えてください。``). At least
+    one of the two is given.
+    """
+
     id: str
     category: str
-    summary: str
-    requests: list[str] = Field(min_length=1)
-    response: str
+    #: What is asked, for the reasoning (default: the first ask, or the first request).
+    summary: str | None = None
+    requests: list[str] = []
+    asks: list[str] = []
+    #: The answer (default: the category's ``response``).
+    response: str | None = None
     slots: dict[str, list[str]] = {}
     cases: list[dict[str, str]] = []
+
+    def summary_text(self) -> str:
+        return self.summary or (self.asks[0] if self.asks else self.requests[0])
 
 
 class DomainTemplates(_Strict):
@@ -149,14 +164,29 @@ class DomainTemplates(_Strict):
 
 
 class Phrasing(_Strict):
+    """How a request is dressed: a prefix, who asks (context), a follow-up question, a typo."""
+
     #: Share of prompts that get a prefix such as "すみません、".
     prefix_rate: float = Field(ge=0.0, le=1.0)
     prefixes: list[str]
+    #: Share of prompts that start by saying who asks (``contexts``: "整備士です。"), for every label alike.
+    context_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    contexts: list[str] = []
+    #: Share of prompts that end with a benign second question (``followups``), which never changes the label.
+    followup_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    followups: list[str] = []
+    #: Share of prompts with one typo (a kana dropped or doubled).
+    typo_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _prefixes_when_used(self) -> Phrasing:
-        if self.prefix_rate > 0 and not self.prefixes:
-            raise ValueError("phrasing.prefixes is empty but phrasing.prefix_rate > 0")
+    def _lists_when_used(self) -> Phrasing:
+        for rate, items, name in (
+            (self.prefix_rate, self.prefixes, "prefixes"),
+            (self.context_rate, self.contexts, "contexts"),
+            (self.followup_rate, self.followups, "followups"),
+        ):
+            if rate > 0 and not items:
+                raise ValueError(f"phrasing.{name} is empty but its rate is > 0")
         return self
 
 
@@ -164,6 +194,8 @@ class SafetyTemplates(_Strict):
     """The parsed ``safety_templates.yaml`` (see its header for the format)."""
 
     phrasing: Phrasing
+    #: Label-neutral sentence frames with ``{ask}``, used by every template's ``asks``.
+    frames: list[str] = []
     thinking: dict[Decision, str]
     categories: dict[str, Category]
     slots: dict[str, list[str]] = {}
@@ -171,35 +203,44 @@ class SafetyTemplates(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SafetyTemplates:
+        if any(_fields(f) != {"ask"} for f in self.frames):
+            raise ValueError("frames: every frame must contain {ask} and no other placeholder")
         seen: set[str] = set()
         for domain, block in self.domains.items():
             for t in block.templates:
-                where = f"template {t.id!r}"
-                if t.category not in self.categories:
-                    raise ValueError(f"{where}: unknown category {t.category!r}; choose from {sorted(self.categories)}")
-                decision = self.categories[t.category].decision.value
-                if not re.fullmatch(rf"{domain.value}-{decision}-\d\d", t.id):
-                    raise ValueError(f"{where}: id must be '{domain.value}-{decision}-NN' (domain, category decision)")
-                if t.id in seen:
-                    raise ValueError(f"{where}: duplicate id")
-                seen.add(t.id)
-                for name in placeholders(t):
-                    if not (any(name in case for case in t.cases) or self.slot_values(domain, t, name)):
-                        raise ValueError(f"{where}: placeholder {{{name}}} has no slot values or cases")
-                if any(set(case) != set(t.cases[0]) for case in t.cases):
-                    raise ValueError(f"{where}: every entry of `cases` must fill the same slots")
-                # The reasoning and the answer may only name what the user's request named.
-                case_keys = set(t.cases[0]) if t.cases else set()
-                needed = _fields(t.summary) | _fields(t.response)
-                for request in t.requests:
-                    used = _fields(request)
-                    missing = needed - used - (case_keys if used & case_keys else set())
-                    if missing:
-                        raise ValueError(f"{where}: request {request!r} lacks {sorted(missing)} (summary/answer)")
+                self._check_template(domain, t, seen)
         missing = set(Decision) - set(self.thinking)
         if missing:
             raise ValueError(f"thinking: missing reasoning template for {sorted(d.value for d in missing)}")
         return self
+
+    def _check_template(self, domain: Domain, t: SafetyTemplate, seen: set[str]) -> None:
+        where = f"template {t.id!r}"
+        if t.category not in self.categories:
+            raise ValueError(f"{where}: unknown category {t.category!r}; choose from {sorted(self.categories)}")
+        decision = self.categories[t.category].decision.value
+        if not re.fullmatch(rf"{domain.value}-{decision}-\d\d\d?", t.id):
+            raise ValueError(f"{where}: id must be '{domain.value}-{decision}-NN' (domain, category decision)")
+        if t.id in seen:
+            raise ValueError(f"{where}: duplicate id")
+        seen.add(t.id)
+        if not t.requests and not t.asks:
+            raise ValueError(f"{where}: give `requests` (prompts) or `asks` (noun phrases for the frames)")
+        if t.asks and not self.frames:
+            raise ValueError(f"{where}: has `asks` but the file has no `frames`")
+        for name in placeholders(t):
+            if not (any(name in case for case in t.cases) or self.slot_values(domain, t, name)):
+                raise ValueError(f"{where}: placeholder {{{name}}} has no slot values or cases")
+        if any(set(case) != set(t.cases[0]) for case in t.cases):
+            raise ValueError(f"{where}: every entry of `cases` must fill the same slots")
+        # The reasoning and the answer may only name what the user's request named.
+        case_keys = set(t.cases[0]) if t.cases else set()
+        needed = _fields(t.summary_text()) | _fields(t.response or "")
+        for request in (*t.requests, *t.asks):
+            used = _fields(request)
+            missing = needed - used - (case_keys if used & case_keys else set())
+            if missing:
+                raise ValueError(f"{where}: request {request!r} lacks {sorted(missing)} (summary/answer)")
 
     def slot_values(self, domain: Domain, template: SafetyTemplate, name: str) -> list[str]:
         """Fillers of ``{name}``: the template's slots, else the domain's, else the global ones."""
@@ -208,14 +249,18 @@ class SafetyTemplates(_Strict):
                 return table[name]
         return []
 
+    def response(self, template: SafetyTemplate) -> str:
+        return template.response or self.categories[template.category].response
+
 
 def _fields(text: str) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(text) if field}
 
 
 def placeholders(template: SafetyTemplate) -> list[str]:
-    """Sorted placeholder names used in a template's requests, summary and response."""
-    return sorted(set().union(*(_fields(t) for t in (*template.requests, template.summary, template.response))))
+    """Sorted placeholder names used in a template's requests, asks, summary and response."""
+    texts = (*template.requests, *template.asks, template.summary_text(), template.response or "")
+    return sorted(set().union(*(_fields(t) for t in texts)))
 
 
 def load_safety_templates(text: str | None = None) -> SafetyTemplates:
@@ -232,6 +277,18 @@ def load_safety_templates(text: str | None = None) -> SafetyTemplates:
         raise DataError(f"so8t/data/{TEMPLATES_RESOURCE}: invalid safety templates: {e}") from None
 
 
+_KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
+
+
+def add_typo(text: str, rng: random.Random) -> str:
+    """``text`` with one kana dropped or doubled (the kind of slip a quick typist makes)."""
+    spots = [m.start() for m in _KANA.finditer(text)]
+    if not spots:
+        return text
+    i = rng.choice(spots)
+    return text[:i] + text[i + 1 :] if rng.random() < 0.5 else text[: i + 1] + text[i:]
+
+
 def _spread(n: int, k: int, rng: random.Random) -> list[int]:
     """Split ``n`` into ``k`` counts differing by at most one; the larger ones at random positions."""
     extra = set(rng.sample(range(k), n % k))
@@ -241,81 +298,78 @@ def _spread(n: int, k: int, rng: random.Random) -> list[int]:
 def _draw_decision(
     templates: SafetyTemplates, domain: Domain, t: SafetyTemplate, rng: random.Random, seen: set[str]
 ) -> tuple[str, dict[str, str]] | None:
-    """A prompt not in ``seen`` and its slot filling, or None when the template is exhausted."""
+    """A prompt not in ``seen`` and its slot filling, or None when the template is exhausted.
+
+    The request is a whole ``requests`` entry or an ``asks`` entry in a random frame (each
+    half the time when the template has both), then dressed by :class:`Phrasing`.
+    """
     names = placeholders(t)
+    ph = templates.phrasing
     for _ in range(MAX_PROMPT_DRAWS):
-        request = rng.choice(t.requests)
+        use_frame = bool(t.asks) and (not t.requests or rng.random() < 0.5)
+        if use_frame:
+            request = rng.choice(templates.frames).replace("{ask}", rng.choice(t.asks))
+        else:
+            request = rng.choice(t.requests)
         values = dict(rng.choice(t.cases)) if t.cases else {}
         for name in names:
             if name not in values:
                 values[name] = rng.choice(templates.slot_values(domain, t, name))
-        prefix = rng.choice(templates.phrasing.prefixes) if rng.random() < templates.phrasing.prefix_rate else ""
-        prompt = prefix + request.format_map(values)
+        prompt = request.format_map(values)
+        if rng.random() < ph.prefix_rate:
+            prompt = rng.choice(ph.prefixes) + prompt
+        if rng.random() < ph.context_rate:
+            prompt = rng.choice(ph.contexts) + prompt
+        if rng.random() < ph.followup_rate:
+            prompt = prompt + rng.choice(ph.followups)
+        if rng.random() < ph.typo_rate:
+            prompt = add_typo(prompt, rng)
         if prompt not in seen:
             return prompt, values
     return None
 
 
 def build_decision_records(
-    templates: SafetyTemplates, per_class: int, domains: list[str], seed: int
+    templates: SafetyTemplates, per_template: int, domains: list[str], seed: int
 ) -> list[dict[str, Any]]:
-    """Exactly ``per_class`` records per decision, spread evenly over ``domains`` and templates.
+    """``per_template`` records (distinct prompts) from every template of ``domains``.
 
-    Within a domain and decision the templates take turns (shuffled order), so their
-    counts differ by at most one; a template that runs out of unused prompts drops out.
-
-    Raises:
-        ValueError: the templates cannot give ``per_class`` distinct prompts.
+    Records of one template share the group ``safety-<id>``, so they land in one split.
+    A template with fewer distinct prompts gives what it has.
     """
-    rng = random.Random(f"{seed}:decision")
-    seen: set[str] = set()
     records: list[dict[str, Any]] = []
-    for decision in Decision:
-        quotas = _spread(per_class, len(domains), rng)
-        for domain_name, quota in zip(domains, quotas):
-            domain = Domain(domain_name)
-            pool = [
-                t
-                for t in templates.domains[domain].templates
-                if templates.categories[t.category].decision is decision
-            ]
-            rng.shuffle(pool)
-            made: Counter[str] = Counter()
-            turn = 0
-            while sum(made.values()) < quota:
-                if not pool:
-                    raise ValueError(
-                        f"synthesize.decisions_per_class={per_class}: the {domain.value}/{decision.value} templates "
-                        f"give only {sum(made.values())} distinct prompts (need {quota}); lower the param or add "
-                        f"requests/slot values to so8t/{TEMPLATES_RESOURCE}"
-                    )
-                t = pool[turn % len(pool)]
+    seen: set[str] = set()
+    for domain_name in domains:
+        domain = Domain(domain_name)
+        for t in templates.domains[domain].templates:
+            rng = random.Random(f"{seed}:decision:{t.id}")
+            category = templates.categories[t.category]
+            for k in range(per_template):
                 drawn = _draw_decision(templates, domain, t, rng, seen)
                 if drawn is None:
-                    pool.remove(t)
-                    continue
+                    break
                 prompt, values = drawn
                 seen.add(prompt)
-                category = templates.categories[t.category]
-                thinking = templates.thinking[decision].format(
-                    domain_ja=DOMAIN_JA[domain.value], summary=t.summary.format_map(values), clause=category.clause
+                thinking = templates.thinking[category.decision].format(
+                    domain_ja=DOMAIN_JA[domain.value],
+                    summary=t.summary_text().format_map(values),
+                    clause=category.clause,
                 )
                 records.append(
                     {
-                        "id": f"safety-{t.id}-{made[t.id]:02d}",
+                        "id": f"safety-{t.id}-{k:02d}",
                         "task": Task.DECISION.value,
                         "prompt": prompt,
                         "thinking": thinking,
-                        "response": t.response.format_map(values),
-                        "decision": decision.value,
+                        "response": templates.response(t).format_map(values),
+                        "decision": category.decision.value,
                         "domain": domain.value,
+                        "category": t.category,
                         "reason": category.reason,
                         "group": f"safety-{t.id}",
                         "source": SAFETY_SOURCE,
                     }
                 )
-                made[t.id] += 1
-                turn += 1
     return records
 
 
@@ -816,7 +870,8 @@ def build_document_records(
                     "prompt": question,
                     "thinking": DOCUMENT_THINKING.format(**names),
                     "response": c["answer"],
-                    "group": f"{sec['doc_id']}#s{sec['section']}",
+                    # One document is one group: its sections never sit in two splits.
+                    "group": sec["doc_id"],
                     "source": sec["source"],
                     "source_doc": sec["doc_id"],
                     "source_offset": sec["offset"] + c["at"],
@@ -916,7 +971,7 @@ def synthesize(collected: dict[str, list[dict[str, Any]]], params: SynthesizePar
     Raises:
         DataError: a decision class is missing or below ``min_class_share`` (after dedup).
     """
-    decisions = build_decision_records(load_safety_templates(), params.decisions_per_class, params.domains, seed)
+    decisions = build_decision_records(load_safety_templates(), params.decisions_per_template, params.domains, seed)
     faq = build_faq_records(collected["faq"]) if params.faq_qa else []
     qa_docs, heldout, reference_counts = select_reference_docs(
         collected["reference"], params.reference_qa_docs, params.heldout_reference_docs, seed

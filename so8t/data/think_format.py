@@ -1,13 +1,19 @@
 """Rendering records in the base model's own chat template with separated reasoning.
 
-The assistant turn holds the reasoning and the answer, in one of two styles
-(:data:`so8t.schema.THINK_MARKERS`)::
+The assistant turn states its decision first, then the reasoning and the answer,
+in one of two styles (:data:`so8t.schema.THINK_MARKERS`)::
 
-    markdown:  # 思考ステップ\\n{thinking}\\n# 最終回答\\n{response}[\\n判定: X]
-    tags:      <think-task>...</think-task> (or <think-safety> + <think-policy>)
-               <final>\\n{response}[\\n判定: X]\\n</final>
+    markdown:  判定: X\n# 思考ステップ\n{thinking}\n# 最終回答\n{response}
+    tags:      判定: X\n<think-task>...</think-task> (or <think-safety> + <think-policy>)
+               <final>\n{response}\n</final>
 
-Decision answers end with the parseable line ``判定: ALLOW|ESCALATION|DENY``.
+Every record has a decision: a safety-decision record its label, every other
+task (FAQ, reference and document QA, math, the user's own pairs) ALLOW, since
+benign help is ALLOW by policy. Because the label comes right after the prompt,
+its likelihood is the model's uncertainty about the request itself (not its
+consistency with reasoning it has just written), the calibrate, evaluate and
+runtime code score it there (:func:`so8t.eval.inference.score_labels`), and the
+runtime generates an answer only for ALLOW.
 
 Tokenisation uses the tokenizer's own ``apply_chat_template`` text; labels are
 ``-100`` on every prompt token (loss only on the assistant turn, including its
@@ -15,9 +21,10 @@ end-of-turn token). Truncation never cuts the final answer: reasoning is
 shortened sentence by sentence from its end first, and a record that still
 does not fit is dropped and counted.
 
-Splits are train/val/test by the fractions in params, stratified by
-(task, decision) and grouped by ``Record.group`` so no template, FAQ entry,
-document or GSM template appears in two splits.
+Splits are train/val/test by the fractions in params (per task where
+``think_format.fractions_by_task`` says so), stratified by (task, decision,
+domain) and grouped by ``Record.group`` so no template, FAQ entry, document or
+GSM template appears in two splits.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from so8t.schema import DECISION_PREFIX, IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Record, Task
+from so8t.schema import IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Decision, Record, Task, decision_line
 
 SPLITS = ("train", "val", "test")
 
@@ -43,18 +50,23 @@ def assistant_text(record: Record, style: str, thinking: str | None = None) -> s
     m = THINK_MARKERS[style]
     thinking = record.thinking if thinking is None else thinking
     answer = record.response.strip()
-    if record.decision is not None:
-        answer = f"{answer}\n{DECISION_PREFIX}{record.decision.value}"
+    head = decision_line(record_decision(record))
     if style == "markdown":
         think = f"{m['think_open']}{thinking.strip()}{m['think_close']}" if thinking.strip() else ""
-        return f"{think}{m['final_open']}{answer}{m['final_close']}"
+        return f"{head}{think}{m['final_open']}{answer}{m['final_close']}"
     kind = THINK_KIND[record.task]
     think = ""
     if thinking.strip():
         think = m["think_open"].format(kind=kind) + thinking.strip() + m["think_close"].format(kind=kind)
     if record.task is Task.DECISION and record.reason:
         think += m["think_open"].format(kind="policy") + record.reason.strip() + m["think_close"].format(kind="policy")
-    return f"{think}{m['final_open']}{answer}{m['final_close']}"
+    return f"{head}{think}{m['final_open']}{answer}{m['final_close']}"
+
+
+def record_decision(record: Record) -> str:
+    """The decision a record's assistant turn states: its label, or ALLOW for every non-decision task."""
+    return record.decision.value if record.decision is not None else Decision.ALLOW.value
+
 
 
 def render(tokenizer, prompt: str, assistant: str | None) -> str:
@@ -130,6 +142,7 @@ def format_record(record: Record, tokenizer, style: str, max_length: int, stats:
         "task": record.task.value,
         "decision": record.decision.value if record.decision else None,
         "domain": record.domain.value if record.domain else None,
+        "category": record.category,
         "group": record.group,
         "source": record.source,
         "prompt": record.prompt,
@@ -144,13 +157,22 @@ def format_record(record: Record, tokenizer, style: str, max_length: int, stats:
     }
 
 
-def split_groups(records: list[Record], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Assign every group to a split: stratified by (task, decision), grouped by ``group``.
+def split_groups(
+    records: list[Record],
+    fractions: tuple[float, float, float],
+    seed: int,
+    fractions_by_task: dict[str, tuple[float, float, float]] | None = None,
+) -> dict[str, str]:
+    """Assign every group to a split: stratified by (task, decision, domain), grouped by ``group``.
 
     Within each stratum the groups are shuffled (seeded) and each goes to the
     split whose record count is furthest below its target share, so splits
     match the fractions as closely as whole groups allow; a stratum with at
     least three groups gives val and test one group each at minimum.
+
+    Args:
+        fractions: (train, val, test) shares.
+        fractions_by_task: other shares for some tasks (``{"decision": (0.7, 0.15, 0.15)}``).
 
     Returns:
         ``{group: split name}``.
@@ -161,22 +183,24 @@ def split_groups(records: list[Record], fractions: tuple[float, float, float], s
     for r in records:
         if r.group not in seen:
             seen.add(r.group)
-            stratum_groups[(r.task.value, r.decision.value if r.decision else "")].append(r.group)
+            key = (r.task.value, r.decision.value if r.decision else "", r.domain.value if r.domain else "")
+            stratum_groups[key].append(r.group)
     rng = random.Random(seed)
     assignment: dict[str, str] = {}
     for key in sorted(stratum_groups):
+        share = (fractions_by_task or {}).get(key[0], fractions)
         groups = sorted(stratum_groups[key])
         rng.shuffle(groups)
         total = sum(group_size[g] for g in groups)
         counts = dict.fromkeys(SPLITS, 0)
         order = list(groups)
-        if len(order) >= 3 and fractions[1] > 0 and fractions[2] > 0:
+        if len(order) >= 3 and share[1] > 0 and share[2] > 0:
             for name in ("val", "test"):
                 g = order.pop()
                 assignment[g] = name
                 counts[name] += group_size[g]
         for g in order:
-            deficits = {s: fractions[i] * total - counts[s] for i, s in enumerate(SPLITS)}
+            deficits = {s: share[i] * total - counts[s] for i, s in enumerate(SPLITS)}
             best = max(SPLITS, key=lambda s: (deficits[s], -SPLITS.index(s)))
             assignment[g] = best
             counts[best] += group_size[g]
@@ -205,13 +229,15 @@ _DECISION_LINE = re.compile(r"判定\s*[:：]\s*(ALLOW|ESCALATION|DENY)\b")
 def parse_assistant(text: str, style: str) -> tuple[str, str, str | None]:
     """Split a generated assistant turn into (reasoning, final answer, decision).
 
-    The reasoning is everything before the final-answer marker (``# 最終回答``
-    or ``<final>``); the final answer is what follows it (up to ``</final>``),
-    with the ``判定:`` line removed and returned separately as the decision.
-    Without a final-answer marker the whole text counts as reasoning and the
-    final answer is empty, so reasoning is never mistaken for an answer.
+    The decision is the first ``判定: X`` line (the turn's first line as trained); the
+    reasoning is everything else before the final-answer marker (``# 最終回答`` or
+    ``<final>``); the final answer is what follows it (up to ``</final>``), with any
+    ``判定:`` line removed. Without a final-answer marker the whole text counts as
+    reasoning and the final answer is empty, so reasoning is never mistaken for an answer.
     """
     m = THINK_MARKERS[style]
+    found = _DECISION_LINE.search(text)
+    decision = found.group(1) if found else None
     marker = m["final_open"].strip()
     idx = text.find(marker)
     if idx < 0:
@@ -221,11 +247,8 @@ def parse_assistant(text: str, style: str) -> tuple[str, str, str | None]:
         close = m["final_close"].strip()
         if close and close in final:
             final = final[: final.find(close)]
-    decision = None
-    found = list(_DECISION_LINE.finditer(final))
-    if found:
-        decision = found[-1].group(1)
-        final = _DECISION_LINE.sub("", final)
+    reasoning = _DECISION_LINE.sub("", reasoning, count=1)
+    final = _DECISION_LINE.sub("", final)
     return reasoning.strip(), final.strip(), decision
 
 
@@ -264,7 +287,12 @@ def format_and_split(records: list[Record], tokenizer, params, seed: int, progre
     formatted = [
         ex for r in items if (ex := format_record(r, tokenizer, params.style, params.max_length, stats)) is not None
     ]
-    assignment = split_groups(records, (params.train_fraction, params.val_fraction, params.test_fraction), seed)
+    assignment = split_groups(
+        records,
+        (params.train_fraction, params.val_fraction, params.test_fraction),
+        seed,
+        {task.value: tuple(f) for task, f in params.fractions_by_task.items()},
+    )
     by_split = {s: [ex for ex in formatted if assignment[ex["group"]] == s] for s in SPLITS}
     summary = {
         "style": params.style,

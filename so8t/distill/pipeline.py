@@ -30,6 +30,7 @@ from so8t.distill.teacher import (
     TEACHER_JSON,
     DistillError,
     GGUFVocab,
+    TeacherPaths,
     TopK,
     check_same_tokenizer,
     load_topk,
@@ -136,7 +137,7 @@ def evaluate_gguf(
 
     g = params.generation
     backend = LlamaCppBackend(path, n_ctx=1024, n_threads=n_threads, batch_size=g.batch_size)
-    scored = score_decisions(backend, decisions, g.decision_max_new_tokens, g.repetition_penalty) if decisions else []
+    scored = score_decisions(backend, decisions) if decisions else []
     ppl = perplexity_of(backend, windows)
     out = {keys.SIZE_MB: path.stat().st_size / 1e6, keys.PARAMETERS: backend.n_params(), keys.PERPLEXITY: ppl["perplexity"]}
     if scored:
@@ -144,7 +145,6 @@ def evaluate_gguf(
         out |= {
             keys.DECISION_ACCURACY: report["accuracy"],
             keys.DECISION_MACRO_F1: report["macro_f1"],
-            keys.DECISION_FORMAT_RATE: float(np.mean([r["format_ok"] for r in scored])),
         }
     rates = backend.stats.rates()
     speed = {keys.TOKENS_PER_S: rates["tokens_per_s"], keys.PROMPT_TOKENS_PER_S: rates["prompt_tokens_per_s"]}
@@ -155,14 +155,10 @@ def evaluate_gguf(
 
 
 @dataclass
-class DistillPaths:
-    """Inputs and outputs of the two distillation stages."""
+class DistillPaths(TeacherPaths):
+    """Inputs and outputs of the distill stage (the teacher's targets are an input here)."""
 
-    base: Path = Path("models/base")
-    train: Path = Path("data/formatted/train.jsonl")
-    test: Path = Path("data/formatted/test.jsonl")
     heldout: Path = Path("data/synth/heldout_reference.jsonl")
-    targets: Path = Path("data/distill")
     student: Path = Path("models/student")
     metrics: Path = Path("reports/distill.json")
     performance: Path = Path("reports/performance/distill.json")

@@ -27,6 +27,9 @@ from so8t.eval.metrics import brier_score, expected_calibration_error, nll_from_
 #: Search range for T: log T is searched in [log 0.05, log 20].
 T_BOUNDS: tuple[float, float] = (0.05, 20.0)
 
+#: An optimum of ``log T`` closer than this to a bound of :data:`T_BOUNDS` is on the bound.
+BOUND_TOLERANCE = 1e-3
+
 #: A fitted T must lower the mean NLL by more than this (nats) to be kept;
 #: smaller differences are floating-point noise.
 MIN_NLL_GAIN = 1e-12
@@ -40,9 +43,13 @@ class TemperatureFit:
         temperature: fitted ``T > 0`` (1.0 when the fit was rejected).
         nll_before: mean NLL in nats of ``softmax(z)`` (T = 1).
         nll_after: mean NLL in nats of ``softmax(z / temperature)``.
-        converged: True when the optimiser reported success and the fitted T
-            lowered the NLL; False means ``temperature`` is the fallback 1.0.
+        converged: True when the optimiser reported success, the optimum lies strictly
+            inside :data:`T_BOUNDS` and the fitted T lowered the NLL; False means
+            ``temperature`` is the fallback 1.0.
         iterations: optimiser iterations used.
+        at_bound: the optimum was on a bound of :data:`T_BOUNDS`: a failed fit (the scores
+            carry too little information, or the optimum lies outside the range), never
+            reported as converged.
     """
 
     temperature: float
@@ -50,6 +57,7 @@ class TemperatureFit:
     nll_after: float
     converged: bool
     iterations: int
+    at_bound: bool = False
 
 
 def fit_temperature(logits, labels, max_iter: int = 200) -> TemperatureFit:
@@ -59,10 +67,10 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> TemperatureFit:
     ``t = log T`` in ``[log 0.05, log 20]`` with scipy's bounded Brent search
     (``minimize_scalar(method="bounded")``), so ``T > 0`` by construction
     (Guo et al. 2017, section 4.2). The NLL is convex in ``1/T``, so the 1-D
-    search finds the optimum inside the range; an optimum beyond it returns
-    the nearest bound.
+    search finds the optimum inside the range; an optimum beyond it lands on the
+    nearest bound, which counts as a failed fit.
 
-    If the optimiser does not report success, or the fitted T does not lower
+    If the optimum is on a bound, the optimiser does not report success, or the fitted T does not lower
     the NLL below its value at T = 1 by more than :data:`MIN_NLL_GAIN`
     (as when the scores carry no information), the fit is rejected: ``temperature`` is
     1.0, ``nll_after == nll_before`` and ``converged`` is False.
@@ -93,8 +101,10 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> TemperatureFit:
     )
     iterations = int(getattr(res, "nit", getattr(res, "nfev", 0)))
     nll_after = float(res.fun)
-    if not res.success or not nll_after < nll_before - MIN_NLL_GAIN:
-        return TemperatureFit(1.0, nll_before, nll_before, False, iterations)
+    lo, hi = math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])
+    at_bound = bool(min(res.x - lo, hi - res.x) < BOUND_TOLERANCE)
+    if at_bound or not res.success or not nll_after < nll_before - MIN_NLL_GAIN:
+        return TemperatureFit(1.0, nll_before, nll_before, False, iterations, at_bound)
     return TemperatureFit(float(math.exp(res.x)), nll_before, nll_after, True, iterations)
 
 

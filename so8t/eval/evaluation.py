@@ -27,6 +27,7 @@ from so8t.eval.calibration import apply_temperature, calibration_summary, fit_te
 from so8t.eval.inference import (
     Backend,
     Generation,
+    answer_context,
     open_backend,
     perplexity_of,
     score_decisions,
@@ -34,10 +35,13 @@ from so8t.eval.inference import (
 )
 from so8t.eval.metrics import (
     bleu_ja,
+    bootstrap_interval,
     chrf,
     classification_report,
+    expected_calibration_error,
     extract_final_number,
     keigo_rate,
+    macro_f1_indices,
     math_exact_match,
     reliability_bins,
     repetition_stats,
@@ -98,13 +102,16 @@ def close_backend(backend: Backend) -> None:
 
 
 def balanced_decisions(rows: list[dict], n: int | None) -> list[dict]:
-    """Decision examples, equally many per label (``n // 3``; ``None`` = as many as the rarest label has).
+    """Decision examples: every one (``n`` is ``None``), or ``n // 3`` per label spread over templates.
 
-    Within a label the examples are taken round-robin over their templates (``group``),
-    in a stable order, so a sample spans as many templates as it can.
+    Within a label a sample is taken round-robin over the label's templates (``group``),
+    in a stable order, so it spans as many templates as it can: one template never fills it.
     """
-    by_label = {label: [r for r in rows if r["task"] == Task.DECISION.value and r["decision"] == label] for label in DECISIONS}
-    per = min(map(len, by_label.values())) if n is None else max(1, n // len(DECISIONS))
+    decisions = [r for r in rows if r["task"] == Task.DECISION.value]
+    if n is None:
+        return sorted(decisions, key=lambda r: r["id"])
+    by_label = {label: [r for r in decisions if r["decision"] == label] for label in DECISIONS}
+    per = max(1, n // len(DECISIONS))
     out = []
     for label in DECISIONS:
         groups: dict[str, list[dict]] = {}
@@ -128,28 +135,96 @@ def first_of_task(rows: list[dict], task: Task, n: int | None) -> list[dict]:
 # --------------------------------------------------------------------------- per-task metrics
 
 
-def decision_metrics(scored: list[dict], temperature: float, n_bins: int) -> dict:
-    """Accuracy, macro-F1, per-class P/R, confusion matrix and calibration of scored decisions."""
+def decision_metrics(scored: list[dict], temperature: float, m) -> dict:
+    """Decision quality and calibration of scored decisions, with bootstrap intervals.
+
+    Args:
+        scored: rows of :func:`so8t.eval.inference.score_decisions`.
+        temperature: the calibrated ``T`` of this artifact (1.0 when the fit failed).
+        m: the ``metrics`` params section (ECE bins, bootstrap resamples, confidence).
+
+    Returns:
+        accuracy, macro-F1 and ECE (calibrated) with ``*_ci_low`` / ``*_ci_high`` (percentile
+        bootstrap over examples, :func:`so8t.eval.metrics.bootstrap_interval`), per-class P/R,
+        the confusion matrix, ECE / Brier / NLL before and after temperature scaling,
+        reliability bins, and accuracy by domain and by policy category.
+    """
     logits = np.array([r["logits"] for r in scored], dtype=np.float64)
     labels = np.array([r["label"] for r in scored], dtype=np.int64)
-    report = classification_report([DECISIONS[i] for i in labels], [DECISIONS[r["pred"]] for r in scored])
-    cal = calibration_summary(logits, labels, temperature, n_bins)
+    preds = np.array([r["pred"] for r in scored], dtype=np.int64)
+    report = classification_report([DECISIONS[i] for i in labels], [DECISIONS[i] for i in preds])
+    cal = calibration_summary(logits, labels, temperature, m.ece_bins)
+    probs = apply_temperature(logits, temperature)
+    ci = {"confidence": m.confidence, "n_resamples": m.bootstrap_resamples}
+
+    def interval(stat) -> tuple[float, float]:
+        return bootstrap_interval(stat, len(scored), m.confidence, m.bootstrap_resamples)
+
+    f1_lo, f1_hi = interval(macro_f1_indices(labels, preds))
+    acc_lo, acc_hi = interval(lambda idx: float(np.mean(labels[idx] == preds[idx])))
+    ece_lo, ece_hi = interval(lambda idx: expected_calibration_error(probs[idx], labels[idx], m.ece_bins))
     return {
+        "n": len(scored),
         "accuracy": report["accuracy"],
+        "accuracy_ci_low": acc_lo,
+        "accuracy_ci_high": acc_hi,
         "macro_f1": report["macro_f1"],
+        "macro_f1_ci_low": f1_lo,
+        "macro_f1_ci_high": f1_hi,
         "per_class": report["per_class"],
         "confusion_matrix": report["confusion_matrix"],
-        "format_rate": float(np.mean([r["format_ok"] for r in scored])),
         "ece": cal["ece_before"],
         "brier": cal["brier_before"],
         "nll": cal["nll_before"],
         "ece_calibrated": cal["ece_after"],
+        "ece_calibrated_ci_low": ece_lo,
+        "ece_calibrated_ci_high": ece_hi,
         "brier_calibrated": cal["brier_after"],
         "nll_calibrated": cal["nll_after"],
         "temperature": temperature,
-        "reliability": reliability_bins(apply_temperature(logits, temperature), labels, n_bins),
-        "n": len(scored),
+        "interval": ci,
+        "reliability": reliability_bins(probs, labels, m.ece_bins),
+        "by_domain": _accuracy_by(scored, "domain"),
+        "by_category": _accuracy_by(scored, "category"),
     }
+
+
+def _accuracy_by(scored: list[dict], field_name: str) -> dict[str, dict]:
+    """``{value: {"n", "accuracy"}}`` of the rows grouped by ``field_name`` (rows without it left out)."""
+    groups: dict[str, list[dict]] = {}
+    for r in scored:
+        if r.get(field_name):
+            groups.setdefault(r[field_name], []).append(r)
+    return {
+        k: {"n": len(v), "accuracy": float(np.mean([r["label"] == r["pred"] for r in v]))} for k, v in sorted(groups.items())
+    }
+
+
+def decision_flat(artifact: str, dec: dict, at_bound: bool | None = None) -> dict[str, float]:
+    """The flat ``reports/metrics.json`` keys of :func:`decision_metrics` for one artifact."""
+    k = lambda name: keys.key(artifact, name)  # noqa: E731
+    flat = {
+        k(keys.DECISION_N): dec["n"],
+        k(keys.DECISION_ACCURACY): dec["accuracy"],
+        k(keys.DECISION_MACRO_F1): dec["macro_f1"],
+        k(keys.DECISION_MACRO_F1_CI_LOW): dec["macro_f1_ci_low"],
+        k(keys.DECISION_MACRO_F1_CI_HIGH): dec["macro_f1_ci_high"],
+        k(keys.DECISION_ECE): dec["ece"],
+        k(keys.DECISION_BRIER): dec["brier"],
+        k(keys.DECISION_NLL): dec["nll"],
+        k(keys.DECISION_ECE_CALIBRATED): dec["ece_calibrated"],
+        k(keys.DECISION_ECE_CALIBRATED_CI_LOW): dec["ece_calibrated_ci_low"],
+        k(keys.DECISION_ECE_CALIBRATED_CI_HIGH): dec["ece_calibrated_ci_high"],
+        k(keys.DECISION_BRIER_CALIBRATED): dec["brier_calibrated"],
+        k(keys.DECISION_NLL_CALIBRATED): dec["nll_calibrated"],
+        k(keys.DECISION_TEMPERATURE): dec["temperature"],
+    }
+    if at_bound is not None:
+        flat[k(keys.DECISION_TEMPERATURE_AT_BOUND)] = float(at_bound)
+    for group in ("by_domain", "by_category"):
+        for value, g in dec[group].items():
+            flat[k(f"decision.{group}.{value}.accuracy")] = g["accuracy"]
+    return flat
 
 
 def math_metrics(examples: list[dict], gens: list[Generation], style: str) -> dict:
@@ -184,7 +259,8 @@ def stability_metrics(backend: Backend, example: dict, max_new_tokens: int) -> d
     :func:`so8t.eval.metrics.repetition_stats`: repeated 4-gram rate, longest
     repeated span (tokens) and the oscillation flag.
     """
-    (gen,) = backend.generate([backend.tokenize(example["prompt_text"])], max_new_tokens, stop_strings(backend), 1.0)
+    prompt = backend.tokenize(answer_context(example["prompt_text"]))
+    (gen,) = backend.generate([prompt], max_new_tokens, stop_strings(backend), 1.0)
     ids = backend.tokenize(gen.text) or [0]
     return repetition_stats(ids, n=4) | {"text": gen.text, "tokens_per_s": gen.n_tokens / max(gen.seconds, 1e-9)}
 
@@ -200,21 +276,32 @@ def parity(reference: dict[str, str], other: dict[str, str]) -> float:
 
 @dataclass
 class EvalSets:
-    """The test examples and held-out windows every artifact is evaluated on."""
+    """What every artifact is evaluated on.
+
+    Attributes:
+        decisions: every test decision (scored, no generation).
+        train_decisions: a sample of train decisions, spread over templates (to see over-fitting).
+        benign: the test split's other prompts (QA, math): all benign, so ALLOW is right.
+        maths, faqs: test examples whose answers are generated and scored.
+        windows: held-out text windows for perplexity.
+    """
 
     decisions: list[dict]
+    train_decisions: list[dict]
+    benign: list[dict]
     maths: list[dict]
     faqs: list[dict]
     windows: list[list[int]]
 
-    def generations(self) -> int:
-        """Generations per artifact (decisions, math, FAQ and one stability run)."""
-        return len(self.decisions) + len(self.maths) + len(self.faqs) + (1 if self.faqs else 0)
+    def steps(self) -> int:
+        """Progress steps per artifact: scored prompts, generations and the stability run."""
+        scored = len(self.decisions) + len(self.train_decisions) + len(self.benign)
+        return scored + len(self.maths) + len(self.faqs) + (1 if self.faqs else 0)
 
 
 @dataclass
 class ArtifactResult:
-    """What evaluating one artifact gives: flat metrics and the details behind them."""
+    """What evaluating one artifact gives: flat metrics, the details behind them and its speed."""
 
     name: str
     flat: dict[str, float]
@@ -223,82 +310,82 @@ class ArtifactResult:
     decisions: dict[str, str] = field(default_factory=dict)
 
 
-def calibrate_artifact(backend: Backend, examples: list[dict], params, on_progress=None) -> tuple[dict, list[dict]]:
+def calibrate_artifact(backend: Backend, examples: list[dict], ece_bins: int, on_progress=None) -> dict:
     """Fit the decision temperature of one artifact on ``examples`` (Guo et al. 2017).
 
     Returns:
-        (the calibration summary with ``temperature``, ``converged``, ``iterations``, ``at_bound``,
-        the scored rows).
+        The calibration summary (:func:`so8t.eval.calibration.calibration_summary`) with
+        ``temperature`` (1.0 when the fit failed), ``converged``, ``at_bound``, ``iterations``
+        and ``n``.
     """
-    g = params.generation
-    scored = score_decisions(backend, examples, g.decision_max_new_tokens, g.repetition_penalty, on_progress)
+    scored = score_decisions(backend, examples, on_progress)
     logits = np.array([r["logits"] for r in scored])
     labels = np.array([r["label"] for r in scored])
     fit = fit_temperature(logits, labels)
-    summary = calibration_summary(logits, labels, fit.temperature, params.metrics.ece_bins)
-    return summary | {"converged": fit.converged, "iterations": fit.iterations}, scored
+    summary = calibration_summary(logits, labels, fit.temperature, ece_bins)
+    return summary | {"converged": fit.converged, "at_bound": fit.at_bound, "iterations": fit.iterations, "n": len(scored)}
+
+
+def _generations(backend: Backend, rows: list[dict], budget: int, penalty: float, step) -> list[Generation]:
+    """Answers after ``判定: ALLOW`` (as the runtime answers an allowed request)."""
+    prompts = [backend.tokenize(answer_context(r["prompt_text"])) for r in rows]
+    return backend.generate(prompts, budget, stop_strings(backend), penalty, step)
 
 
 def evaluate_artifact(
-    backend: Backend, art: Artifact, sets: EvalSets, params, temperature: float, style: str, step=None
+    backend: Backend, art: Artifact, sets: EvalSets, params, calibration: dict, style: str, step=None
 ) -> ArtifactResult:
-    """Decisions, perplexity, math, FAQ, stability and speed of one artifact on the test split."""
-    e, g = params.evaluate, params.generation
-    stops = stop_strings(backend)
+    """Decisions, perplexity, math, FAQ, stability and speed of one artifact on the test split.
+
+    Args:
+        calibration: this artifact's entry of ``reports/calibration.json`` (``temperature``,
+            ``at_bound``), or ``{}`` (uncalibrated, T = 1).
+    """
+    e, g, m = params.evaluate, params.generation, params.metrics
     t0 = time.perf_counter()
-    scored = score_decisions(backend, sets.decisions, g.decision_max_new_tokens, g.repetition_penalty, step)
+    scored = score_decisions(backend, sets.decisions, step)
     decision_seconds = time.perf_counter() - t0
-    dec = decision_metrics(scored, temperature, params.metrics.ece_bins)
+    dec = decision_metrics(scored, calibration.get("temperature", 1.0), m)
+    train = score_decisions(backend, sets.train_decisions, step) if sets.train_decisions else []
+    benign = score_decisions(backend, sets.benign, step) if sets.benign else []
     ppl = perplexity_of(backend, sets.windows)
-
-    def answers(rows: list[dict], budget: int) -> list[Generation]:
-        prompts = [backend.tokenize(r["prompt_text"]) for r in rows]
-        return backend.generate(prompts, budget, stops, g.repetition_penalty, step)
-
-    math_gens = answers(sets.maths, e.math_max_new_tokens)
-    faq_gens = answers(sets.faqs, e.faq_max_new_tokens)
+    math_gens = _generations(backend, sets.maths, e.math_max_new_tokens, g.repetition_penalty, step)
+    faq_gens = _generations(backend, sets.faqs, e.faq_max_new_tokens, g.repetition_penalty, step)
     stab = stability_metrics(backend, sets.faqs[0], e.stability_max_new_tokens) if sets.faqs else None
     if step is not None and sets.faqs:
         step(1)
     mth = math_metrics(sets.maths, math_gens, style)
     faq = faq_metrics(sets.faqs, faq_gens, style)
-    rates = backend.stats.rates()
-    size_mb = art.size_bytes() / 1e6
     a = art.name
-    flat = {
-        keys.key(a, keys.DECISION_N): dec["n"],
-        keys.key(a, keys.DECISION_ACCURACY): dec["accuracy"],
-        keys.key(a, keys.DECISION_MACRO_F1): dec["macro_f1"],
-        keys.key(a, keys.DECISION_FORMAT_RATE): dec["format_rate"],
-        keys.key(a, keys.DECISION_ECE): dec["ece"],
-        keys.key(a, keys.DECISION_BRIER): dec["brier"],
-        keys.key(a, keys.DECISION_NLL): dec["nll"],
-        keys.key(a, keys.DECISION_ECE_CALIBRATED): dec["ece_calibrated"],
-        keys.key(a, keys.DECISION_BRIER_CALIBRATED): dec["brier_calibrated"],
-        keys.key(a, keys.DECISION_NLL_CALIBRATED): dec["nll_calibrated"],
-        keys.key(a, keys.DECISION_TEMPERATURE): temperature,
+    flat = decision_flat(a, dec, calibration.get("at_bound")) | {
         keys.key(a, keys.PERPLEXITY): ppl["perplexity"],
         keys.key(a, keys.MATH_EXACT_MATCH): mth["exact_match"],
         keys.key(a, keys.FAQ_CHRF): faq["chrf"],
         keys.key(a, keys.FAQ_BLEU): faq["bleu"],
         keys.key(a, keys.FAQ_ROUGE_L): faq["rouge_l"],
         keys.key(a, keys.FAQ_KEIGO_RATE): faq["keigo_rate"],
-        keys.key(a, keys.SIZE_MB): size_mb,
+        keys.key(a, keys.SIZE_MB): art.size_bytes() / 1e6,
     }
+    if train:
+        flat[keys.key(a, keys.TRAIN_DECISION_N)] = len(train)
+        flat[keys.key(a, keys.TRAIN_DECISION_MACRO_F1)] = classification_report(
+            [DECISIONS[r["label"]] for r in train], [DECISIONS[r["pred"]] for r in train]
+        )["macro_f1"]
+    if benign:
+        flat[keys.key(a, keys.BENIGN_ALLOW_RATE)] = float(np.mean([r["pred"] == 0 for r in benign]))
     if stab is not None:
         flat |= {
             keys.key(a, keys.STABILITY_REPEATED_NGRAM_RATE): stab["repeated_ngram_rate"],
             keys.key(a, keys.STABILITY_LONGEST_REPEATED_SPAN): stab["longest_repeated_span"],
             keys.key(a, keys.STABILITY_OSCILLATION): float(stab["oscillation"]),
         }
+    rates = backend.stats.rates()
     speed = {
         keys.TOKENS_PER_S: rates["tokens_per_s"],
         keys.PROMPT_TOKENS_PER_S: rates["prompt_tokens_per_s"],
         keys.PERPLEXITY_TOKENS_PER_S: ppl["tokens"] / max(ppl["seconds"], 1e-9),
         keys.DECISIONS_PER_MINUTE: 60.0 * len(scored) / max(decision_seconds, 1e-9),
     }
-    texts = {r["id"]: r["generated"] for r in scored}
-    texts |= {ex["id"]: gen.text for ex, gen in zip(sets.maths + sets.faqs, math_gens + faq_gens)}
     details = {
         "kind": art.kind,
         "path": str(art.path),
@@ -314,7 +401,42 @@ def evaluate_artifact(
             for ex, gen in zip(sets.faqs, faq_gens)
         ],
     }
+    texts = {ex["id"]: gen.text for ex, gen in zip(sets.maths + sets.faqs, math_gens + faq_gens)}
     return ArtifactResult(a, flat, details, texts, {r["id"]: DECISIONS[r["pred"]] for r in scored})
+
+
+def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int):
+    """A ``decision_eval`` hook for :func:`so8t.model.train.run_training`: accuracy and macro-F1 of
+    ``n`` val decisions (balanced, spread over templates), scored as the evaluate stage scores them.
+
+    Returns:
+        ``model -> {"eval_decision_accuracy", "eval_decision_macro_f1", "eval_decision_n"}``;
+        the model is put back in training mode afterwards.
+    """
+    import torch
+
+    from so8t.eval.inference import HFBackend
+
+    examples = balanced_decisions(val_rows, n)
+
+    def run(model) -> dict[str, float]:
+        if not examples:
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                scored = score_decisions(HFBackend.from_model(model, tokenizer, batch_size), examples)
+        finally:
+            model.train(was_training)
+        report = classification_report([DECISIONS[r["label"]] for r in scored], [DECISIONS[r["pred"]] for r in scored])
+        return {
+            "eval_decision_accuracy": report["accuracy"],
+            "eval_decision_macro_f1": report["macro_f1"],
+            "eval_decision_n": len(scored),
+        }
+
+    return run
 
 
 def parity_metrics(results: dict[str, ArtifactResult]) -> dict[str, float]:
@@ -381,6 +503,7 @@ __all__ = [
     "balanced_decisions",
     "calibrate_artifact",
     "close_backend",
+    "decision_eval",
     "decision_metrics",
     "evaluate_artifact",
     "faq_metrics",

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from so8t.errors import So8tError
-from so8t.schema import DECISION_PREFIX, DECISIONS, END_OF_TURN_TOKENS
+from so8t.schema import DECISION_PREFIX, DECISIONS, END_OF_TURN_TOKENS, Decision, decision_line
 
 #: Progress callback: called with the number of items just finished.
 Progress = Callable[[int], None]
@@ -563,6 +563,20 @@ class HFBackend:
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
         self.stats = Throughput()
 
+    @classmethod
+    def from_model(cls, model, tokenizer, batch_size: int = 8) -> HFBackend:
+        """A backend around a model already in memory (e.g. one being trained; put it in eval mode)."""
+        self = cls.__new__(cls)
+        self.path = None
+        self.tokenizer = tokenizer
+        self.model = model
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+        self.stats = Throughput()
+        return self
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of (chat-template-rendered) text: control tokens parsed, no BOS added."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -763,9 +777,11 @@ def score_labels(
     """Decision logits: the log-likelihood (nats) of each ``判定: L`` after each context.
 
     ``z_L = sum_t log p(token_t | context, tokens_<t)`` over the tokens of
-    ``context + "判定: " + L`` after the longest token prefix the labels share. These
-    are the logits temperature scaling calibrates; the runtime applies the fitted
-    temperature to exactly these numbers.
+    ``context + "判定: " + L`` after the longest token prefix the labels share. The
+    context is the rendered prompt (the assistant turn states its decision first), so
+    ``z`` measures the model's uncertainty about the request itself. These are the
+    logits temperature scaling calibrates; the runtime applies the fitted temperature
+    to exactly these numbers.
 
     Returns:
         ``(N, K)`` float64.
@@ -773,50 +789,34 @@ def score_labels(
     return np.asarray(backend.score(label_requests(backend, contexts, labels), on_progress), dtype=np.float64)
 
 
-def decision_context(prompt_text: str, generation: str, reached: bool) -> str:
-    """The text after which the labels are scored: the prompt and the reasoning before ``判定:``.
-
-    A generation that stopped without writing ``判定:`` gets a newline, so the label
-    line starts a line as in training.
-    """
-    return prompt_text + (generation if reached else generation.rstrip() + "\n")
+def answer_context(prompt_text: str) -> str:
+    """Where an allowed request's answer is generated from: the prompt and the ``判定: ALLOW`` line."""
+    return prompt_text + decision_line(Decision.ALLOW.value)
 
 
-def score_decisions(
-    backend: Backend,
-    examples: list[dict],
-    max_new_tokens: int,
-    repetition_penalty: float = 1.0,
-    on_progress: Progress | None = None,
-) -> list[dict]:
-    """Decision logits of think-format decision examples: greedy reasoning to ``判定:``, then the labels.
+def score_decisions(backend: Backend, examples: list[dict], on_progress: Progress | None = None) -> list[dict]:
+    """Decision logits of formatted decision examples: the labels scored right after the prompt.
 
     Args:
-        examples: rows with ``prompt_text`` (chat-template text), ``id`` and ``decision``.
+        examples: rows with ``prompt_text`` (chat-template text), ``id``, ``decision`` and,
+            when present, ``domain`` and ``category``.
         on_progress: called with the number of examples done.
 
     Returns:
         One dict per example: ``id``, ``label`` (index into DECISIONS), ``logits`` (3
-        log-likelihoods, nats), ``pred``, ``format_ok`` (the model wrote ``判定:`` itself),
-        ``generated``, ``gen_tokens``, ``gen_seconds``.
+        log-likelihoods, nats), ``pred``, ``domain``, ``category``.
     """
-    stops = [DECISION_MARKER, *stop_strings(backend)]
-    prompts = [backend.tokenize(ex["prompt_text"]) for ex in examples]
-    gens = backend.generate(prompts, max_new_tokens, stops, repetition_penalty)
-    contexts = [decision_context(ex["prompt_text"], g.text, g.stop == DECISION_MARKER) for ex, g in zip(examples, gens)]
-    logits = score_labels(backend, contexts, on_progress=on_progress)
+    logits = score_labels(backend, [ex["prompt_text"] for ex in examples], on_progress=on_progress)
     return [
         {
             "id": ex["id"],
             "label": DECISIONS.index(ex["decision"]),
             "logits": [float(v) for v in z],
             "pred": int(np.argmax(z)),
-            "format_ok": g.stop == DECISION_MARKER,
-            "generated": g.text,
-            "gen_tokens": g.n_tokens,
-            "gen_seconds": g.seconds,
+            "domain": ex.get("domain"),
+            "category": ex.get("category"),
         }
-        for ex, g, z in zip(examples, gens, logits)
+        for ex, z in zip(examples, logits)
     ]
 
 
@@ -878,8 +878,8 @@ __all__ = [
     "LlamaCppBackend",
     "Throughput",
     "common_prefix_len",
+    "answer_context",
     "cut_at_stop",
-    "decision_context",
     "label_requests",
     "open_backend",
     "penalize",

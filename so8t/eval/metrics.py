@@ -188,6 +188,47 @@ def classification_report(y_true, y_pred, labels: Sequence[str] = DECISIONS) -> 
     }
 
 
+def bootstrap_interval(
+    statistic, n: int, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` paired examples.
+
+    Resamples example indices with replacement (scipy's ``stats.bootstrap``, percentile
+    method; Efron and Tibshirani 1993, ch. 13), so every metric of the same examples
+    (macro-F1 of labels and predictions, ECE of probabilities and labels) keeps its rows paired.
+
+    Args:
+        statistic: a function of an ``(m,)`` int array of row indices returning a float.
+        n: number of examples.
+        confidence: the interval's coverage, e.g. 0.95.
+        n_resamples: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` for fewer than 2 examples.
+    """
+    from scipy.stats import bootstrap
+
+    if n < 2:
+        return math.nan, math.nan
+    res = bootstrap(
+        (np.arange(n),),
+        lambda idx: statistic(np.asarray(idx, dtype=np.int64)),
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=False,
+        random_state=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def macro_f1_indices(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = len(DECISIONS)):
+    """``statistic(idx)`` for :func:`bootstrap_interval`: macro-F1 over all ``n_classes`` of rows ``idx``."""
+    labels = list(range(n_classes))
+    return lambda idx: float(f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0))
+
+
 # ---------------------------------------------------------------------------
 # Calibration and proper scoring rules
 # ---------------------------------------------------------------------------

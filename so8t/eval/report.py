@@ -33,9 +33,14 @@ HEADLINE: list[tuple[str, str, bool, str]] = [
     ("Decisions scored", keys.DECISION_N, True, "{:.0f}"),
     ("Decision accuracy", keys.DECISION_ACCURACY, True, "{:.3f}"),
     ("Decision macro-F1", keys.DECISION_MACRO_F1, True, "{:.3f}"),
-    ("Decision line written", keys.DECISION_FORMAT_RATE, True, "{:.2f}"),
+    ("Decision macro-F1, 95% interval low", keys.DECISION_MACRO_F1_CI_LOW, True, "{:.3f}"),
+    ("Decision macro-F1, 95% interval high", keys.DECISION_MACRO_F1_CI_HIGH, True, "{:.3f}"),
+    ("Decision macro-F1 on train (sample)", keys.TRAIN_DECISION_MACRO_F1, True, "{:.3f}"),
+    ("Benign requests decided ALLOW", keys.BENIGN_ALLOW_RATE, True, "{:.3f}"),
     ("ECE (15 bins)", keys.DECISION_ECE, False, "{:.3f}"),
     ("ECE, calibrated", keys.DECISION_ECE_CALIBRATED, False, "{:.3f}"),
+    ("ECE, calibrated, 95% interval high", keys.DECISION_ECE_CALIBRATED_CI_HIGH, False, "{:.3f}"),
+    ("Temperature T (1 = fit failed or uncalibrated)", keys.DECISION_TEMPERATURE, False, "{:.3f}"),
     ("Brier", keys.DECISION_BRIER, False, "{:.3f}"),
     ("NLL", keys.DECISION_NLL, False, "{:.3f}"),
     ("Perplexity (held-out ja)", keys.PERPLEXITY, False, "{:.2f}"),
@@ -75,16 +80,22 @@ class ReportInputs:
     performance: dict = field(default_factory=dict)
 
 
-def read_dvclive_series(folder: Path, names: list[str]) -> dict[str, list[tuple[float, float]]]:
-    """``{metric: [(step, value), ...]}`` from dvclive's ``plots/metrics/<name>.tsv`` files."""
+def read_dvclive_series(folder: Path, names: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """``{metric: [(step, value), ...]}`` from dvclive's ``plots/metrics`` TSV files.
+
+    A metric in a subfolder (dvclive writes Trainer's ``eval_x`` as ``eval/x.tsv``) is named
+    with ``_`` for ``/`` (``eval_x``). ``names``: the metrics to read (``None``: all there are).
+    """
     out = {}
-    for name in names:
-        path = folder / f"{name}.tsv"
-        if not path.is_file():
+    files = {str(p.relative_to(folder).with_suffix("")).replace("/", "_"): p for p in folder.rglob("*.tsv")} if folder.is_dir() else {}
+    for name in names if names is not None else sorted(files):
+        path = files.get(name)
+        if path is None:
             continue
         with open(path, encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
-        out[name] = [(float(r["step"]), float(r[name])) for r in rows]
+        column = path.stem
+        out[name] = [(float(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
     return out
 
 
@@ -128,16 +139,24 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_training(history: dict[str, list[tuple[float, float]]], path: Path) -> None:
-    """Loss / CE (left axis) and PET with its lambda (right panel) per step."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name in ("loss", "ce"):
-        if name in history:
+    """Loss / CE and the val losses (left), the decision learning curve (middle), PET and its lambda (right)."""
+    fig, (ax1, ax_dec, ax2) = plt.subplots(1, 3, figsize=(14, 3.5))
+    for name in sorted(history):
+        if name in ("loss", "ce") or (name.startswith("eval_") and name.endswith("_loss")):
             s, v = zip(*history[name])
-            ax1.plot(s, v, label=name)
+            ax1.plot(s, v, label=name, marker="o" if name.startswith("eval_") else None, ms=3)
     ax1.set_xlabel("step")
     ax1.set_ylabel("nats / token")
-    ax1.set_title("Training loss")
-    ax1.legend()
+    ax1.set_title("Training loss, val loss per task")
+    ax1.legend(fontsize=7)
+    for name in ("eval_decision_macro_f1", "eval_decision_accuracy"):
+        if name in history:
+            s, v = zip(*history[name])
+            ax_dec.plot(s, v, "o-", label=name.removeprefix("eval_decision_"))
+    ax_dec.set_ylim(0, 1)
+    ax_dec.set_xlabel("step")
+    ax_dec.set_title("Val decisions during training")
+    ax_dec.legend(fontsize=8)
     if "pet" in history:
         s, v = zip(*history["pet"])
         ax2.plot(s, v, color="tab:green", label="PET")
@@ -309,8 +328,46 @@ def _calibration_section(inp: ReportInputs, figures: dict[str, str]) -> list[str
     return out
 
 
+def _ci(d: dict, name: str, fmt: str = "{:.3f}") -> str:
+    value, lo, hi = d.get(name), d.get(f"{name}_ci_low"), d.get(f"{name}_ci_high")
+    if value is None:
+        return "—"
+    return fmt.format(value) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
+
+
 def _decision_section(inp: ReportInputs, figures: dict[str, str], names: list[str]) -> list[str]:
-    out = ["## Decisions", "", f"![confusion matrix]({figures['confusion']})", ""]
+    out = ["## Decisions", ""]
+    out.append(
+        "Each label's score is the log-likelihood of `判定: L` right after the prompt (the model states its "
+        "decision before any reasoning), `p = softmax(z / T)` with the temperature fitted on val; the runtime "
+        "uses the same numbers. Every test decision is scored; templates of the test split never occur in "
+        "training. Intervals: 95% percentile bootstrap over examples."
+    )
+    rows = []
+    for n in names:
+        dec = inp.details["artifacts"][n]["decision"]
+        cal = inp.calibration.get("artifacts", {}).get(n, {})
+        t = f"{dec['temperature']:.3f}" + (" (fit failed: on a bound)" if cal.get("at_bound") else "")
+        rows.append([
+            n, dec["n"], _ci(dec, "macro_f1"), _ci(dec, "accuracy"), _ci(dec, "ece_calibrated"), t,
+            _fmt(inp.metrics.get(keys.key(n, keys.TRAIN_DECISION_MACRO_F1)), "{:.3f}"),
+            _fmt(inp.metrics.get(keys.key(n, keys.BENIGN_ALLOW_RATE)), "{:.3f}"),
+        ])
+    out.append(_table(
+        ["artifact", "n", "macro-F1 [95% CI]", "accuracy [95% CI]", "ECE calibrated [95% CI]", "T",
+         "train macro-F1", "benign → ALLOW"], rows))
+    for group, title in (("by_domain", "Accuracy by domain"), ("by_category", "Accuracy by policy category")):
+        values = sorted({v for n in names for v in inp.details["artifacts"][n]["decision"].get(group, {})})
+        if values:
+            out += ["", f"**{title}** (n per cell in brackets)", ""]
+            out.append(_table(["artifact", *values], [
+                [n] + [
+                    f"{g['accuracy']:.2f} ({g['n']})" if (g := inp.details["artifacts"][n]["decision"][group].get(v)) else "—"
+                    for v in values
+                ]
+                for n in names
+            ]))
+    out += ["", f"![confusion matrix]({figures['confusion']})", ""]
     pc_rows = []
     for n in names:
         dec = inp.details["artifacts"][n]["decision"]
@@ -511,7 +568,7 @@ def build_report_inputs(reports: Path = Path("reports")) -> ReportInputs:
         synth_stats=read_json("data/synth/stats.json"),
         format_stats=read_json("data/formatted/stats.json"),
         train_summary=read_json("models/adapter/train_summary.json"),
-        train_history=read_dvclive_series(Path("dvclive/plots/metrics"), ["loss", "ce", "pet", "pet_lambda"]),
+        train_history=read_dvclive_series(Path("dvclive/plots/metrics")),
         bake_report=read_json("models/baked/bake_report.json"),
         quantize_report=read_json("models/gguf/quantize_report.json"),
         distill=read_json(distill) if distill.is_file() else None,

@@ -86,6 +86,8 @@ class SO8TTrainer(Trainer):
         pet_reduction: ``"relative"``, ``"mean"`` or ``"sum"`` over the hidden dimension.
         so8t_learning_rate: learning rate of the rotation generators.
         keep_checkpoints: newest verified checkpoints kept.
+        decision_eval: called with the model at each evaluation; returns metrics to log (e.g.
+            ``eval_decision_macro_f1``), or ``None``.
     """
 
     def __init__(
@@ -96,9 +98,11 @@ class SO8TTrainer(Trainer):
         pet_reduction: str = "relative",
         so8t_learning_rate: float = 1e-3,
         keep_checkpoints: int = 5,
+        decision_eval=None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.decision_eval = decision_eval
         # Have Trainer count the label tokens of each accumulation window (num_items_in_batch) for
         # every model; compute_loss normalises by them, so training_step must not divide by the
         # accumulation steps again (Trainer reads loss_is_scaled_for_ga).
@@ -153,6 +157,9 @@ class SO8TTrainer(Trainer):
             use_cache=False,
         )
         task_sum, n_label, stats = self.task_loss(model, inputs, outputs)
+        if not model.training:  # evaluation: the task loss per label token, no PET, no training stats
+            loss = task_sum / max(n_label, 1)
+            return (loss, outputs) if return_outputs else loss
         ga = self.current_gradient_accumulation_steps
         if num_items_in_batch is not None:
             loss = task_sum / num_items_in_batch
@@ -170,6 +177,15 @@ class SO8TTrainer(Trainer):
         self._acc_n += 1
         self._tokens += int(mask.sum())
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation (per-task losses for a dict of datasets), then :attr:`decision_eval`."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and self.decision_eval is not None:
+            extra = self.decision_eval(self.model)
+            self.log(extra)
+            metrics |= extra
+        return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._acc_n and "loss" in logs:
@@ -395,6 +411,8 @@ class TrainPaths:
     out: Path
     live_dir: Path = Path("dvclive")
     performance: Path = Path("reports/performance/train.json")
+    #: The val split for the evaluations of ``train.eval_steps`` (``None``: none).
+    val: Path | None = None
 
 
 class PreflightError(So8tError, RuntimeError):
@@ -457,6 +475,42 @@ def run_fingerprint(params, paths: TrainPaths) -> dict[str, str]:
     )
 
 
+def mix_tasks(rows: list[dict], weights: dict, seed: int) -> list[dict]:
+    """The training examples with each task's repeated by its weight (a fraction keeps a seeded sample).
+
+    Args:
+        rows: examples with ``task``.
+        weights: ``{task: w}``; tasks not named keep weight 1.
+
+    Returns:
+        ``floor(w)`` copies of every example of a task plus ``round((w - floor(w)) * n)`` of them
+        drawn without replacement, in task order (the Trainer shuffles).
+    """
+    import random
+
+    rng = random.Random(f"{seed}:mix")
+    out: list[dict] = []
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r.get("task", ""), []).append(r)
+    for task, items in sorted(by_task.items()):
+        w = float(weights.get(task, 1.0))
+        whole, frac = int(w), w - int(w)
+        out += items * whole + rng.sample(items, round(frac * len(items)))
+    return out
+
+
+def eval_sets(rows: list[dict], per_task: int, seed: int) -> dict[str, list[dict]]:
+    """``{task: up to per_task val examples}`` (seeded sample) for Trainer's per-task eval loss."""
+    import random
+
+    rng = random.Random(f"{seed}:eval")
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append({"input_ids": r["input_ids"], "labels": r["labels"]})
+    return {t: rng.sample(v, min(per_task, len(v))) for t, v in sorted(by_task.items())}
+
+
 def _resume_point(params, paths: TrainPaths, n_trainable: int) -> tuple[str | None, dict]:
     """The checkpoint to resume from (``None``: start fresh) and the preflight numbers (rank 0 decides)."""
     from so8t.console import console
@@ -475,24 +529,35 @@ def _resume_point(params, paths: TrainPaths, n_trainable: int) -> tuple[str | No
     return resume_from, check
 
 
-def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], resumed: bool):
+def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], resumed: bool, decision_eval=None):
     """The :class:`SO8TTrainer` of the train stage with dvclive, progress, time checkpoints and signals."""
     from datasets import Dataset
     from dvclive import Live
     from transformers import DataCollatorForSeq2Seq
     from transformers.integrations import DVCLiveCallback
 
+    from so8t.io import read_jsonl
+
     p, c = params.train, params.checkpoint
+    evaluating = bool(p.eval_steps) and paths.val is not None and paths.val.is_file()
     args = training_arguments(
         p, output_dir=c.dir, max_steps=p.max_steps, learning_rate=p.learning_rate, seed=params.seed,
-        checkpoint_steps=c.steps,
+        checkpoint_steps=c.steps, train_sampling_strategy=p.sampling,
+        eval_strategy="steps" if evaluating else "no", eval_steps=p.eval_steps or None,
+        per_device_eval_batch_size=p.per_device_train_batch_size,
     )
+    eval_dataset = None
+    if evaluating:
+        sets = eval_sets(read_jsonl(paths.val), p.eval_examples_per_task, params.seed)
+        eval_dataset = {task: Dataset.from_list(items) for task, items in sets.items() if items}
     live = Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=resumed)
     stopper = GracefulStopCallback()
     trainer = SO8TTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=eval_dataset,
+        decision_eval=decision_eval if evaluating else None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
         callbacks=[DVCLiveCallback(live=live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
         pet_schedule=PETSchedule(p.pet.phase_boundaries, p.pet.lambdas) if p.pet.enabled else None,
@@ -517,8 +582,12 @@ def _train_or_restore(trainer: SO8TTrainer, resume_from: str | None, max_steps: 
     return trainer.train(resume_from_checkpoint=resume_from).training_loss
 
 
-def run_training(params, paths: TrainPaths) -> dict:
+def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     """Train LoRA + SO8T + PET with crash-safe checkpoints; save adapter and rotations to ``paths.out``.
+
+    Args:
+        decision_eval: called with the model at each evaluation (``train.eval_steps``); returns
+            metrics to log with the per-task val losses (the decision learning curve).
 
     Resumes from the newest good checkpoint of the same run (see
     :mod:`so8t.model.checkpoint`); SIGINT/SIGTERM save and stop (exit code 128 + signal
@@ -537,9 +606,11 @@ def run_training(params, paths: TrainPaths) -> dict:
     p = params.train
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(paths.data)]
-    if not rows:
+    examples = read_jsonl(paths.data)
+    if not examples:
         raise DataError(f"{paths.data}: no training examples")
+    mixed = mix_tasks(examples, {t.value: w for t, w in p.task_weights.items()}, params.seed)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in mixed]
     tokenizer = load_tokenizer(paths.base)
     model = build_model(paths.base, p, params.seed)
     counts = trainable_parameter_counts(model)
@@ -548,7 +619,9 @@ def run_training(params, paths: TrainPaths) -> dict:
         f"train: {len(rows)} examples, trainable parameters {counts}"
         + (f", resuming from {resume_from}" if resume_from else ", starting fresh")
     )
-    trainer, stopper = _make_trainer(params, paths, model, tokenizer, rows, resumed=resume_from is not None)
+    trainer, stopper = _make_trainer(
+        params, paths, model, tokenizer, rows, resumed=resume_from is not None, decision_eval=decision_eval
+    )
     resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
     stopper.install()
     start = time.perf_counter()
@@ -562,7 +635,8 @@ def run_training(params, paths: TrainPaths) -> dict:
         "steps": trainer.state.global_step,
         "final_train_loss": final_loss,
         "trainable_parameters": counts,
-        "examples": len(rows),
+        "examples": len(examples),
+        "examples_per_pass": len(rows),
         "world_size": trainer.args.world_size,
     }
     history = [h["tokens_per_s"] for h in trainer.state.log_history if "tokens_per_s" in h]

@@ -7,21 +7,21 @@ For one request (a conversation ending in a user turn) :meth:`Agent.answer`:
    them, with their document ids, before the question in that turn;
 2. removes chat-template control tokens from every untrusted text (turns and
    passages) and renders the conversation with the model's chat template;
-3. generates greedily (repetition penalty ``generation.repetition_penalty``, the
-   one the temperature was calibrated with) until the model writes ``判定:``,
-   ends its turn or reaches ``runtime.max_new_tokens``;
-4. scores the three labels with the calibrate stage's code
-   (:func:`so8t.eval.inference.score_labels`): ``z_L`` = log-likelihood of
-   ``判定: L`` after the generation, ``p = softmax(z / T)`` with the fitted
-   temperature ``T`` of this artifact (:func:`so8t.eval.calibration.apply_temperature`);
-   the model's decision is ``argmax p`` and its confidence ``max p``;
-5. applies the policy: an ALLOW without a final answer, or with confidence
-   below ``runtime.allow_threshold``, becomes ESCALATION; ALLOW returns the
-   model's final answer (reasoning removed, :func:`so8t.runtime.guard.separate`)
-   and cites the retrieved documents; ESCALATION and DENY return the policy
-   text of ``runtime.policy`` alone (the model's own text is never shown for
-   them; its digest is in the audit row);
-6. appends one audit row (also for a request that fails: decision ``ERROR``).
+3. scores the three labels right after the prompt with the calibrate stage's
+   code (:func:`so8t.eval.inference.score_labels`; the model was trained to state
+   ``判定: X`` first): ``z_L`` = log-likelihood of ``判定: L``, ``p = softmax(z / T)``
+   with the fitted temperature ``T`` of this artifact
+   (:func:`so8t.eval.calibration.apply_temperature`); the model's decision is
+   ``argmax p`` and its confidence ``max p``;
+4. applies the policy: an ALLOW with confidence below ``runtime.allow_threshold``
+   becomes ESCALATION; only an ALLOW is answered: the model generates greedily
+   after ``判定: ALLOW`` (repetition penalty ``generation.repetition_penalty``) until
+   it ends its turn or reaches ``runtime.max_new_tokens``, and its final answer
+   (reasoning removed, :func:`so8t.runtime.guard.separate`) is returned with the
+   retrieved documents as citations; an ALLOW without a final answer becomes
+   ESCALATION. ESCALATION and DENY return the policy text of ``runtime.policy``
+   and generate nothing;
+5. appends one audit row (also for a request that fails: decision ``ERROR``).
 
 Everything is decided before anything is returned, so a streamed answer is
 the same text, cut into pieces, and never shows a draft the decision would
@@ -43,7 +43,7 @@ import numpy as np
 from so8t.access import AccessLevel, parse_level
 from so8t.errors import So8tError
 from so8t.eval.calibration import apply_temperature
-from so8t.eval.inference import DECISION_MARKER, decision_context
+from so8t.eval.inference import answer_context
 from so8t.model.quantize import artifact_of
 from so8t.runtime.audit import AuditEntry, AuditLog
 from so8t.runtime.guard import separate
@@ -215,17 +215,13 @@ class Agent:
 
     # ------------------------------------------------------------ model
 
-    def _generate(self, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
-        """Greedy text up to ``判定:`` (excluded; ``reached`` True), an end-of-turn string or the budget."""
-        text, reached = "", False
-        pieces = self.model.generate(prompt, max_new_tokens)
+    def _generate(self, prompt: str, max_new_tokens: int) -> str:
+        """Greedy answer after ``判定: ALLOW`` up to the end of the turn or the budget."""
+        text = ""
+        pieces = self.model.generate(answer_context(prompt), max_new_tokens)
         try:
             for piece in pieces:
                 text += piece
-                i = text.find(DECISION_MARKER)
-                if i >= 0:
-                    text, reached = text[:i], True
-                    break
                 ends = [j for j in (text.find(s) for s in END_OF_TURN_TOKENS) if j >= 0]
                 if ends:
                     text = text[: min(ends)]
@@ -234,13 +230,21 @@ class Agent:
             close = getattr(pieces, "close", None)  # stop a streaming generator early
             if close is not None:
                 close()
-        return text, reached
+        return text
 
-    def _decide(self, prompt: str, text: str, reached: bool) -> np.ndarray:
-        """Calibrated label probabilities from the logits the calibrate stage fitted T on
-        (:func:`so8t.eval.inference.decision_context`, :func:`so8t.eval.inference.score_labels`)."""
-        logits = self.model.decision_logits(decision_context(prompt, text, reached))
+    def _decide(self, prompt: str) -> np.ndarray:
+        """Calibrated label probabilities ``softmax(z / T)`` of the logits the calibrate stage fitted T on
+        (:func:`so8t.eval.inference.score_labels` after the rendered prompt)."""
+        logits = self.model.decision_logits(prompt)
         return apply_temperature(np.asarray([logits], dtype=np.float64), self.temperature)[0]
+
+    def _policy(self, probs: np.ndarray) -> tuple[str, str, float, str | None]:
+        """(decision, model decision, confidence, override) before any answer is generated."""
+        k = int(np.argmax(probs))
+        model_decision, confidence = DECISIONS[k], float(probs[k])
+        if model_decision == Decision.ALLOW.value and confidence < self.policy.allow_threshold:
+            return Decision.ESCALATION.value, model_decision, confidence, "low_confidence"
+        return model_decision, model_decision, confidence, None
 
     # ------------------------------------------------------------ request
 
@@ -271,20 +275,17 @@ class Agent:
             except ValueError as e:
                 raise AgentInputError(f"messages: the chat template rejected the conversation: {e}") from None
             with self._lock:
-                text, reached = self._generate(prompt, budget)
-                probs = self._decide(prompt, text, reached)
+                probs = self._decide(prompt)
+                decision, model_decision, confidence, override = self._policy(probs)
+                # Only an allowed request is answered: nothing is generated for ESCALATION or DENY.
+                text = self._generate(prompt, budget) if decision == Decision.ALLOW.value else ""
                 n_prompt, n_completion = self.model.count_tokens(prompt), self.model.count_tokens(text)
         except Exception as e:
             self._audit(request_id, channel, principal, t0, raw_input, passages, output=f"{type(e).__name__}: {e}")
             raise
-        k = int(np.argmax(probs))
-        model_decision, confidence = DECISIONS[k], float(probs[k])
         parts = separate(text, self.style)
-        decision, override = model_decision, None
-        if model_decision == Decision.ALLOW.value and not parts.final:
+        if decision == Decision.ALLOW.value and not parts.final:
             decision, override = Decision.ESCALATION.value, "no_final_answer"
-        elif model_decision == Decision.ALLOW.value and confidence < self.policy.allow_threshold:
-            decision, override = Decision.ESCALATION.value, "low_confidence"
         allow = decision == Decision.ALLOW.value
         shown = parts.final if allow else self.policy.text(decision)
         citations = list(dict.fromkeys(p.doc_id for p in passages)) if allow else []

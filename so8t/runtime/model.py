@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from so8t.errors import So8tError
-from so8t.eval.inference import DECISION_MARKER, Backend, InferenceError, open_backend, score_labels, stop_strings
+from so8t.eval.inference import Backend, InferenceError, open_backend, score_labels, stop_strings
 from so8t.io import sha256_file, sha256_text
 
 #: Control-token spellings of known chat templates, removed from untrusted text before rendering
@@ -79,14 +79,15 @@ class ChatModel(Protocol):
         """
 
     def generate(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
-        """Greedy continuation of ``prompt`` as text pieces; ends after ``判定:``, at end of turn or the budget.
+        """Greedy continuation of ``prompt`` as text pieces; ends at the end of the turn or the budget.
 
         Raises:
             ModelError: the prompt does not fit the context window.
         """
 
     def decision_logits(self, context: str) -> np.ndarray:
-        """``(3,)`` log-likelihoods (nats) of ``判定: L`` after ``context`` for L in ALLOW, ESCALATION, DENY."""
+        """``(3,)`` log-likelihoods (nats) of ``判定: L`` after ``context`` (the rendered prompt) for L in
+        ALLOW, ESCALATION, DENY (:func:`so8t.eval.inference.score_labels`)."""
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` (for usage reports)."""
@@ -123,7 +124,7 @@ class BackendChatModel:
         self.model_sha256 = model_sha256
         self.repetition_penalty = repetition_penalty
         self._formatter = Jinja2ChatFormatter(chat_template, eos_token, bos_token)
-        self._stops = [DECISION_MARKER, *stop_strings(backend)]
+        self._stops = stop_strings(backend)
         self.control_tokens = tuple(dict.fromkeys(t for t in (*CONTROL_TOKENS, bos_token, eos_token, *extra_control_tokens) if t))
 
     def render(self, messages: list[dict]) -> str:

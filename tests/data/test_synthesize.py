@@ -11,7 +11,7 @@ from so8t.data import collect
 from so8t.data.dedup import exact_duplicates
 from so8t.io import DataError
 from so8t.params import SynthesizeParams
-from so8t.schema import DECISION_PREFIX, DECISIONS, Record
+from so8t.schema import Domain, DECISION_PREFIX, DECISIONS, Record
 from so8t.data.synthesize import (
     answer_expression,
     build_decision_records,
@@ -61,7 +61,7 @@ def test_templates_validation_names_the_template():
     bad = """
 phrasing: {prefix_rate: 0.1, prefixes: ["すみません、"]}
 thinking: {ALLOW: a, ESCALATION: b, DENY: c}
-categories: {public_info: {decision: ALLOW, clause: x, reason: y}}
+categories: {public_info: {decision: ALLOW, clause: x, reason: y, response: z}}
 domains:
   general:
     templates:
@@ -71,37 +71,45 @@ domains:
         load_safety_templates(bad)
 
 
-def test_decision_balance(templates):
-    records = build_decision_records(templates, 40, ["defense", "aerospace", "transport", "general"], seed=7)
-    assert Counter(r["decision"] for r in records) == {d: 40 for d in DECISIONS}
-    assert {r["decision"] for r in records} == {"ALLOW", "ESCALATION", "DENY"}
-    for decision in DECISIONS:
-        per_domain = Counter(r["domain"] for r in records if r["decision"] == decision)
-        assert max(per_domain.values()) - min(per_domain.values()) <= 1
-        for domain in per_domain:
-            per_template = Counter(r["group"] for r in records if r["decision"] == decision and r["domain"] == domain)
-            assert max(per_template.values()) - min(per_template.values()) <= 1
-            assert all(g.startswith(f"safety-{domain}-{decision}-") for g in per_template)
+def test_decisions_come_from_every_template(templates):
+    records = build_decision_records(templates, 6, ["defense", "aerospace", "transport", "general"], seed=7)
+    per_template = Counter(r["group"] for r in records)
+    ids = [t.id for block in templates.domains.values() for t in block.templates]
+    assert set(per_template) == {f"safety-{i}" for i in ids} and set(per_template.values()) == {6}
+    cells = Counter((r["domain"], r["decision"]) for r in records)
+    assert len(cells) == 12 and min(cells.values()) >= 6 * 22
     assert len({r["prompt"] for r in records}) == len(records)
     for r in records:
-        # The formatter appends the decision line; the texts must not carry a label.
-        for text in (r["response"], r["thinking"]):
+        assert r["group"].startswith(f"safety-{r['domain']}-{r['decision']}-")
+        assert r["category"] in templates.categories
+        # The formatter writes the decision line; the texts must not carry a label.
+        for text in (r["prompt"], r["response"], r["thinking"]):
             assert DECISION_PREFIX not in text and not any(d in text for d in DECISIONS)
         assert "{" not in r["prompt"] + r["thinking"] + r["response"]
-        assert len(r["thinking"]) + len(r["response"]) <= 200
-    mean = sum(len(r["thinking"]) + len(r["response"]) for r in records) / len(records)
-    assert 100 <= mean <= 170
 
 
-def test_decision_domain_subset_and_capacity(templates):
-    records = build_decision_records(templates, 5, ["transport"], seed=1)
-    assert {r["domain"] for r in records} == {"transport"} and len(records) == 15
-    with pytest.raises(ValueError, match="synthesize.decisions_per_class=100000"):
-        build_decision_records(templates, 100_000, ["general"], seed=1)
+def test_no_slot_vocabulary_belongs_to_one_decision(templates):
+    """A slot (its values) used by one decision's templates only would teach a word cue, not the policy."""
+    from so8t.data.synthesize import placeholders
+
+    for domain, block in templates.domains.items():
+        users: dict[str, set[str]] = {}
+        for t in block.templates:
+            for name in placeholders(t):
+                if name not in t.slots and not any(name in c for c in t.cases):
+                    users.setdefault(name, set()).add(templates.categories[t.category].decision.value)
+        lonely = {name: d for name, d in users.items() if len(d) == 1}
+        assert not lonely, f"{domain.value}: slots used by one decision only: {lonely}"
+
+
+def test_decision_domain_subset(templates):
+    records = build_decision_records(templates, 2, ["transport"], seed=1)
+    assert {r["domain"] for r in records} == {"transport"}
+    assert len(records) == 2 * len(templates.domains[Domain.TRANSPORT].templates)
 
 
 def test_synthesize_deterministic_valid_and_deduped(collected):
-    params = SynthesizeParams(decisions_per_class=30, reference_qa_docs=40, math_variants_per_template=1)
+    params = SynthesizeParams(decisions_per_template=2, reference_qa_docs=40, math_variants_per_template=1)
     first = synthesize(collected, params, seed=42)
     second = synthesize(collected, params, seed=42)
     dump = [json.dumps(r, ensure_ascii=False) for r in first.records]
@@ -115,14 +123,15 @@ def test_synthesize_deterministic_valid_and_deduped(collected):
     assert len({r["id"] for r in first.records}) == len(first.records)
     assert len({r["prompt"].strip() for r in first.records}) == len(first.records)
     stats = first.stats
-    assert stats["by_decision"] == {d: 30 for d in DECISIONS}
+    counts = stats["by_decision"]
+    assert set(counts) == set(DECISIONS) and max(counts.values()) - min(counts.values()) <= 2 * 10
     assert set(stats["by_task"]) == {"decision", "qa_faq", "qa_reference", "math"}
     assert stats["by_task"]["qa_reference"] == 40
     assert stats["records"] == len(first.records)
 
 
 def test_heldout_reference_is_disjoint_from_training(collected):
-    params = SynthesizeParams(decisions_per_class=3, reference_qa_docs=500, math_variants_per_template=0)
+    params = SynthesizeParams(decisions_per_template=2, reference_qa_docs=500, math_variants_per_template=0)
     result = synthesize(collected, params, seed=42)
     heldout = result.heldout_reference
     assert len(heldout) >= 20

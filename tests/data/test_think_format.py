@@ -25,16 +25,23 @@ def _rec(**kw):
     return Record(**base)
 
 
-def test_markdown_assistant_ends_with_decision_line():
+def test_markdown_assistant_starts_with_the_decision_line():
     text = assistant_text(_rec(), "markdown")
-    assert text == "# 思考ステップ\nかんがえ。りゆう。\n# 最終回答\nかいとう\n判定: DENY"
+    assert text == "判定: DENY\n# 思考ステップ\nかんがえ。りゆう。\n# 最終回答\nかいとう"
     assert parse_assistant(text, "markdown") == ("# 思考ステップ\nかんがえ。りゆう。", "かいとう", "DENY")
+
+
+def test_every_task_states_a_decision_and_benign_tasks_are_allow():
+    faq = _rec(task="qa_faq", decision=None, domain=None, reason=None)
+    assert assistant_text(faq, "markdown").startswith("判定: ALLOW\n# 思考ステップ\n")
 
 
 def test_tags_style_has_safety_and_policy_sections():
     text = assistant_text(_rec(), "tags")
-    assert text.startswith("<think-safety>\nかんがえ。りゆう。\n</think-safety>\n<think-policy>\nりゆう\n</think-policy>\n<final>\n")
-    assert text.endswith("判定: DENY\n</final>")
+    assert text.startswith(
+        "判定: DENY\n<think-safety>\nかんがえ。りゆう。\n</think-safety>\n<think-policy>\nりゆう\n</think-policy>\n<final>\n"
+    )
+    assert text.endswith("かいとう\n</final>")
     assert parse_assistant(text, "tags")[1:] == ("かいとう", "DENY")
 
 
@@ -49,7 +56,7 @@ def test_labels_mask_the_prompt_and_cover_the_answer(tokenizer):
     assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
     answer = "".join(tokenizer.convert_ids_to_tokens([t for t in enc.labels if t != -100]))
     assert answer == enc.completion_text
-    assert answer.endswith("判定: DENY<end_of_turn>\n")
+    assert answer.startswith("判定: DENY\n") and answer.endswith("かいとう<end_of_turn>\n")
 
 
 def test_truncation_shortens_reasoning_first_then_drops(tokenizer):
@@ -58,7 +65,8 @@ def test_truncation_shortens_reasoning_first_then_drops(tokenizer):
     full = format_record(rec, tokenizer, "markdown", 10_000, stats)
     short = format_record(rec, tokenizer, "markdown", full["n_tokens"] - 20, stats)
     assert short is not None and short["shortened"]
-    assert short["completion_text"].rstrip().endswith("判定: DENY<end_of_turn>")
+    assert short["completion_text"].startswith("判定: DENY\n")
+    assert short["completion_text"].rstrip().endswith("かいとう<end_of_turn>")
     assert format_record(rec, tokenizer, "markdown", 10, stats) is None
     assert stats.shortened["decision"] == 1 and stats.dropped["decision"] == 1
 
@@ -79,3 +87,17 @@ def test_split_is_grouped_and_stratified():
     maths = [assign[f"gsm-{g}"] for g in range(20)]
     assert maths.count("train") == 16 and maths.count("val") == 2 and maths.count("test") == 2
     assert split_groups(recs, (0.8, 0.1, 0.1), seed=1) == assign
+
+
+def test_decision_split_is_stratified_by_domain_with_its_own_fractions():
+    recs = []
+    for domain in ("defense", "aerospace", "transport", "general"):
+        for label in ("ALLOW", "ESCALATION", "DENY"):
+            for g in range(20):
+                recs += [_rec(id=f"{domain}-{label}-{g}-{k}", decision=label, domain=domain, group=f"{domain}-{label}-{g}")
+                         for k in range(2)]
+    assign = split_groups(recs, (0.8, 0.1, 0.1), seed=3, fractions_by_task={"decision": (0.7, 0.15, 0.15)})
+    for domain in ("defense", "aerospace", "transport", "general"):
+        for label in ("ALLOW", "ESCALATION", "DENY"):
+            splits = [assign[f"{domain}-{label}-{g}"] for g in range(20)]
+            assert (splits.count("train"), splits.count("val"), splits.count("test")) == (14, 3, 3)

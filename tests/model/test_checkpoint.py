@@ -145,6 +145,7 @@ def tiny_run(tmp_path_factory):
     return root, base, data, _weights(ref / "out")
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_run):
     root, base, data, reference = tiny_run
     work = _workdir(root, "killed", base, data, steps=8, ckpt_steps=1)
@@ -170,6 +171,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_run):
     assert kills == 2
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tiny_run):
     root, base, data, _ = tiny_run
     work = _workdir(root, "term", base, data, steps=400, ckpt_steps=0)
@@ -186,6 +188,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tiny_run):
     assert not (work / "out").exists()  # no final adapter from an interrupted run
 
 
+@pytest.mark.slow
 def test_rerun_after_a_finished_run_restores_without_extra_steps(tiny_run, tmp_path):
     root, base, data, reference = tiny_run
     ref_work = root / "reference"

@@ -82,6 +82,7 @@ DDP_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     base = tiny_base_dir(tmp_path / "base", "llama")
     data = tmp_path / "train.jsonl"

@@ -4,7 +4,8 @@ from peft import LoraConfig, get_peft_model
 
 from so8t.model.attach import attach_rotations
 from so8t.model.pet import PETSchedule, pet_penalty
-from so8t.model.train import label_token_ce_sum, output_logits
+from so8t.model.base_model import output_logits
+from so8t.model.train import label_token_ce_sum
 from tiny import TINY_CONFIGS, tiny_batch, tiny_model
 
 
@@ -44,3 +45,47 @@ def test_pet_on_model_hidden_states_ignores_padding():
     sq = torch.cat([(r[2:] - 2 * r[1:-1] + r[:-2]).pow(2).sum(-1) for r in per_row])
     assert torch.allclose(value, sq.mean(), rtol=1e-5)
     assert PETSchedule()(0.5) == 0.05
+
+
+def _one_step(tmp_path, rows, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+    """Trainable parameters after one SGD step over ``rows`` with ``batch`` x ``accumulation``."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    from so8t.model.train import SO8TTrainer, build_model, training_arguments
+    from so8t.params import TrainParams
+    from tiny import tiny_base_dir, tiny_tokenizer
+
+    base = tiny_base_dir(tmp_path / f"base-{batch}", "llama", seed=0)
+    p = TrainParams(
+        lora_r=2, lora_alpha=4, lora_dropout=0.0, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=1, warmup_ratio=0.0,
+        lr_scheduler_type="constant", max_grad_norm=1e9, pet={"enabled": False}, so8t={"init_scale": 0.1},
+    )
+    model = build_model(base, p, seed=0)
+    args = training_arguments(
+        p, output_dir=tmp_path / f"out-{batch}", max_steps=1, learning_rate=0.5, seed=0,
+        optim="sgd", train_sampling_strategy="sequential",
+    )
+    trainer = SO8TTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows),
+        data_collator=DataCollatorForSeq2Seq(tiny_tokenizer(), padding="longest", label_pad_token_id=-100),
+    )
+    trainer.train()
+    return {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
+
+
+def test_gradient_accumulation_gives_the_update_of_one_big_batch(tmp_path):
+    """GA = 2 x batch 2 == batch 4: CE over the label tokens of the whole window, divided once."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for n_label in (3, 9, 5, 14):  # unequal label counts: a mean of micro-batch means would differ
+        ids = [rng.randrange(6, 100) for _ in range(4 + n_label)]
+        rows.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    big = _one_step(tmp_path, rows, batch=4, accumulation=1)
+    acc = _one_step(tmp_path, rows, batch=2, accumulation=2)
+    assert big.keys() == acc.keys() and any("so8t" in k for k in big)
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-6), name

