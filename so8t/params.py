@@ -392,6 +392,12 @@ class AuditParams(_Section):
     db: str = ".so8t/audit.sqlite3"
     #: Also store the input, reasoning and answer text (default: SHA-256 digests only).
     store_plaintext: bool = False
+    #: HMAC key of the chain (null: ``audit.key`` next to the database; created 0600 on first use).
+    #: Keep it where the database's readers cannot read it.
+    key_file: str | None = None
+    #: Append-only anchor of every row's hash (null: ``<db>.anchor``); keep it where the
+    #: database's writers cannot rewrite it (another volume or host).
+    anchor: str | None = None
 
 
 class ServerParams(_Section):

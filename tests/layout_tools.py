@@ -60,3 +60,15 @@ def import_closure(path: Path) -> set[Path]:
                 seen.add(f)
                 todo.append(f)
     return seen
+
+
+if __name__ == "__main__":
+    # Print the package files a stage script runs, for its `deps` in dvc.yaml:
+    #   python tests/layout_tools.py stages/train.py
+    import sys
+
+    for arg in sys.argv[1:]:
+        script = (REPO / arg).resolve()
+        print(f"{arg}:")
+        for f in sorted(import_closure(script)):
+            print(f"  - {f.relative_to(REPO)}")

@@ -392,6 +392,17 @@ def resolve(base_dir: str | Path, path: str | Path) -> Path:
     return path if path.is_absolute() else Path(base_dir) / path
 
 
+def audit_log(params, base_dir: str | Path = ".") -> AuditLog:
+    """The :class:`AuditLog` of ``runtime.audit`` (paths relative to ``base_dir``)."""
+    a = params.runtime.audit
+    return AuditLog(
+        resolve(base_dir, a.db),
+        a.store_plaintext,
+        key_file=resolve(base_dir, a.key_file) if a.key_file else None,
+        anchor=resolve(base_dir, a.anchor) if a.anchor else None,
+    )
+
+
 def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = None, warn=print) -> Agent:
     """An :class:`Agent` configured by ``params`` (a :class:`so8t.params.Params`).
 
@@ -430,7 +441,7 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         style=params.think_format.style,
         temperature=temperature,
         policy=Policy(rt.policy.escalation, rt.policy.deny, rt.allow_threshold),
-        audit=AuditLog(resolve(base_dir, rt.audit.db), rt.audit.store_plaintext),
+        audit=audit_log(params, base_dir),
         retriever=retriever,
         max_new_tokens=rt.max_new_tokens,
         max_input_chars=rt.max_input_chars,

@@ -111,25 +111,48 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-def cmd_audit_verify(args) -> int:
+def _audit_paths(args) -> tuple[Path, Path, Path]:
+    """(database, key file, anchor) from the flags, else from ``runtime.audit``."""
     from so8t.runtime.agent import resolve
+
+    params, base = _params(args)
+    a = params.runtime.audit
+    db = Path(args.db) if args.db else resolve(base, a.db)
+    key = Path(args.key_file) if args.key_file else (resolve(base, a.key_file) if a.key_file else db.with_name("audit.key"))
+    anchor = Path(args.anchor) if args.anchor else (resolve(base, a.anchor) if a.anchor else db.with_name(db.name + ".anchor"))
+    return db, key, anchor
+
+
+def cmd_audit_verify(args) -> int:
     from so8t.runtime.audit import verify_chain
 
-    if args.db:
-        db = Path(args.db)
-    else:
-        params, base = _params(args)
-        db = resolve(base, params.runtime.audit.db)
-    report = verify_chain(db, args.expect_head)
+    db, key_file, anchor = _audit_paths(args)
+    if not key_file.is_file():
+        raise FileNotFoundError(f"{key_file}: audit key not found (runtime.audit.key_file or --key-file)")
+    from so8t.runtime.audit import load_or_create_key
+
+    report = verify_chain(db, load_or_create_key(key_file), None if args.no_anchor else anchor, args.expect_head)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     elif report.ok:
-        print(f"OK: {report.path}: {report.rows} rows, chain intact; head {report.head}")
+        print(f"OK: {report.path}: {report.rows} rows, chain intact{'' if args.no_anchor else ' and anchored'}; "
+              f"head {report.head}")
     else:
         print(f"FAILED: {report.path}: {report.rows} rows, {len(report.findings)} problem(s):")
         for f in report.findings:
             print(f"  row {f.row_id}: {f.kind}: {f.detail}")
     return EXIT_OK if report.ok else EXIT_FINDING
+
+
+def cmd_audit_keygen(args) -> int:
+    from so8t.runtime.audit import load_or_create_key
+
+    _, key_file, _ = _audit_paths(args)
+    if key_file.exists():
+        raise ValueError(f"{key_file}: exists; an audit key is never overwritten (the log would no longer verify)")
+    load_or_create_key(key_file)
+    print(key_file)
+    return EXIT_OK
 
 
 def cmd_ollama(args) -> int:
@@ -200,11 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="audit log tools")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
-    v = audit_sub.add_parser("verify", parents=[common], help="check the hash chain (exit 1 on a problem)")
+    v = audit_sub.add_parser("verify", parents=[common], help="check the keyed chain and its anchor (exit 1 on a problem)")
     v.add_argument("--db", help="audit database (default: runtime.audit.db)")
+    v.add_argument("--key-file", help="HMAC key (default: runtime.audit.key_file)")
+    v.add_argument("--anchor", help="anchor file (default: runtime.audit.anchor)")
+    v.add_argument("--no-anchor", action="store_true", help="check the database alone")
     v.add_argument("--expect-head", help="a row hash recorded earlier that must still be in the log")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_audit_verify)
+    k = audit_sub.add_parser("keygen", parents=[common], help="create the audit HMAC key (never overwrites)")
+    k.add_argument("--db", help="audit database (default: runtime.audit.db)")
+    k.add_argument("--key-file", help="where (default: runtime.audit.key_file)")
+    k.add_argument("--anchor", help=argparse.SUPPRESS)
+    k.set_defaults(func=cmd_audit_keygen)
 
     p = sub.add_parser("ollama", parents=[common], help="write an Ollama Modelfile per GGUF")
     p.add_argument("gguf", nargs="*", help=f"GGUF files (default: {GGUF_GLOB} next to runtime.model)")

@@ -13,7 +13,7 @@ import pytest
 from fakes import ALICE, ANSWER, OUTPUTS, POLICY, REASONING, REASONING_2, FakeModel, make_agent
 from so8t.model.quantize import artifact_of
 from so8t.runtime.agent import GROUNDED_PROMPT, AgentInputError, Principal, load_temperature
-from so8t.runtime.audit import verify_chain
+from so8t.runtime.audit import load_or_create_key, verify_chain
 from so8t.runtime.model import ChatModel
 from so8t.runtime.retrieval import Retriever, Root
 
@@ -164,7 +164,7 @@ def test_every_request_leaves_one_audit_row(tmp_path):
     assert r["output_sha256"] == sha256_hex(ANSWER)
     assert r["reasoning_sha256"] == sha256_hex(f"# 思考ステップ\n{REASONING}")
     assert r["confidence"] == pytest.approx(ans.confidence) and r["latency_ms"] > 0
-    assert verify_chain(agent.audit.path).ok
+    assert verify_chain(agent.audit.path, load_or_create_key(agent.audit.key_file), agent.audit.anchor).ok
 
 
 def test_plaintext_switch_stores_text(tmp_path):

@@ -1,4 +1,5 @@
-"""Hash-chained audit log: tamper detection (edited, deleted, reordered rows) and concurrent writers."""
+"""HMAC-chained, anchored audit log: tamper detection (edited, deleted, reordered rows, a truncated or
+rewritten tail, malformed values) and concurrent writers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from itertools import pairwise
 import pytest
 
 from so8t.runtime.cli import main
-from so8t.runtime.audit import GENESIS, AuditEntry, AuditLog, row_hash, verify_chain
+from so8t.runtime.audit import GENESIS, AuditEntry, AuditLog, load_or_create_key, row_hash, verify_chain
 
 
 def entry(i: int, user: str = "alice") -> AuditEntry:
@@ -45,6 +46,11 @@ def sql(log: AuditLog, statement: str, *args) -> None:
         conn.execute(statement, args)
 
 
+def verify(log: AuditLog, **kw):
+    """verify_chain with the log's key and anchor."""
+    return verify_chain(log.path, load_or_create_key(log.key_file), log.anchor, **kw)
+
+
 def test_chain_links_every_row(tmp_path):
     log = filled(tmp_path)
     rows = list(log.rows())
@@ -52,9 +58,9 @@ def test_chain_links_every_row(tmp_path):
     for a, b in pairwise(rows):
         assert b["prev_hash"] == a["row_hash"]
     for r in rows:
-        assert r["row_hash"] == row_hash(r)
+        assert r["row_hash"] == row_hash(r, load_or_create_key(log.key_file))
         assert r["input_text"] is None  # digests only by default
-    report = verify_chain(log.path)
+    report = verify(log)
     assert report.ok and report.rows == 6 and report.head == rows[-1]["row_hash"]
 
 
@@ -79,7 +85,7 @@ def test_pragmas(tmp_path):
 def test_edited_row_is_found(tmp_path, column, value):
     log = filled(tmp_path)
     sql(log, f"UPDATE audit SET {column} = ? WHERE id = 3", value)
-    report = verify_chain(log.path)
+    report = verify(log)
     assert not report.ok
     assert (report.findings[0].row_id, report.findings[0].kind) == (3, "edited")
 
@@ -88,32 +94,33 @@ def test_edited_and_rehashed_row_is_found(tmp_path):
     log = filled(tmp_path)
     row = next(r for r in log.rows() if r["id"] == 3)
     row["decision"] = "DENY"
-    sql(log, "UPDATE audit SET decision = 'DENY', row_hash = ? WHERE id = 3", row_hash(row))
-    f = verify_chain(log.path).findings
-    assert [(x.row_id, x.kind) for x in f] == [(3, "edited")]
+    key = load_or_create_key(log.key_file)  # an attacker who has the key too
+    sql(log, "UPDATE audit SET decision = 'DENY', row_hash = ? WHERE id = 3", row_hash(row, key))
+    f = verify(log).findings
+    assert [(x.row_id, x.kind) for x in f] == [(3, "edited"), (3, "edited")]  # the chain and the anchor
 
 
 def test_deleted_row_is_found(tmp_path):
     log = filled(tmp_path)
     sql(log, "DELETE FROM audit WHERE id = 3")
-    f = verify_chain(log.path).findings
-    assert [(x.row_id, x.kind) for x in f] == [(3, "deleted")]
+    f = verify(log).findings
+    assert [(x.row_id, x.kind) for x in f] == [(3, "deleted"), (3, "deleted")]
     assert "3 missing" in f[0].detail
 
 
 def test_deleted_first_and_last_rows_are_found(tmp_path):
     log = filled(tmp_path)
     sql(log, "DELETE FROM audit WHERE id IN (1, 6)")
-    f = verify_chain(log.path).findings
-    assert [(x.row_id, x.kind) for x in f] == [(1, "deleted"), (6, "deleted")]
+    f = verify(log).findings
+    assert {(x.row_id, x.kind) for x in f} == {(1, "deleted"), (6, "deleted")}
 
 
 def test_deleted_last_row_then_new_rows_are_found(tmp_path):
     log = filled(tmp_path)
     sql(log, "DELETE FROM audit WHERE id = 6")
     log.append(entry(7))
-    f = verify_chain(log.path).findings
-    assert [(x.row_id, x.kind) for x in f] == [(6, "deleted")]
+    f = verify(log).findings
+    assert {(x.row_id, x.kind) for x in f} == {(6, "deleted")}
 
 
 def test_reordered_rows_are_found(tmp_path):
@@ -126,9 +133,9 @@ def test_reordered_rows_are_found(tmp_path):
             conn.execute(
                 f"UPDATE audit SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?", [rows[b][c] for c in cols] + [a]
             )
-    f = verify_chain(log.path).findings
+    f = verify(log).findings
     assert f and f[0].row_id == 2 and f[0].kind == "reordered"
-    assert {x.kind for x in f} == {"reordered"}
+    assert {x.kind for x in f} == {"reordered", "edited"}  # the anchor sees the rows moved
 
 
 def test_renumbered_rows_are_found(tmp_path):
@@ -137,21 +144,24 @@ def test_renumbered_rows_are_found(tmp_path):
         conn.execute("UPDATE audit SET id = 100 WHERE id = 2")
         conn.execute("UPDATE audit SET id = 2 WHERE id = 5")
         conn.execute("UPDATE audit SET id = 5 WHERE id = 100")
-    f = verify_chain(log.path).findings
+    f = verify(log).findings
     assert f[0].row_id == 2 and f[0].kind == "reordered"
 
 
 def test_expect_head(tmp_path):
     log = filled(tmp_path)
-    head = verify_chain(log.path).head
+    head = verify(log).head
     log.append(entry(9))
-    assert verify_chain(log.path, expect_head=head).ok
-    assert not verify_chain(log.path, expect_head="ab" * 32).ok
+    assert verify(log, expect_head=head).ok
+    assert not verify(log, expect_head="ab" * 32).ok
 
 
 def test_cli_verify_exit_codes(tmp_path, capsys):
     log = filled(tmp_path)
     assert main(["audit", "verify", "--db", str(log.path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    head = verify(log).head
+    assert main(["audit", "verify", "--db", str(log.path), "--expect-head", head.upper()]) == 0
     assert "OK" in capsys.readouterr().out
     sql(log, "UPDATE audit SET decision = 'DENY' WHERE id = 4")
     assert main(["audit", "verify", "--db", str(log.path)]) == 1
@@ -185,8 +195,75 @@ def test_concurrent_processes_and_threads_lose_no_rows(tmp_path):
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    report = verify_chain(path)
+    log = AuditLog(path)
+    report = verify(log)
     assert report.ok, report.findings[:3]
     assert report.rows == 5 * 3 * 15
     users = {r["user_id"] for r in AuditLog(path).rows()}
     assert len(users) == 5 * 3
+
+
+# --------------------------------------------------------------------------- the tail and malformed values
+
+
+def test_three_of_three_tamperings_are_detected(tmp_path):
+    """A deleted tail (sqlite_sequence edited), a rewritten newest row, an edited middle row."""
+    log = filled(tmp_path, 8)
+    with sqlite3.connect(log.path) as conn:
+        conn.execute("DELETE FROM audit WHERE id >= 7")
+        conn.execute("UPDATE sqlite_sequence SET seq = 6 WHERE name = 'audit'")
+    assert {(f.row_id, f.kind) for f in verify(log).findings} == {(7, "deleted")}
+
+    log = filled(tmp_path / "b", 8)
+    newest = next(r for r in log.rows() if r["id"] == 8)
+    newest |= {"decision": "ALLOW", "user_id": "mallory"}
+    key = load_or_create_key(log.key_file)  # even with the key, the anchor still holds the old hash
+    sql(log, "UPDATE audit SET decision = 'ALLOW', user_id = 'mallory', row_hash = ? WHERE id = 8", row_hash(newest, key))
+    assert [(f.row_id, f.kind) for f in verify(log).findings] == [(8, "edited")]
+    sql(log, "UPDATE audit SET user_id = 'eve', row_hash = ? WHERE id = 8", "f" * 64)  # without the key
+    assert (8, "edited") in {(f.row_id, f.kind) for f in verify(log).findings}
+
+    log = filled(tmp_path / "c", 8)
+    sql(log, "UPDATE audit SET confidence = 0.01 WHERE id = 4")
+    assert [(f.row_id, f.kind) for f in verify(log).findings] == [(4, "edited")]
+
+
+def test_a_new_key_or_a_forged_anchor_line_fails(tmp_path):
+    log = filled(tmp_path)
+    other = tmp_path / "other.key"
+    assert not verify_chain(log.path, load_or_create_key(other), log.anchor).ok
+    with open(log.anchor, "a", encoding="ascii") as fh:
+        fh.write('{"id":7,"row_hash":"' + "a" * 64 + '","mac":"' + "0" * 64 + '"}\n')
+    assert "anchor" in {f.kind for f in verify(log).findings}
+    log.anchor.unlink()
+    assert "anchor" in {f.kind for f in verify(log).findings}
+
+
+@pytest.mark.parametrize("value", [b"\x00\xffbinary", "\u00e9\u4e2d\U0001f600", 12345, 1.5])
+def test_malformed_or_foreign_values_are_findings_not_tracebacks(tmp_path, value):
+    log = filled(tmp_path)
+    sql(log, "UPDATE audit SET user_id = ? WHERE id = 2", value)
+    report = verify(log)
+    assert [(f.row_id, f.kind) for f in report.findings][:1] == [(2, "edited")]
+
+
+def test_odd_paths_and_permissions(tmp_path, capsys):
+    import os
+    import stat
+
+    folder = tmp_path / "odd #?dir"
+    log = AuditLog(folder / "a#b?.sqlite3")
+    log.append(entry(1))
+    assert verify(log).ok
+    assert main(["audit", "verify", "--db", str(log.path)]) == 0
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    for f in (log.path, log.key_file, log.anchor):
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+
+
+def test_lone_surrogates_are_logged(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3", store_plaintext=True)
+    bad = entry(1)
+    bad.input_text = "a\ud800b"
+    log.append(bad)
+    assert verify(log).ok

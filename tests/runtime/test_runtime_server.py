@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fakes import ANSWER, OUTPUTS, POLICY, REASONING, REASONING_2, FakeModel, make_agent
 
-from so8t.runtime.audit import verify_chain
+from so8t.runtime.audit import load_or_create_key, verify_chain
 from so8t.runtime.server import ApiKeys, Limits, RateLimiter, ServerConfigError, create_app, key_digest
 
 KEY, BOSS_KEY = "k-alice-123", "k-boss-456"
@@ -289,7 +289,7 @@ def test_200_concurrent_requests_on_loopback_lose_no_audit_rows(tmp_path):
     assert [r.status_code for r in responses] == [200] * 200
     for r in responses:
         _leak_free(r.text)
-    report = verify_chain(agent.audit.path)
+    report = verify_chain(agent.audit.path, load_or_create_key(agent.audit.key_file), agent.audit.anchor)
     assert report.ok, report.findings[:3]
     assert report.rows == 200
     inputs = {row["input_sha256"] for row in agent.audit.rows()}
