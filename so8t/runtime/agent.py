@@ -284,7 +284,9 @@ class Agent:
             self._audit(request_id, channel, principal, t0, raw_input, passages, output=f"{type(e).__name__}: {e}")
             raise
         parts = separate(text, self.style)
-        if decision == Decision.ALLOW.value and not parts.final:
+        if decision == Decision.ALLOW.value and parts.leak:
+            decision, override = Decision.ESCALATION.value, "reasoning_in_answer"
+        elif decision == Decision.ALLOW.value and not parts.final:
             decision, override = Decision.ESCALATION.value, "no_final_answer"
         allow = decision == Decision.ALLOW.value
         shown = parts.final if allow else self.policy.text(decision)

@@ -170,22 +170,28 @@ def test_near_duplicates_across_groups_are_removed(tmp_path):
 def test_single_class_user_data_fails_the_balance_check(tmp_path):
     many = "".join(
         json.dumps({"prompt": f"設計書{k}番を送ってください。", "label": "ESCALATE"}, ensure_ascii=False) + "\n"
-        for k in range(40)
+        for k in range(400)
     )
-    params = SynthesizeParams(decisions_per_template=1, heldout_reference_docs=20, math_variants_per_template=0)
-    with pytest.raises(DataError) as err:
-        synthesize(_collected(_user_items(tmp_path, {"esc.jsonl": many})), params, seed=42)
-    assert str(err.value) == (
-        "synthesize: decision class ALLOW has 4 of 52 decision records (7.7%), below synthesize.min_class_share = 0.15 "
-        "(15%); counts {'ALLOW': 4, 'ESCALATION': 44, 'DENY': 4}. Add ALLOW examples, or lower "
-        "synthesize.min_class_share"
+    params = SynthesizeParams(
+        decisions_per_template=1, domains=["transport"], heldout_reference_docs=20, math_variants_per_template=0
     )
     ok = synthesize(
         _collected(_user_items(tmp_path / "b", {"esc.jsonl": many})),
         params.model_copy(update={"min_class_share": 0.0}),
         seed=42,
     )
-    assert ok.stats["by_decision"]["ESCALATION"] == 44
+    counts = ok.stats["by_decision"]  # after deduplication
+    allow, esc, deny = counts["ALLOW"], counts["ESCALATION"], counts["DENY"]
+    total = allow + esc + deny
+    assert esc > 300 and allow / total < 0.15
+    with pytest.raises(DataError) as err:
+        synthesize(_collected(_user_items(tmp_path, {"esc.jsonl": many})), params, seed=42)
+    assert str(err.value) == (
+        f"synthesize: decision class ALLOW has {allow} of {total} decision records ({allow / total:.1%}), below "
+        "synthesize.min_class_share = 0.15 (15%); "
+        f"counts {{'ALLOW': {allow}, 'ESCALATION': {esc}, 'DENY': {deny}}}. Add ALLOW examples, or lower "
+        "synthesize.min_class_share"
+    )
 
 
 def test_records_of_a_one_line_json_array_get_distinct_ids(tmp_path):

@@ -52,12 +52,18 @@ def test_no_reasoning_in_any_answer(tmp_path, name, piece):
         assert agent.model.closed == (1 if logits[0] == 0 else 0)
 
 
-@pytest.mark.parametrize("name", ["normal", "echo", "reopen", "think_tags", "after_decision", "end_of_turn"])
+@pytest.mark.parametrize("name", ["normal", "reopen", "think_tags", "after_decision", "end_of_turn"])
 def test_final_answer_is_cut_at_every_other_section(tmp_path, name):
     ans = make_agent(tmp_path, FakeModel(OUTPUTS[name])).ask("質問", ALICE)
     assert ans.decision == "ALLOW"
     assert ans.answer.startswith(ANSWER)
     _no_reasoning(ans.answer)
+
+
+def test_reasoning_announced_inside_the_answer_escalates(tmp_path):
+    ans = make_agent(tmp_path, FakeModel(OUTPUTS["echo"])).ask("質問", ALICE)
+    assert ans.decision == "ESCALATION" and ans.override == "reasoning_in_answer"
+    assert ans.answer == POLICY.escalation
 
 
 @pytest.mark.parametrize("name", ["no_final", "final_is_reasoning", "no_markers"])
@@ -162,7 +168,9 @@ def test_every_request_leaves_one_audit_row(tmp_path):
     from so8t.runtime.audit import sha256_hex
 
     assert r["output_sha256"] == sha256_hex(ANSWER)
-    assert r["reasoning_sha256"] == sha256_hex(f"# 思考ステップ\n{REASONING}")
+    from so8t.runtime.guard import separate
+
+    assert r["reasoning_sha256"] == sha256_hex(separate(OUTPUTS["normal"]).reasoning)
     assert r["confidence"] == pytest.approx(ans.confidence) and r["latency_ms"] > 0
     assert verify_chain(agent.audit.path, load_or_create_key(agent.audit.key_file), agent.audit.anchor).ok
 

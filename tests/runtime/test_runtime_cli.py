@@ -14,7 +14,7 @@ from so8t.runtime.server import ApiKeys
 
 @pytest.fixture
 def fake_agent(tmp_path, monkeypatch):
-    agent = make_agent(tmp_path, FakeModel(OUTPUTS["echo"], piece=2))
+    agent = make_agent(tmp_path, FakeModel(OUTPUTS["reopen"], piece=2))
     monkeypatch.setattr(cli, "_agent", lambda args: agent)
     return agent
 
