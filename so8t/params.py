@@ -411,6 +411,8 @@ class ServerParams(_Section):
     #: Token bucket per API key: sustained requests per minute and burst size.
     rate_per_minute: PosFloat = 60.0
     burst: PosInt = 10
+    #: Accept ``system`` turns from HTTP callers (they can steer the decision; off by default).
+    allow_system_turns: bool = False
 
 
 class RuntimeParams(_Section):

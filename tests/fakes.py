@@ -42,9 +42,11 @@ class FakeModel:
     model_sha256 = "f" * 64
     control_tokens = CONTROL_TOKENS
 
-    def __init__(self, output=OUTPUTS["normal"], logits=(0.0, -4.0, -4.0), piece: int = 3) -> None:
+    def __init__(self, output=OUTPUTS["normal"], logits=(0.0, -4.0, -4.0), piece: int = 3, control_tokens=None) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        if control_tokens is not None:  # e.g. every special token of a real vocabulary
+            self.control_tokens = tuple(dict.fromkeys((*CONTROL_TOKENS, *control_tokens)))
         self.output = output
         self.logits = list(logits)
         self.piece = piece

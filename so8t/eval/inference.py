@@ -276,6 +276,14 @@ class LlamaCppBackend:
         """Token ids of untrusted text: control-token spellings stay plain text, no BOS."""
         return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
+    def special_tokens(self) -> dict[str, int]:
+        """``{spelling: id}`` of every control, user-defined and unknown token of the vocabulary
+        (``<start_of_turn>``, ``<unused12>``...): text that becomes one of them when control tokens are parsed."""
+        lc = self._llama_cpp
+        kinds = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+        ids = (t for t in range(self.n_vocab) if lc.llama_vocab_get_attr(self.model.vocab, t) & kinds)
+        return {p: t for t in ids if (p := self.piece(t)).strip()}
+
     def piece(self, token: int, special: bool = True) -> str:
         """The text of one token (control tokens spelled out when ``special``)."""
         return self.model.token_to_piece(token, special=special).rstrip(b"\0").decode("utf-8", errors="replace")
@@ -587,6 +595,13 @@ class HFBackend:
 
     def piece(self, token: int, special: bool = True) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=not special)
+
+    def special_tokens(self) -> dict[str, int]:
+        """``{spelling: id}`` of every special and added-special token (see :meth:`LlamaCppBackend.special_tokens`)."""
+        found = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        for t in self.tokenizer.all_special_tokens:
+            found.setdefault(t, self.tokenizer.convert_tokens_to_ids(t))
+        return {t: i for t, i in found.items() if t and t.strip()}
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.tokenizer.pad_token_id

@@ -49,15 +49,10 @@ from so8t.runtime.audit import AuditEntry, AuditLog
 from so8t.runtime.guard import separate
 from so8t.runtime.model import ChatModel
 from so8t.runtime.retrieval import Passage, Retriever
+from so8t.data.grounding import grounded_prompt
 from so8t.schema import DECISIONS, END_OF_TURN_TOKENS, Decision
 
 #: The last user turn when passages were retrieved: the passages with their ids, then the question.
-GROUNDED_PROMPT = (
-    "次の社内資料だけを根拠に答えてください。資料に答えがない場合は、その旨を伝えてください。\n\n"
-    "{passages}\n\n質問: {question}"
-)
-PASSAGE_FORMAT = "[{doc_id}] {title}\n{text}"
-
 #: Roles a caller may send.
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -132,6 +127,29 @@ def _control_pattern(tokens) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
+def strip_to_fixed_point(text: str, pattern: re.Pattern | None) -> str:
+    """``text`` with every match of ``pattern`` removed, again and again until none is left.
+
+    One pass is not enough: ``<start_of_<end_of_turn>turn>`` becomes ``<start_of_turn>``.
+    """
+    if pattern is None:
+        return text
+    while True:
+        stripped = pattern.sub("", text)
+        if stripped == text:
+            return text
+        text = stripped
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True when ``text`` holds a lone UTF-16 surrogate (``"\\ud800"`` in JSON): not valid Unicode text."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def canonical_messages(messages: list[dict]) -> str:
     """The canonical JSON of a conversation (what the audit's ``input_sha256`` covers)."""
     return json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
@@ -149,6 +167,7 @@ class Agent:
         retriever: document search (``None``: no retrieval).
         max_new_tokens: generation budget (tokens).
         max_input_chars: longest accepted conversation (characters over all turns).
+        allow_system_turns: accept ``system`` turns from untrusted callers (HTTP); an operator's choice.
     """
 
     def __init__(
@@ -162,6 +181,7 @@ class Agent:
         retriever: Retriever | None = None,
         max_new_tokens: int = 256,
         max_input_chars: int = 8000,
+        allow_system_turns: bool = False,
     ) -> None:
         self.model = model
         self.style = style
@@ -171,16 +191,24 @@ class Agent:
         self.retriever = retriever
         self.max_new_tokens = max_new_tokens
         self.max_input_chars = max_input_chars
+        self.allow_system_turns = allow_system_turns
         self._control = _control_pattern(model.control_tokens)
         self._lock = threading.Lock()  # one generation at a time: models are not thread-safe
 
     # ------------------------------------------------------------ input
 
     def _clean(self, text: str) -> str:
-        return self._control.sub("", text) if self._control else text
+        """Untrusted text with every control-token spelling of the model's vocabulary removed, to a fixed point."""
+        return strip_to_fixed_point(text, self._control)
 
-    def check_messages(self, messages: list[dict]) -> list[dict]:
+    def check_messages(self, messages: list[dict], principal: Principal | None = None, untrusted: bool = False):
         """Validated ``[{"role", "content"}]`` (roles in :data:`ROLES`, last one ``user``).
+
+        Args:
+            principal: the caller (for ``untrusted`` assistant turns).
+            untrusted: the turns come from a remote caller (HTTP): ``system`` turns are refused
+                unless ``allow_system_turns``, and an ``assistant`` turn must be an answer this
+                runtime gave the same user (its digest is in the audit log).
 
         Raises:
             AgentInputError: naming the bad message.
@@ -193,6 +221,16 @@ class Agent:
                 raise AgentInputError(f'messages[{i}]: expected {{"role": ..., "content": "text"}}')
             if m.get("role") not in ROLES:
                 raise AgentInputError(f"messages[{i}].role: {m.get('role')!r}; use one of {list(ROLES)}")
+            if has_lone_surrogate(m["content"]):
+                raise AgentInputError(f"messages[{i}].content: a lone UTF-16 surrogate is not text")
+            if untrusted and m["role"] == "system" and not self.allow_system_turns:
+                raise AgentInputError(
+                    f"messages[{i}]: system turns are not accepted from callers (runtime.server.allow_system_turns)"
+                )
+            if untrusted and m["role"] == "assistant" and not self._issued(m["content"], principal):
+                raise AgentInputError(
+                    f"messages[{i}]: an assistant turn must be an answer this server gave you (copy it unchanged)"
+                )
             total += len(m["content"])
             out.append({"role": m["role"], "content": m["content"]})
         if out[-1]["role"] != "user" or not out[-1]["content"].strip():
@@ -203,14 +241,14 @@ class Agent:
             )
         return out
 
+    def _issued(self, answer: str, principal: Principal | None) -> bool:
+        return self.audit is not None and principal is not None and self.audit.issued(answer, principal.user)
+
     def _prompt_messages(self, messages: list[dict], passages: list[Passage]) -> list[dict]:
+        """The turns with control tokens stripped; passages (fenced, markers neutralised) before the question."""
         out = [{"role": m["role"], "content": self._clean(m["content"])} for m in messages]
-        if passages:
-            blocks = "\n\n".join(
-                PASSAGE_FORMAT.format(doc_id=p.doc_id, title=self._clean(p.title), text=self._clean(p.text))
-                for p in passages
-            )
-            out[-1]["content"] = GROUNDED_PROMPT.format(passages=blocks, question=out[-1]["content"])
+        found = [(self._clean(p.doc_id), self._clean(p.title), self._clean(p.text)) for p in passages]
+        out[-1]["content"] = grounded_prompt(out[-1]["content"], found)
         return out
 
     # ------------------------------------------------------------ model
@@ -249,13 +287,19 @@ class Agent:
     # ------------------------------------------------------------ request
 
     def answer(
-        self, messages: list[dict], principal: Principal, channel: str = "api", max_new_tokens: int | None = None
+        self,
+        messages: list[dict],
+        principal: Principal,
+        channel: str = "api",
+        max_new_tokens: int | None = None,
+        untrusted: bool = False,
     ) -> Answer:
         """Answer a conversation ending in a user turn (see the module docstring for the steps).
 
         Args:
             channel: where the request came from (``cli``, ``chat``, ``http:/v1/decide``...), for the audit.
             max_new_tokens: lower generation budget for this request (capped at ``runtime.max_new_tokens``).
+            untrusted: the turns come from a remote caller (see :meth:`check_messages`).
 
         Raises:
             AgentInputError: unusable request (an ``ERROR`` audit row is still written).
@@ -267,7 +311,7 @@ class Agent:
         raw_input = canonical_messages(messages) if isinstance(messages, list) else repr(messages)
         passages: list[Passage] = []
         try:
-            messages = self.check_messages(messages)
+            messages = self.check_messages(messages, principal, untrusted)
             if self.retriever is not None:
                 passages = self.retriever.search(messages[-1]["content"], principal.level)
             try:
@@ -279,7 +323,7 @@ class Agent:
                 decision, model_decision, confidence, override = self._policy(probs)
                 # Only an allowed request is answered: nothing is generated for ESCALATION or DENY.
                 text = self._generate(prompt, budget) if decision == Decision.ALLOW.value else ""
-                n_prompt, n_completion = self.model.count_tokens(prompt), self.model.count_tokens(text)
+                n_prompt = self.model.count_tokens(prompt)
         except Exception as e:
             self._audit(request_id, channel, principal, t0, raw_input, passages, output=f"{type(e).__name__}: {e}")
             raise
@@ -291,6 +335,8 @@ class Agent:
         allow = decision == Decision.ALLOW.value
         shown = parts.final if allow else self.policy.text(decision)
         citations = list(dict.fromkeys(p.doc_id for p in passages)) if allow else []
+        # Usage counts what the caller sees: the length of the private reasoning is not revealed.
+        n_completion = self.model.count_tokens(shown)
         latency = self._audit(
             request_id,
             channel,
@@ -447,4 +493,5 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         retriever=retriever,
         max_new_tokens=rt.max_new_tokens,
         max_input_chars=rt.max_input_chars,
+        allow_system_turns=rt.server.allow_system_turns,
     )

@@ -236,6 +236,7 @@ class AuditLog:
         with contextlib.closing(self._connect()) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(_SCHEMA)
+            conn.execute("CREATE INDEX IF NOT EXISTS audit_output ON audit (output_sha256, user_id)")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
@@ -308,6 +309,14 @@ class AuditLog:
                 self._anchor_line({"rollback": anchored, "mac": anchor_mac(self._key, anchored, "rollback")})
             raise
         return row_id, fields["row_hash"]
+
+    def issued(self, answer: str, user_id: str) -> bool:
+        """True when a request of ``user_id`` was answered with exactly ``answer`` (by its digest)."""
+        row = self._conn().execute(
+            "SELECT 1 FROM audit WHERE output_sha256 = ? AND user_id = ? AND decision != 'ERROR' LIMIT 1",
+            (sha256_hex(answer), _text(user_id)),
+        ).fetchone()
+        return row is not None
 
     def count(self) -> int:
         """Number of rows."""

@@ -125,15 +125,34 @@ class BackendChatModel:
         self.repetition_penalty = repetition_penalty
         self._formatter = Jinja2ChatFormatter(chat_template, eos_token, bos_token)
         self._stops = stop_strings(backend)
-        self.control_tokens = tuple(dict.fromkeys(t for t in (*CONTROL_TOKENS, bos_token, eos_token, *extra_control_tokens) if t))
+        # Every control-token spelling of the vocabulary (Gemma: 6k, <unusedN> and <start_of_image> included).
+        vocab = backend.special_tokens()
+        self.control_tokens = tuple(
+            dict.fromkeys(t for t in (*CONTROL_TOKENS, bos_token, eos_token, *extra_control_tokens, *vocab) if t)
+        )
+        self._special_ids = set(vocab.values())
 
     def render(self, messages: list[dict]) -> str:
+        """The prompt, checked to hold exactly the control tokens of the template itself.
+
+        The same conversation with every content replaced by ``x`` gives the template's own
+        control tokens; the real prompt must tokenise to exactly as many (defence in depth
+        behind the agent's stripping: no text of a caller or a document becomes a control token).
+
+        Raises:
+            ValueError: the template rejects the conversation, or content became a control token.
+        """
         from jinja2.exceptions import TemplateError
 
         try:
-            return self._formatter(messages=messages).prompt
+            prompt = self._formatter(messages=messages).prompt
+            skeleton = self._formatter(messages=[{**m, "content": "x"} for m in messages]).prompt
         except TemplateError as e:
             raise ValueError(str(e)) from None
+        count = lambda text: sum(t in self._special_ids for t in self.backend.tokenize(text))  # noqa: E731
+        if count(prompt) != count(skeleton):
+            raise ValueError("the conversation contains text that becomes a control token")
+        return prompt
 
     def count_tokens(self, text: str) -> int:
         return len(self.backend.tokenize(text))

@@ -245,15 +245,34 @@ def _sidecar(path: Path) -> dict:
     return obj
 
 
+def _file_level(path: Path, real: Path, floors: list[tuple[Path, AccessLevel]]) -> AccessLevel:
+    """The level of a file: the highest of every root that holds its real path, and of the sidecars
+    of both the path and its real (link-resolved) target.
+
+    Raises:
+        RetrievalError: a sidecar that is not a JSON object or names an unknown level.
+    """
+    level = max(lv for base, lv in floors if real == base or real.is_relative_to(base))
+    for meta_of in dict.fromkeys((path, real)):
+        meta = _sidecar(meta_of)
+        if "access_level" in meta:
+            level = max(level, _level(meta["access_level"], f"{meta_of}{META_SUFFIX}"))
+    return level
+
+
 def _documents(
-    root: Root, label: str, where: str, refused: list[str]
+    root: Root, label: str, where: str, refused: list[str], floors: list[tuple[Path, AccessLevel]], seen: set[Path]
 ) -> Iterable[tuple[str, str, str, AccessLevel, str]]:
-    """``(doc_id, title, text, level, path)`` for every document under ``root``."""
+    """``(doc_id, title, text, level, path)`` for every document under ``root`` not already read.
+
+    A file reached twice (overlapping roots, or links to one target) is read once, at the
+    highest level of the roots holding it. A document with a bad sidecar or record level is
+    left out and listed in ``refused``; the other documents are still served.
+    """
     base = Path(root.path)
     if not base.is_dir():
         raise RetrievalError(f"{where}.path: folder {base} not found")
     base_real = Path(os.path.realpath(base))
-    floor = _level(root.access_level, f"{where}.access_level")
     for dirpath, dirnames, filenames in os.walk(base_real, followlinks=False):
         dirnames.sort()
         for d in dirnames:
@@ -267,28 +286,42 @@ def _documents(
             if not is_inside(path, base_real):
                 refused.append(f"{path}: resolves to {os.path.realpath(path)}, outside {base_real}")
                 continue
-            meta = _sidecar(path)
-            level = (
-                max(floor, _level(meta["access_level"], f"{path}{META_SUFFIX}")) if "access_level" in meta else floor
-            )
+            real = Path(os.path.realpath(path))
+            if real in seen:
+                continue
+            seen.add(real)
+            try:
+                level = _file_level(path, real, floors)
+            except RetrievalError as e:
+                refused.append(f"{path}: {e}")
+                continue
             if name.endswith(".jsonl"):
                 try:
-                    records = read_jsonl(path)
+                    records = read_jsonl(real)
                 except DataError as e:
-                    raise RetrievalError(str(e)) from None
+                    refused.append(f"{path}: {e}")
+                    continue
                 for lineno, rec in enumerate(records, start=1):
                     text = _record_text(rec)
                     if not text.strip():
                         continue
                     rec_level = level
                     if "access_level" in rec:
-                        rec_level = max(level, _level(rec["access_level"], f"{path}: record {lineno}"))
+                        try:
+                            rec_level = max(level, _level(rec["access_level"], f"{path}: record {lineno}"))
+                        except RetrievalError as e:
+                            refused.append(str(e))
+                            continue
                     rid = str(rec.get("id", f"L{lineno}"))
                     yield f"{label}/{rel}#{rid}", _record_title(rec), text, rec_level, str(path)
             elif name.endswith(TEXT_SUFFIXES):
-                text = path.read_text(encoding="utf-8", errors="replace")
+                text = real.read_text(encoding="utf-8", errors="replace")
                 first = text.strip().splitlines()[0].lstrip("# ").strip() if text.strip() else name
-                yield f"{label}/{rel}", str(meta.get("title", first)), text, level, str(path)
+                try:
+                    title = str(_sidecar(real).get("title") or _sidecar(path).get("title") or first)
+                except RetrievalError:
+                    title = first
+                yield f"{label}/{rel}", title, text, level, str(path)
 
 
 def load_passages(roots: Iterable[Root], chunk_chars: int = 600) -> tuple[list[Passage], list[str]]:
@@ -314,10 +347,16 @@ def load_passages(roots: Iterable[Root], chunk_chars: int = 600) -> tuple[list[P
         if label in labels:
             raise RetrievalError(f"{where}: a second root named {label!r}; give one a distinct `name`")
         labels.append(label)
+    floors = [
+        (Path(os.path.realpath(root.path)), _level(root.access_level, f"runtime.retrieval.roots[{i}].access_level"))
+        for i, root in enumerate(roots)
+    ]
     passages: list[Passage] = []
     refused: list[str] = []
+    seen: set[Path] = set()
     for i, (root, label) in enumerate(zip(roots, labels)):
-        for doc_id, title, text, level, path in _documents(root, label, f"runtime.retrieval.roots[{i}]", refused):
+        where = f"runtime.retrieval.roots[{i}]"
+        for doc_id, title, text, level, path in _documents(root, label, where, refused, floors, seen):
             parts = _chunks(text, chunk_chars)
             for n, part in enumerate(parts, start=1):
                 pid = doc_id if len(parts) == 1 else f"{doc_id}@{n}"

@@ -307,15 +307,25 @@ def _authenticator(keys: ApiKeys, limits: Limits):
     from starlette.exceptions import HTTPException
 
     limiter = RateLimiter(limits.rate_per_minute, limits.burst)
+    failures = RateLimiter(limits.rate_per_minute, limits.burst)
+
+    def refuse(request: Request, message: str) -> None:
+        """401, or 429 once a client address keeps failing (no free key guessing)."""
+        client = request.client.host if request.client else "unknown"
+        wait = failures.take(f"fail:{client}")
+        if wait > 0:
+            raise HTTPException(429, f"too many failed authentications; retry in {wait:.1f} s",
+                                headers={"Retry-After": str(math.ceil(wait))})
+        raise HTTPException(401, message)
 
     async def authenticate(request: Request) -> Principal:
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         if not key:
-            raise HTTPException(401, "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+            refuse(request, "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
         who = keys.lookup(key)
         if who is None:
-            raise HTTPException(401, "invalid API key")
+            refuse(request, "invalid API key")
         wait = limiter.take(key_digest(key))
         if wait > 0:
             raise HTTPException(
@@ -339,6 +349,10 @@ async def _parse(request, model: type[BaseModel]):
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HTTPException(400, "request body is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise HTTPException(400, f"request body has a value that cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise HTTPException(400, f"request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -420,7 +434,8 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
     Caller = Annotated[Principal, Depends(_authenticator(keys, limits))]
 
     async def run(messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
-        return await anyio.to_thread.run_sync(agent.answer, messages, who, channel, max_tokens)
+        # Callers are untrusted: their system turns and unsigned assistant turns are refused (400).
+        return await anyio.to_thread.run_sync(agent.answer, messages, who, channel, max_tokens, True)
 
     @app.get("/healthz")
     async def healthz():

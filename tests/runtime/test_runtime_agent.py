@@ -12,7 +12,8 @@ import pytest
 
 from fakes import ALICE, ANSWER, OUTPUTS, POLICY, REASONING, REASONING_2, FakeModel, make_agent
 from so8t.model.quantize import artifact_of
-from so8t.runtime.agent import GROUNDED_PROMPT, AgentInputError, Principal, load_temperature
+from so8t.data.grounding import GROUNDED_PROMPT
+from so8t.runtime.agent import AgentInputError, Principal, load_temperature
 from so8t.runtime.audit import load_or_create_key, verify_chain
 from so8t.runtime.model import ChatModel
 from so8t.runtime.retrieval import Retriever, Root
@@ -202,7 +203,7 @@ def test_retrieved_passages_are_in_the_prompt_and_cited(tmp_path):
     agent = make_agent(tmp_path, model, retriever=retriever)
     ans = agent.ask("apt でパッケージを入れるには？", ALICE)
     assert ans.citations == ["docs/apt.md"]
-    assert "[docs/apt.md]" in model.prompts[0] and "極秘計画" not in model.prompts[0]
+    assert "【資料 1: docs/apt.md】" in model.prompts[0] and "極秘計画" not in model.prompts[0]
     assert GROUNDED_PROMPT.split("{passages}")[0] in model.prompts[0]
     (row,) = agent.audit.rows()
     assert json.loads(row["doc_ids"]) == ["docs/apt.md"]

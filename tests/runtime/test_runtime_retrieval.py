@@ -106,13 +106,18 @@ def test_patterns_cannot_climb_out(corpus, pattern):
         Params.model_validate(raw)
 
 
-def test_bad_documents_are_named(tmp_path):
+def test_bad_documents_are_named_and_left_out_without_stopping_the_others(tmp_path):
+    (tmp_path / "good.md").write_text("# 良い文書\n本文です。", encoding="utf-8")
     (tmp_path / "a.jsonl").write_text('{"id": "x", "text": "ok"}\n{broken\n', encoding="utf-8")
-    with pytest.raises(RetrievalError, match=r"a.jsonl:2"):
-        load_passages([Root(str(tmp_path))])
+    passages, refused = load_passages([Root(str(tmp_path))])
+    assert [p.doc_id for p in passages] == [f"{tmp_path.name}/good.md"] and any("a.jsonl:2" in r for r in refused)
     (tmp_path / "a.jsonl").write_text('{"id": "x", "text": "ok", "access_level": "秘密"}\n', encoding="utf-8")
-    with pytest.raises(RetrievalError, match=r"a.jsonl: record 1: unknown access level"):
-        load_passages([Root(str(tmp_path))])
+    (tmp_path / "b.md").write_text("# b\nb の本文。", encoding="utf-8")
+    (tmp_path / "b.md.meta.json").write_text("[1, 2]", encoding="utf-8")
+    passages, refused = load_passages([Root(str(tmp_path))])
+    assert [p.doc_id for p in passages] == [f"{tmp_path.name}/good.md"]
+    assert any("a.jsonl: record 1: unknown access level" in r for r in refused)
+    assert any("b.md.meta.json" in r for r in refused)
     with pytest.raises(RetrievalError, match="not found"):
         load_passages([Root(str(tmp_path / "missing"))])
     with pytest.raises(RetrievalError, match="second root"):
