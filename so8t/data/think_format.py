@@ -85,12 +85,17 @@ def _sentences(text: str) -> list[str]:
 
 @dataclass
 class Encoded:
-    """One tokenised example."""
+    """One tokenised example.
+
+    Attributes:
+        decision_span: ``[start, end)`` token positions of the assistant's first line (``判定: X``).
+    """
 
     input_ids: list[int]
     labels: list[int]
     prompt_text: str
     completion_text: str
+    decision_span: tuple[int, int] = (0, 0)
 
 
 def encode(tokenizer, prompt: str, assistant: str) -> Encoded:
@@ -110,8 +115,11 @@ def encode(tokenizer, prompt: str, assistant: str) -> Encoded:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     cut = len(prompt_text)
-    labels = [tid if start >= cut else IGNORE_INDEX for tid, (start, _) in zip(ids, enc["offset_mapping"])]
-    return Encoded(ids, labels, prompt_text, full[cut:])
+    offsets = enc["offset_mapping"]
+    labels = [tid if start >= cut else IGNORE_INDEX for tid, (start, _) in zip(ids, offsets)]
+    line_end = cut + full[cut:].find("\n") if "\n" in full[cut:] else len(full)
+    span = [i for i, (start, _) in enumerate(offsets) if cut <= start < line_end]
+    return Encoded(ids, labels, prompt_text, full[cut:], (span[0], span[-1] + 1) if span else (0, 0))
 
 
 @dataclass
@@ -152,6 +160,7 @@ def format_record(record: Record, tokenizer, style: str, max_length: int, stats:
         "completion_text": enc.completion_text,
         "input_ids": enc.input_ids,
         "labels": enc.labels,
+        "decision_span": list(enc.decision_span),
         "n_tokens": len(enc.input_ids),
         "shortened": keep < len(sentences),
     }

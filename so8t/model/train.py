@@ -50,8 +50,10 @@ from so8t.model.pet import PETSchedule, pet_penalty
 from so8t.schema import IGNORE_INDEX
 
 
-def label_token_ce_sum(model: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label positions only.
+def label_token_ce_sum(
+    model: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Summed (optionally weighted) next-token cross-entropy over label positions only.
 
     Position ``t`` predicts ``labels[t + 1]``; positions whose next label is
     ``-100`` are skipped before the LM head.
@@ -59,9 +61,10 @@ def label_token_ce_sum(model: nn.Module, last_hidden: torch.Tensor, labels: torc
     Args:
         last_hidden: ``(B, T, D)`` final hidden states.
         labels: ``(B, T)`` long, ``-100`` where no loss is taken.
+        weights: ``(B, T)`` float weight of each token's loss (``None``: all 1).
 
     Returns:
-        (sum of CE in nats as a float32 scalar tensor, number of label tokens).
+        (sum of ``weight * CE`` in nats as a float32 scalar tensor, number of label tokens).
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -69,7 +72,34 @@ def label_token_ce_sum(model: nn.Module, last_hidden: torch.Tensor, labels: torc
     if n == 0:
         return last_hidden.sum() * 0.0, 0
     logits = output_logits(model, last_hidden[:, :-1][keep])
-    return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), n
+    ce = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+    if weights is not None:
+        ce = ce * weights[:, 1:][keep].to(ce.dtype)
+    return ce.sum(), n
+
+
+class DecisionWeightCollator:
+    """Pads ``input_ids`` / ``labels`` (``DataCollatorForSeq2Seq``) and adds ``label_weights``.
+
+    ``label_weights`` ``(B, T)`` float is 1 everywhere and ``weight`` on the tokens of each row's
+    ``decision_span`` (the ``判定: X`` line), so the decision, one or three tokens in ~100 of a
+    decision example, is not drowned by its reasoning and answer.
+    """
+
+    def __init__(self, tokenizer, weight: float) -> None:
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+        self.weight = weight
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        spans = [f.get("decision_span") or (0, 0) for f in features]
+        batch = self.pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        weights = torch.ones(batch["labels"].shape, dtype=torch.float32)
+        for i, (start, end) in enumerate(spans):
+            weights[i, start:end] = self.weight
+        batch["label_weights"] = weights
+        return batch
 
 
 class SO8TTrainer(Trainer):
@@ -136,7 +166,8 @@ class SO8TTrainer(Trainer):
             statistics to log, e.g. ``{"ce": ...}``).
         """
         # The LM head is frozen, so applying it outside the DDP wrapper needs no gradient sync.
-        ce_sum, n = label_token_ce_sum(self.accelerator.unwrap_model(model), outputs.hidden_states[-1], inputs["labels"])
+        unwrapped = self.accelerator.unwrap_model(model)
+        ce_sum, n = label_token_ce_sum(unwrapped, outputs.hidden_states[-1], inputs["labels"], inputs.get("label_weights"))
         return ce_sum, n, {"ce": ce_sum.detach().item() / max(n, 1)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -507,7 +538,9 @@ def eval_sets(rows: list[dict], per_task: int, seed: int) -> dict[str, list[dict
     rng = random.Random(f"{seed}:eval")
     by_task: dict[str, list[dict]] = {}
     for r in rows:
-        by_task.setdefault(r["task"], []).append({"input_ids": r["input_ids"], "labels": r["labels"]})
+        by_task.setdefault(r["task"], []).append(
+            {"input_ids": r["input_ids"], "labels": r["labels"], "decision_span": r.get("decision_span", [0, 0])}
+        )
     return {t: rng.sample(v, min(per_task, len(v))) for t, v in sorted(by_task.items())}
 
 
@@ -529,12 +562,27 @@ def _resume_point(params, paths: TrainPaths, n_trainable: int) -> tuple[str | No
     return resume_from, check
 
 
+def _dvclive_callback(live):
+    """transformers' dvclive callback, with dvclive's step set to the optimiser step before each log.
+
+    The stock callback advances dvclive's step on every log call, so each evaluation (one log per
+    val dataset, plus the decision metrics) would push later training steps off their x position.
+    """
+    from transformers.integrations import DVCLiveCallback
+
+    class StepAligned(DVCLiveCallback):
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if self._initialized:
+                self.live.step = state.global_step
+            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    return StepAligned(live=live)
+
+
 def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], resumed: bool, decision_eval=None):
     """The :class:`SO8TTrainer` of the train stage with dvclive, progress, time checkpoints and signals."""
     from datasets import Dataset
     from dvclive import Live
-    from transformers import DataCollatorForSeq2Seq
-    from transformers.integrations import DVCLiveCallback
 
     from so8t.io import read_jsonl
 
@@ -542,7 +590,7 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
     evaluating = bool(p.eval_steps) and paths.val is not None and paths.val.is_file()
     args = training_arguments(
         p, output_dir=c.dir, max_steps=p.max_steps, learning_rate=p.learning_rate, seed=params.seed,
-        checkpoint_steps=c.steps, train_sampling_strategy=p.sampling,
+        checkpoint_steps=c.steps, train_sampling_strategy=p.sampling, remove_unused_columns=False,
         eval_strategy="steps" if evaluating else "no", eval_steps=p.eval_steps or None,
         per_device_eval_batch_size=p.per_device_train_batch_size,
     )
@@ -558,8 +606,8 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
         train_dataset=Dataset.from_list(rows),
         eval_dataset=eval_dataset,
         decision_eval=decision_eval if evaluating else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
-        callbacks=[DVCLiveCallback(live=live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
+        data_collator=DecisionWeightCollator(tokenizer, p.decision_weight),
+        callbacks=[_dvclive_callback(live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
         pet_schedule=PETSchedule(p.pet.phase_boundaries, p.pet.lambdas) if p.pet.enabled else None,
         pet_hidden_state_index=p.pet.hidden_state_index,
         pet_reduction=p.pet.reduction,
@@ -610,7 +658,8 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     if not examples:
         raise DataError(f"{paths.data}: no training examples")
     mixed = mix_tasks(examples, {t.value: w for t, w in p.task_weights.items()}, params.seed)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in mixed]
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"], "decision_span": r.get("decision_span", [0, 0])}
+            for r in mixed]
     tokenizer = load_tokenizer(paths.base)
     model = build_model(paths.base, p, params.seed)
     counts = trainable_parameter_counts(model)

@@ -3,7 +3,7 @@
 For one request (a conversation ending in a user turn) :meth:`Agent.answer`:
 
 1. retrieves passages for the last user turn from the documents the caller's
-   access level allows (:class:`so8t.runtime.retrieval.Retriever`) and puts
+   access level allows (:class:`so8t.data.retrieval.Retriever`) and puts
    them, with their document ids, before the question in that turn;
 2. removes chat-template control tokens from every untrusted text (turns and
    passages) and renders the conversation with the model's chat template;
@@ -48,8 +48,8 @@ from so8t.model.quantize import artifact_of
 from so8t.runtime.audit import AuditEntry, AuditLog
 from so8t.runtime.guard import separate
 from so8t.runtime.model import ChatModel
-from so8t.runtime.retrieval import Passage, Retriever
-from so8t.data.grounding import grounded_prompt
+from so8t.data.retrieval import Passage, Retriever
+from so8t.data.grounding import fit_passages, grounded_prompt
 from so8t.schema import DECISIONS, END_OF_TURN_TOKENS, Decision
 
 #: The last user turn when passages were retrieved: the passages with their ids, then the question.
@@ -168,6 +168,7 @@ class Agent:
         max_new_tokens: generation budget (tokens).
         max_input_chars: longest accepted conversation (characters over all turns).
         allow_system_turns: accept ``system`` turns from untrusted callers (HTTP); an operator's choice.
+        max_passage_tokens: token budget of all passages of one prompt (``retrieval.max_passage_tokens``).
     """
 
     def __init__(
@@ -182,6 +183,7 @@ class Agent:
         max_new_tokens: int = 256,
         max_input_chars: int = 8000,
         allow_system_turns: bool = False,
+        max_passage_tokens: int = 192,
     ) -> None:
         self.model = model
         self.style = style
@@ -192,6 +194,7 @@ class Agent:
         self.max_new_tokens = max_new_tokens
         self.max_input_chars = max_input_chars
         self.allow_system_turns = allow_system_turns
+        self.max_passage_tokens = max_passage_tokens
         self._control = _control_pattern(model.control_tokens)
         self._lock = threading.Lock()  # one generation at a time: models are not thread-safe
 
@@ -248,6 +251,7 @@ class Agent:
         """The turns with control tokens stripped; passages (fenced, markers neutralised) before the question."""
         out = [{"role": m["role"], "content": self._clean(m["content"])} for m in messages]
         found = [(self._clean(p.doc_id), self._clean(p.title), self._clean(p.text)) for p in passages]
+        found = fit_passages(found, self.model.count_tokens, self.max_passage_tokens)
         out[-1]["content"] = grounded_prompt(out[-1]["content"], found)
         return out
 
@@ -460,7 +464,7 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         warn: called with a message when the model has no fitted temperature.
     """
     from so8t.runtime.model import load_model
-    from so8t.runtime.retrieval import Retriever, roots_from_params
+    from so8t.data.retrieval import Retriever, roots_from_params
 
     rt = params.runtime
     model_path = resolve(base_dir, rt.model)
@@ -472,8 +476,8 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         warn(f"no temperature for {key!r} in {rt.calibration}: confidences are uncalibrated (T = 1)")
         temperature = 1.0
     retriever = None
-    if rt.retrieval.enabled:
-        r = rt.retrieval
+    if params.retrieval.enabled:
+        r = params.retrieval
         retriever = Retriever(
             roots_from_params(r.roots, base_dir),
             r.tokenizer,
@@ -494,4 +498,5 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         max_new_tokens=rt.max_new_tokens,
         max_input_chars=rt.max_input_chars,
         allow_system_turns=rt.server.allow_system_turns,
+        max_passage_tokens=params.retrieval.max_passage_tokens,
     )

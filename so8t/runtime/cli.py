@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     from so8t.runtime.agent import AgentInputError
     from so8t.runtime.model import ModelError
     from so8t.runtime.ollama import OllamaTemplateError
-    from so8t.runtime.retrieval import RetrievalError
+    from so8t.data.retrieval import RetrievalError
     from so8t.runtime.server import ServerConfigError
 
     args = build_parser().parse_args(argv)

@@ -16,7 +16,7 @@ from so8t.data.grounding import GROUNDED_PROMPT
 from so8t.runtime.agent import AgentInputError, Principal, load_temperature
 from so8t.runtime.audit import load_or_create_key, verify_chain
 from so8t.runtime.model import ChatModel
-from so8t.runtime.retrieval import Retriever, Root
+from so8t.data.retrieval import Retriever, Root
 
 def _no_reasoning(obj) -> None:
     """No reasoning sentence, nor a reasoning marker, anywhere in ``obj`` (serialised)."""
@@ -232,7 +232,7 @@ def test_build_agent_from_params(tmp_path):
     (tmp_path / "cal.json").write_text(json.dumps({"artifacts": {"q8_0": {"temperature": 3.0}}}), encoding="utf-8")
     raw = Params().model_dump()
     raw["runtime"].update(model="m/so8t-q8_0.gguf", calibration="cal.json")
-    raw["runtime"]["retrieval"]["roots"] = [{"path": "docs"}]
+    raw["retrieval"]["roots"] = [{"path": "docs"}]
     raw["runtime"]["audit"]["db"] = "audit/a.sqlite3"
     agent = build_agent(Params.model_validate(raw), tmp_path, model=FakeModel())
     assert agent.temperature == 3.0 and agent.style == "markdown"

@@ -113,7 +113,7 @@ def _params(tmp: Path, gguf: Path) -> Path:
         max_new_tokens=24,
         ollama_dir="ollama",
     )
-    params["runtime"]["retrieval"]["roots"] = [{"path": "docs", "access_level": "公開", "patterns": ["*.md"]}]
+    params["retrieval"]["roots"] = [{"path": "docs", "access_level": "公開", "patterns": ["*.md"]}]
     params["runtime"]["audit"] = {"db": "audit/audit.sqlite3", "store_plaintext": True}
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")

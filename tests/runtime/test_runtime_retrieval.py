@@ -10,7 +10,7 @@ import pytest
 
 from so8t.params import Params
 from so8t.access import ACCESS_LEVELS, AccessLevel, parse_level
-from so8t.runtime.retrieval import (
+from so8t.data.retrieval import (
     RetrievalError,
     Retriever,
     Root,
@@ -101,7 +101,7 @@ def test_patterns_cannot_climb_out(corpus, pattern):
     with pytest.raises(RetrievalError, match="patterns"):
         load_passages([Root(str(root), patterns=(pattern,))])
     raw = Params().model_dump()
-    raw["runtime"]["retrieval"]["roots"] = [{"path": str(root), "patterns": [pattern]}]
+    raw["retrieval"]["roots"] = [{"path": str(root), "patterns": [pattern]}]
     with pytest.raises(ValueError, match=r"\.\."):
         Params.model_validate(raw)
 
@@ -152,7 +152,7 @@ def test_default_roots_index_the_collected_debian_docs():
     collected = REPO / "data" / "collected"
     if not (collected / "faq.jsonl").is_file():
         pytest.skip("data/collected not built (run `dvc repro collect`)")
-    rt = Params().runtime.retrieval
+    rt = Params().retrieval
     r = Retriever(roots_from_params(rt.roots, REPO), rt.tokenizer, rt.top_k, rt.chunk_chars)
     assert {p.doc_id.split("#")[0] for p in r.passages} == {"collected/reference.jsonl", "collected/faq.jsonl"}
     hits = r.search("sudo の設定", "公開")

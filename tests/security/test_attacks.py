@@ -16,7 +16,7 @@ from so8t.data.grounding import neutralize
 from so8t.runtime.agent import AgentInputError, Principal, strip_to_fixed_point, _control_pattern
 from so8t.runtime.guard import separate
 from so8t.runtime.redteam import CLASSIFIED, SECRET, Recording, leaked, make_documents, reasoning_outputs, run_suite
-from so8t.runtime.retrieval import Retriever, Root
+from so8t.data.retrieval import Retriever, Root
 
 WHO = Principal.of("mallory", "公開")
 

