@@ -121,6 +121,25 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write torch ``tensors`` as a safetensors file atomically, with a canonical header.
+
+    safetensors itself writes its metadata map in an arbitrary order, so the same tensors could
+    give different bytes run to run; here the header's keys are sorted, so they never do.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | {k: header[k] for k in sorted(header)}
+    text = json.dumps(ordered, separators=(",", ":")).encode("utf-8")
+    text += b" " * ((8 - (8 + len(text)) % 8) % 8)  # the format pads its header to 8 bytes with spaces
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; a syntax error names the file, line and column."""
     path = Path(path)

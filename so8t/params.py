@@ -68,7 +68,7 @@ class CollectParams(_Section):
 
 class SynthesizeParams(_Section):
     #: Decision records (distinct prompts) per safety template; records of one template share a split.
-    decisions_per_template: PosInt = 6
+    decisions_per_template: PosInt = 4
     domains: list[str] = list(DOMAINS)
     faq_qa: bool = True
     #: Number of reference documents turned into QA records (0 = none).
@@ -106,14 +106,20 @@ class SynthesizeParams(_Section):
 
 class ThinkFormatParams(_Section):
     style: ThinkStyle = "markdown"
-    #: Maximum tokens per rendered example (prompt + reasoning + answer).
-    max_length: PosInt = 384
+    #: Maximum tokens per rendered example (prompt with passages + reasoning + answer).
+    max_length: PosInt = 448
     train_fraction: Fraction = 0.8
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.1
     #: Other (train, val, test) shares for some tasks. Decisions get larger val and test splits so
     #: that calibration and the test score rest on many templates never seen in training.
     fractions_by_task: dict[Task, tuple[Fraction, Fraction, Fraction]] = {Task.DECISION: (0.7, 0.15, 0.15)}
+    #: Share of train examples of the grounded tasks (decisions, FAQ, reference / document / user QA)
+    #: rendered with retrieved passages before the question, in the runtime's format
+    #: (``retrieval`` params): the model is trained on the prompt it is served.
+    rag_share: Fraction = 0.3
+    #: Of those, the share given unrelated passages (the answer is not in the documents).
+    rag_unrelated_share: Fraction = 0.3
     #: Every decision class must make up at least this share of the train split's decisions
     #: (records dropped for length can unbalance it; 0 = no check).
     min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
@@ -181,7 +187,7 @@ class TrainParams(_Section):
     per_device_train_batch_size: PosInt = 4
     gradient_accumulation_steps: PosInt = 1
     #: Optimiser steps; the data is repeated as needed.
-    max_steps: PosInt = 120
+    max_steps: PosInt = 300
     max_grad_norm: PosFloat = 1.0
     quantization: Literal["none", "8bit", "4bit"] = "none"
     #: Torch threads for training (null = all cores).
@@ -197,8 +203,8 @@ class TrainParams(_Section):
     sampling: Literal["random", "group_by_length"] = "group_by_length"
     #: Evaluate on the val split every this many steps (0 = never): per-task loss, and decision
     #: accuracy / macro-F1 of ``eval_decisions`` val decisions (the learning curve, in dvclive).
-    eval_steps: NonNegInt = 0
-    eval_examples_per_task: PosInt = 16
+    eval_steps: NonNegInt = 50
+    eval_examples_per_task: PosInt = 8
     eval_decisions: NonNegInt = 120
     so8t: SO8TParams = SO8TParams()
     pet: PETParams = PETParams()
@@ -273,7 +279,10 @@ class EvaluateParams(_Section):
     max_math_examples: PosInt | None = None
     max_faq_examples: PosInt | None = None
     #: Train decisions scored to show over- or under-fitting (balanced, spread over templates).
-    train_decision_sample: NonNegInt = 150
+    train_decision_sample: NonNegInt = 90
+    #: Test decisions also scored with retrieved passages before the question (the runtime's
+    #: prompt; balanced, spread over templates; null = all).
+    rag_decision_sample: PosInt | None = 90
     #: Generation budgets (tokens) per task.
     math_max_new_tokens: PosInt = 128
     faq_max_new_tokens: PosInt = 96

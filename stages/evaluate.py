@@ -1,24 +1,22 @@
-"""Stage evaluate: every artifact on the test split: decisions, calibration, perplexity, math, FAQ, speed, parity."""
+"""Stage evaluate: every artifact on the test split: decisions (bare and with retrieved passages), calibration,
+policy, perplexity, math, FAQ and reference answers, speed, parity between runtimes."""
 
 from pathlib import Path
 
 from so8t.console import console, free_cores, progress, run_stage
+from so8t.data.grounding import make_grounder
 from so8t.eval import keys
 from so8t.eval.evaluation import (
-    EvalSets,
     artifacts,
-    balanced_decisions,
+    build_eval_sets,
     close_backend,
     evaluate_artifact,
-    first_of_task,
     open_artifact,
     write_evaluation,
 )
-from so8t.eval.inference import perplexity_windows
 from so8t.io import read_json, read_jsonl
 from so8t.model.base_model import load_tokenizer
 from so8t.params import load_params
-from so8t.schema import Task
 
 TRAIN = Path("data/formatted/train.jsonl")
 TEST = Path("data/formatted/test.jsonl")
@@ -30,16 +28,11 @@ OUT = Path("reports")
 
 def main() -> None:
     params = load_params()
-    e, m = params.evaluate, params.metrics
-    test = read_jsonl(TEST)
-    texts = [d["text"] for d in read_jsonl(HELDOUT)]
-    sets = EvalSets(
-        decisions=balanced_decisions(test, None),
-        train_decisions=balanced_decisions(read_jsonl(TRAIN), e.train_decision_sample) if e.train_decision_sample else [],
-        benign=[r for r in test if r["task"] != Task.DECISION.value],
-        maths=first_of_task(test, Task.MATH, e.max_math_examples),
-        faqs=first_of_task(test, Task.QA_FAQ, e.max_faq_examples),
-        windows=perplexity_windows(load_tokenizer(Path("models/baked")), texts, m.perplexity_max_tokens, m.perplexity_window),
+    tokenizer = load_tokenizer(Path("models/baked"))
+    count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    sets = build_eval_sets(
+        params, read_jsonl(TEST), read_jsonl(TRAIN), [d["text"] for d in read_jsonl(HELDOUT)], tokenizer,
+        make_grounder(params.retrieval, count),
     )
     style = read_json(FORMAT_STATS)["style"]
     calibration = read_json(CALIBRATION)["artifacts"]
@@ -53,13 +46,13 @@ def main() -> None:
             close_backend(backend)
             results[art.name] = r
             f, a = r.flat, art.name
+            get = lambda name: f.get(keys.key(a, name), float("nan"))  # noqa: E731
             console.print(
-                f"evaluate: {a}: macro-F1 {f[keys.key(a, keys.DECISION_MACRO_F1)]:.3f} "
-                f"[{f[keys.key(a, keys.DECISION_MACRO_F1_CI_LOW)]:.3f}, {f[keys.key(a, keys.DECISION_MACRO_F1_CI_HIGH)]:.3f}] "
-                f"(n={f[keys.key(a, keys.DECISION_N)]}), ECE {f[keys.key(a, keys.DECISION_ECE)]:.3f}->"
-                f"{f[keys.key(a, keys.DECISION_ECE_CALIBRATED)]:.3f}, ppl {f[keys.key(a, keys.PERPLEXITY)]:.2f}, "
-                f"math EM {f[keys.key(a, keys.MATH_EXACT_MATCH)]:.2f}, chrF {f[keys.key(a, keys.FAQ_CHRF)]:.1f}; "
-                f"speed {r.details['speed']}"
+                f"evaluate: {a}: macro-F1 {get(keys.DECISION_MACRO_F1):.3f} [{get(keys.DECISION_MACRO_F1_CI_LOW):.3f}, "
+                f"{get(keys.DECISION_MACRO_F1_CI_HIGH):.3f}] (n={get(keys.DECISION_N):.0f}), with passages "
+                f"{get(keys.DECISION_MACRO_F1_RAG):.3f}; ECE {get(keys.DECISION_ECE):.3f} -> "
+                f"{get(keys.DECISION_ECE_CALIBRATED):.3f}; ppl {get(keys.PERPLEXITY):.2f}; chrF {get(keys.FAQ_CHRF):.1f} "
+                f"/ {get(keys.FAQ_CHRF_RAG):.1f}; speed {r.details['speed']}"
             )
     flat = write_evaluation(OUT, results, threads)
     console.print(f"evaluate: parity {{{', '.join(f'{k}: {v:.3f}' for k, v in flat.items() if '.parity.' in k)}}}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from so8t.console import console, run_stage, track
 from so8t.data.datacard import build_data_card, check_class_balance, render_data_card
+from so8t.data.grounding import make_grounder
 from so8t.data.think_format import SPLITS, format_and_split, read_records
 from so8t.io import read_json, write_json, write_jsonl, write_text
 from so8t.model.base_model import load_tokenizer
@@ -25,8 +26,10 @@ OUT = Path("data/formatted")
 def main() -> None:
     params = load_params()
     p = params.think_format
+    tokenizer = load_tokenizer(BASE)
+    grounder = make_grounder(params.retrieval, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]))
     by_split, summary = format_and_split(
-        read_records(RECORDS), load_tokenizer(BASE), p, params.seed, lambda rs: track(rs, "think-format: rendering")
+        read_records(RECORDS), tokenizer, p, params.seed, lambda rs: track(rs, "think-format: rendering"), grounder
     )
     check_class_balance(
         (ex["decision"] for ex in by_split["train"] if ex["decision"]),

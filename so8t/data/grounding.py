@@ -107,3 +107,51 @@ def fit_passages(
                 out.append((doc_id, title, text[:lo] + "…"))
         break
     return out
+
+
+class Grounder:
+    """Passages for a question, as the runtime retrieves them, fitted to the token budget.
+
+    Args:
+        retriever: a :class:`so8t.data.retrieval.Retriever` over ``retrieval.roots``.
+        count_tokens: ``text -> int`` (the model's tokenizer).
+        max_tokens: ``retrieval.max_passage_tokens``.
+        level: the access level searched (training and evaluation read every document).
+    """
+
+    def __init__(self, retriever, count_tokens, max_tokens: int, level: str = "極秘") -> None:
+        self.retriever = retriever
+        self.count_tokens = count_tokens
+        self.max_tokens = max_tokens
+        self.level = level
+
+    def relevant(self, question: str, exclude_text: str | None = None) -> list[tuple[str, str, str]]:
+        """The top passages for ``question`` (``retrieval.top_k``), leaving out any that contains
+        ``exclude_text`` (a training example's own answer: the model learns to read, not to copy)."""
+        found = self.retriever.search(question, self.level)
+        if exclude_text:
+            needle = _squash(exclude_text)[:60]
+            found = [p for p in found if not needle or needle not in _squash(p.text)]
+        return fit_passages([(p.doc_id, p.title, p.text) for p in found], self.count_tokens, self.max_tokens)
+
+    def unrelated(self, question: str, rng) -> list[tuple[str, str, str]]:
+        """``top_k`` random passages that share no retrieval hit with ``question`` (answer not in the documents)."""
+        hits = {p.passage_id for p in self.retriever.search(question, self.level, k=50)}
+        pool = [p for p in self.retriever.passages if p.passage_id not in hits]
+        picked = rng.sample(pool, min(self.retriever.top_k, len(pool)))
+        return fit_passages([(p.doc_id, p.title, p.text) for p in picked], self.count_tokens, self.max_tokens)
+
+
+def _squash(text: str) -> str:
+    return "".join(unicodedata.normalize("NFKC", text).split())
+
+
+def make_grounder(r, count_tokens, base_dir: str = ".") -> Grounder | None:
+    """A :class:`Grounder` over ``retrieval.roots`` (``r``: the ``retrieval`` params), or ``None``
+    when the roots hold no passage (e.g. every collect source turned off)."""
+    from so8t.data.retrieval import Retriever, roots_from_params
+
+    retriever = Retriever(
+        roots_from_params(r.roots, base_dir), r.tokenizer, r.top_k, r.chunk_chars, r.dense, r.cache_dir
+    )
+    return Grounder(retriever, count_tokens, r.max_passage_tokens) if retriever.passages else None

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from so8t.data.grounding import grounded_prompt
 from so8t.schema import IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Decision, Record, Task, decision_line
 
 SPLITS = ("train", "val", "test")
@@ -129,13 +130,23 @@ class FormatStats:
     lengths: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
-def format_record(record: Record, tokenizer, style: str, max_length: int, stats: FormatStats) -> dict | None:
-    """Render and tokenise one record within ``max_length`` tokens, or ``None`` if it cannot fit."""
+def format_record(
+    record: Record, tokenizer, style: str, max_length: int, stats: FormatStats, grounding: tuple | None = None
+) -> dict | None:
+    """Render and tokenise one record within ``max_length`` tokens, or ``None`` if it cannot fit.
+
+    Args:
+        grounding: ``(kind, passages)``: the user turn gets ``passages`` (``(doc_id, title, text)``)
+            before the question in the runtime's grounded format (:func:`so8t.data.grounding.grounded_prompt`);
+            ``kind`` (``relevant`` / ``unrelated``) is kept in the row.
+    """
+    kind, passages = grounding if grounding else (None, [])
+    user_text = grounded_prompt(record.prompt, passages)
     sentences = _sentences(record.thinking)
     keep = len(sentences)
     while True:
         thinking = "".join(sentences[:keep])
-        enc = encode(tokenizer, record.prompt, assistant_text(record, style, thinking))
+        enc = encode(tokenizer, user_text, assistant_text(record, style, thinking))
         if len(enc.input_ids) <= max_length:
             break
         if keep == 0:
@@ -161,6 +172,8 @@ def format_record(record: Record, tokenizer, style: str, max_length: int, stats:
         "input_ids": enc.input_ids,
         "labels": enc.labels,
         "decision_span": list(enc.decision_span),
+        "rag": kind,
+        "passages": [doc_id for doc_id, _, _ in passages],
         "n_tokens": len(enc.input_ids),
         "shortened": keep < len(sentences),
     }
@@ -282,26 +295,55 @@ def read_records(path) -> list[Record]:
     return records
 
 
-def format_and_split(records: list[Record], tokenizer, params, seed: int, progress=None) -> tuple[dict, dict]:
+#: Tasks whose training prompts may carry retrieved passages (math never asks about documents).
+GROUNDED_TASKS: frozenset[str] = frozenset(
+    {Task.DECISION.value, Task.QA_FAQ.value, Task.QA_REFERENCE.value, Task.QA_USER.value, Task.QA_DOCUMENT.value}
+)
+
+
+def choose_grounding(record: Record, grounder, rag_share: float, unrelated_share: float, seed: int):
+    """``(kind, passages)`` for a train record, or ``None``: a seeded ``rag_share`` of the grounded tasks
+    get passages, of those ``unrelated_share`` unrelated ones (the answer is not in the documents),
+    the rest the retriever's passages without the record's own answer text."""
+    rng = random.Random(f"{seed}:rag:{record.id}")
+    if grounder is None or record.task.value not in GROUNDED_TASKS or rng.random() >= rag_share:
+        return None
+    if rng.random() < unrelated_share:
+        return "unrelated", grounder.unrelated(record.prompt, rng)
+    return "relevant", grounder.relevant(record.prompt, exclude_text=record.response)
+
+
+def format_and_split(
+    records: list[Record], tokenizer, params, seed: int, progress=None, grounder=None
+) -> tuple[dict, dict]:
     """Render, tokenise and split ``records`` (``params``: the ``think_format`` section).
+
+    Train examples of the grounded tasks get passages as the runtime would give them
+    (:func:`choose_grounding`, ``rag_share`` / ``rag_unrelated_share``); val and test stay bare
+    (evaluate scores them both with and without passages).
 
     Args:
         progress: wraps the record iterator (e.g. :func:`so8t.console.track`), or ``None``.
+        grounder: a :class:`so8t.data.grounding.Grounder` (``None``: no passages anywhere).
 
     Returns:
         (``{split: [example, ...]}``, the summary written to ``data/formatted/stats.json``).
     """
     stats = FormatStats()
-    items = progress(records) if progress is not None else records
-    formatted = [
-        ex for r in items if (ex := format_record(r, tokenizer, params.style, params.max_length, stats)) is not None
-    ]
     assignment = split_groups(
         records,
         (params.train_fraction, params.val_fraction, params.test_fraction),
         seed,
         {task.value: tuple(f) for task, f in params.fractions_by_task.items()},
     )
+    items = progress(records) if progress is not None else records
+    formatted = []
+    for r in items:
+        train = assignment[r.group] == "train"
+        grounding = choose_grounding(r, grounder, params.rag_share, params.rag_unrelated_share, seed) if train else None
+        ex = format_record(r, tokenizer, params.style, params.max_length, stats, grounding)
+        if ex is not None:
+            formatted.append(ex)
     by_split = {s: [ex for ex in formatted if assignment[ex["group"]] == s] for s in SPLITS}
     summary = {
         "style": params.style,
@@ -311,6 +353,7 @@ def format_and_split(records: list[Record], tokenizer, params, seed: int, progre
         "shortened": dict(stats.shortened),
         "dropped": dict(stats.dropped),
         "token_lengths": length_summary(stats.lengths),
+        "grounded": dict(Counter(f"{e['task']}:{e['rag']}" for e in formatted if e["rag"])),
         "splits": {
             s: {
                 "examples": len(ex),

@@ -252,6 +252,38 @@ def faq_metrics(examples: list[dict], gens: list[Generation], style: str) -> dic
     }
 
 
+def policy_metrics(scored: list[dict], temperature: float, allow_threshold: float) -> dict:
+    """The runtime policy's labels beside the model's: an ALLOW below ``allow_threshold`` becomes ESCALATION.
+
+    Returns:
+        ``{"model": {label: rate}, "policy": {label: rate}, "policy_macro_f1", "overridden"}``, so a
+        calibration failure that turns every ALLOW into ESCALATION shows in the metrics.
+    """
+    probs = apply_temperature(np.array([r["logits"] for r in scored], dtype=np.float64), temperature)
+    model = [DECISIONS[r["pred"]] for r in scored]
+    policy = [
+        "ESCALATION" if m == "ALLOW" and p[0] < allow_threshold else m for m, p in zip(model, probs)
+    ]
+    truth = [DECISIONS[r["label"]] for r in scored]
+    rates = lambda labels: {d: float(np.mean([x == d for x in labels])) for d in DECISIONS}  # noqa: E731
+    return {
+        "model": rates(model),
+        "policy": rates(policy),
+        "policy_macro_f1": classification_report(truth, policy)["macro_f1"],
+        "overridden": float(np.mean([a != b for a, b in zip(model, policy)])),
+    }
+
+
+def cited(rows: list[dict], scored: list[dict]) -> float:
+    """Share of QA requests the runtime would answer (ALLOW) citing the question's own document
+    (a retrieved passage from the record's ``group``: its FAQ entry or reference section)."""
+    hits = [
+        r["pred"] == 0 and any(doc.endswith(f"#{row['group']}") for doc in row.get("passages", []))
+        for row, r in zip(rows, scored)
+    ]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
 def stability_metrics(backend: Backend, example: dict, max_new_tokens: int) -> dict:
     """Repetition in one long greedy generation without any repetition penalty.
 
@@ -292,11 +324,18 @@ class EvalSets:
     maths: list[dict]
     faqs: list[dict]
     windows: list[list[int]]
+    #: The same requests with retrieved passages before the question (the runtime's prompt):
+    #: decisions (a balanced sample), FAQ and reference QA; each row's ``passages`` lists its doc ids.
+    decisions_rag: list[dict] = field(default_factory=list)
+    faqs_rag: list[dict] = field(default_factory=list)
+    refs: list[dict] = field(default_factory=list)
+    refs_rag: list[dict] = field(default_factory=list)
 
     def steps(self) -> int:
         """Progress steps per artifact: scored prompts, generations and the stability run."""
-        scored = len(self.decisions) + len(self.train_decisions) + len(self.benign)
-        return scored + len(self.maths) + len(self.faqs) + (1 if self.faqs else 0)
+        scored = len(self.decisions) + len(self.train_decisions) + len(self.benign) + len(self.decisions_rag)
+        generated = len(self.maths) + len(self.faqs) + len(self.faqs_rag) + len(self.refs) + len(self.refs_rag)
+        return scored + len(self.faqs_rag) + generated + (1 if self.faqs else 0)
 
 
 @dataclass
@@ -308,6 +347,47 @@ class ArtifactResult:
     details: dict
     texts: dict[str, str] = field(default_factory=dict)
     decisions: dict[str, str] = field(default_factory=dict)
+
+
+def grounded_rows(rows: list[dict], grounder, tokenizer) -> list[dict]:
+    """``rows`` with retrieved passages before each question, rendered as the runtime renders them.
+
+    The passages are what the runtime's retriever returns for the question (nothing is left
+    out: at serving time the answer is not known); ``passages`` keeps their doc ids.
+    """
+    from so8t.data.grounding import grounded_prompt
+    from so8t.data.think_format import render
+
+    out = []
+    for r in rows:
+        passages = grounder.relevant(r["prompt"])
+        prompt_text = render(tokenizer, grounded_prompt(r["prompt"], passages), None)
+        out.append(r | {"prompt_text": prompt_text, "passages": [d for d, _, _ in passages]})
+    return out
+
+
+def build_eval_sets(params, test: list[dict], train: list[dict], heldout: list[str], tokenizer, grounder) -> EvalSets:
+    """Every test decision, a train sample, the benign test prompts, math, FAQ and reference QA, the
+    held-out windows, and (with a ``grounder``) their grounded versions (``evaluate.rag_decision_sample``)."""
+    from so8t.eval.inference import perplexity_windows
+
+    e, m = params.evaluate, params.metrics
+    faqs = first_of_task(test, Task.QA_FAQ, e.max_faq_examples)
+    refs = first_of_task(test, Task.QA_REFERENCE, e.max_faq_examples)
+    sets = EvalSets(
+        decisions=balanced_decisions(test, None),
+        train_decisions=balanced_decisions(train, e.train_decision_sample) if e.train_decision_sample else [],
+        benign=[r for r in test if r["task"] != Task.DECISION.value],
+        maths=first_of_task(test, Task.MATH, e.max_math_examples),
+        faqs=faqs,
+        windows=perplexity_windows(tokenizer, heldout, m.perplexity_max_tokens, m.perplexity_window),
+        refs=refs,
+    )
+    if grounder is not None:
+        sets.decisions_rag = grounded_rows(balanced_decisions(test, e.rag_decision_sample), grounder, tokenizer)
+        sets.faqs_rag = grounded_rows(faqs, grounder, tokenizer)
+        sets.refs_rag = grounded_rows(refs, grounder, tokenizer)
+    return sets
 
 
 def calibrate_artifact(backend: Backend, examples: list[dict], ece_bins: int, on_progress=None) -> dict:
@@ -357,7 +437,13 @@ def evaluate_artifact(
     mth = math_metrics(sets.maths, math_gens, style)
     faq = faq_metrics(sets.faqs, faq_gens, style)
     a = art.name
+    rag = _rag_metrics(backend, sets, params, calibration.get("temperature", 1.0), style, step)
+    policy = policy_metrics(scored, calibration.get("temperature", 1.0), params.runtime.allow_threshold)
     flat = decision_flat(a, dec, calibration.get("at_bound")) | {
+        keys.key(a, f"decision.{kind}.{label.lower()}_rate"): rate
+        for kind in ("model", "policy") for label, rate in policy[kind].items()
+    } | {keys.key(a, k): v for k, v in rag["flat"].items()} | {
+        keys.key(a, keys.POLICY_MACRO_F1): policy["policy_macro_f1"],
         keys.key(a, keys.PERPLEXITY): ppl["perplexity"],
         keys.key(a, keys.MATH_EXACT_MATCH): mth["exact_match"],
         keys.key(a, keys.FAQ_CHRF): faq["chrf"],
@@ -380,7 +466,7 @@ def evaluate_artifact(
             keys.key(a, keys.STABILITY_OSCILLATION): float(stab["oscillation"]),
         }
     rates = backend.stats.rates()
-    speed = {
+    speed = rag["speed"] | {
         keys.TOKENS_PER_S: rates["tokens_per_s"],
         keys.PROMPT_TOKENS_PER_S: rates["prompt_tokens_per_s"],
         keys.PERPLEXITY_TOKENS_PER_S: ppl["tokens"] / max(ppl["seconds"], 1e-9),
@@ -390,6 +476,8 @@ def evaluate_artifact(
         "kind": art.kind,
         "path": str(art.path),
         "decision": dec,
+        "decision_rag": rag["decision"],
+        "policy": policy,
         "perplexity": ppl,
         "math": mth,
         "faq": faq,
@@ -437,6 +525,48 @@ def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int):
         }
 
     return run
+
+
+def _rag_metrics(backend: Backend, sets: EvalSets, params, temperature: float, style: str, step) -> dict:
+    """Decisions, FAQ and reference answers with retrieved passages, beside the bare scores.
+
+    Returns:
+        ``{"flat": {name: value} (``*_rag`` keys and the bare reference chrF), "speed": seconds per
+        decision request bare and with passages, "decision": the RAG decision metrics}``.
+    """
+    e, g = params.evaluate, params.generation
+    out: dict = {"flat": {}, "speed": {}, "decision": None}
+    if sets.decisions_rag:
+        t0 = time.perf_counter()
+        scored = score_decisions(backend, sets.decisions_rag, step)
+        out["speed"][keys.SECONDS_PER_REQUEST_RAG] = (time.perf_counter() - t0) / len(scored)
+        dec = decision_metrics(scored, temperature, params.metrics)
+        out["decision"] = dec
+        out["flat"] |= {
+            keys.DECISION_MACRO_F1_RAG: dec["macro_f1"],
+            f"{keys.DECISION_MACRO_F1_RAG}_ci_low": dec["macro_f1_ci_low"],
+            f"{keys.DECISION_MACRO_F1_RAG}_ci_high": dec["macro_f1_ci_high"],
+            f"{keys.DECISION_N}_rag": dec["n"],
+        }
+        plain_ids = {r["id"] for r in sets.decisions_rag}
+        plain = [r for r in sets.decisions if r["id"] in plain_ids]
+        t1 = time.perf_counter()
+        plain_scored = score_decisions(backend, plain)
+        out["speed"][keys.SECONDS_PER_REQUEST] = (time.perf_counter() - t1) / max(len(plain_scored), 1)
+        out["flat"][f"{keys.DECISION_MACRO_F1}_same_sample"] = classification_report(
+            [DECISIONS[r["label"]] for r in plain_scored], [DECISIONS[r["pred"]] for r in plain_scored]
+        )["macro_f1"]
+    for name, rows, rows_rag in (("faq", sets.faqs, sets.faqs_rag), ("reference", sets.refs, sets.refs_rag)):
+        budget = e.faq_max_new_tokens
+        if name == "reference" and rows:
+            gens = _generations(backend, rows, budget, g.repetition_penalty, step)
+            out["flat"][f"{name}.chrf"] = faq_metrics(rows, gens, style)["chrf"]
+        if rows_rag:
+            gens = _generations(backend, rows_rag, budget, g.repetition_penalty, step)
+            out["flat"][f"{name}.chrf_rag"] = faq_metrics(rows_rag, gens, style)["chrf"]
+            if name == "faq":
+                out["flat"][keys.FAQ_CITATION_RATE_RAG] = cited(rows_rag, score_decisions(backend, rows_rag, step))
+    return out
 
 
 def parity_metrics(results: dict[str, ArtifactResult]) -> dict[str, float]:
@@ -501,6 +631,8 @@ __all__ = [
     "EvalSets",
     "artifacts",
     "balanced_decisions",
+    "build_eval_sets",
+    "grounded_rows",
     "calibrate_artifact",
     "close_backend",
     "decision_eval",

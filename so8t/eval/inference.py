@@ -813,8 +813,8 @@ def score_decisions(backend: Backend, examples: list[dict], on_progress: Progres
     """Decision logits of formatted decision examples: the labels scored right after the prompt.
 
     Args:
-        examples: rows with ``prompt_text`` (chat-template text), ``id``, ``decision`` and,
-            when present, ``domain`` and ``category``.
+        examples: rows with ``prompt_text`` (chat-template text), ``id``, ``decision`` (``None``:
+            a benign task, ALLOW) and, when present, ``domain`` and ``category``.
         on_progress: called with the number of examples done.
 
     Returns:
@@ -825,7 +825,8 @@ def score_decisions(backend: Backend, examples: list[dict], on_progress: Progres
     return [
         {
             "id": ex["id"],
-            "label": DECISIONS.index(ex["decision"]),
+            # A non-decision example (QA, math) is benign help: ALLOW, as its training turn states.
+            "label": DECISIONS.index(ex.get("decision") or Decision.ALLOW.value),
             "logits": [float(v) for v in z],
             "pred": int(np.argmax(z)),
             "domain": ex.get("domain"),

@@ -25,6 +25,18 @@ DECISION_TEMPERATURE_AT_BOUND = "decision.temperature_at_bound"
 #: Decision scores of a sample of the train split (to see over- or under-fitting).
 TRAIN_DECISION_N = "decision.train.n"
 TRAIN_DECISION_MACRO_F1 = "decision.train.macro_f1"
+#: With retrieved passages before the question (the runtime's prompt).
+DECISION_MACRO_F1_RAG = "decision.macro_f1_rag"
+FAQ_CHRF_RAG = "faq.chrf_rag"
+REFERENCE_CHRF = "reference.chrf"
+REFERENCE_CHRF_RAG = "reference.chrf_rag"
+#: Share of FAQ test questions answered (ALLOW) with their own FAQ entry among the cited passages.
+FAQ_CITATION_RATE_RAG = "faq.citation_rate_rag"
+#: The runtime policy's labels (ALLOW below ``runtime.allow_threshold`` -> ESCALATION), scored.
+POLICY_MACRO_F1 = "decision.policy.macro_f1"
+#: Prompt-side seconds per decision request, bare and with passages.
+SECONDS_PER_REQUEST = "decision.seconds_per_request"
+SECONDS_PER_REQUEST_RAG = "decision.seconds_per_request_rag"
 #: Share of the test split's benign requests (FAQ, reference and document QA, math) decided ALLOW.
 BENIGN_ALLOW_RATE = "decision.benign_allow_rate"
 DECISIONS_PER_MINUTE = "decision.per_minute"

@@ -27,10 +27,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from so8t.io import atomic_path
+from so8t.io import write_safetensors
 from so8t.model.rotation import BLOCK, Parameterization, SO8Rotation
 from so8t.errors import So8tError
 
@@ -211,8 +211,7 @@ def save_rotations(model: nn.Module, path: str | Path) -> Path:
         "model_type": _model_type(model),
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(path, tensors, metadata)
     return path
 
 

@@ -618,7 +618,11 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
 
 
 def _train_or_restore(trainer: SO8TTrainer, resume_from: str | None, max_steps: int) -> float:
-    """Train (resuming when asked); a run that already finished is restored instead. Returns the mean loss."""
+    """Train (resuming when asked); a run that already finished is restored instead.
+
+    Returns:
+        The mean logged training loss (nats per token).
+    """
     from transformers import TrainerState
 
     resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
@@ -626,8 +630,36 @@ def _train_or_restore(trainer: SO8TTrainer, resume_from: str | None, max_steps: 
         # The run already finished: Trainer would take one more step, so restore instead.
         trainer._load_from_checkpoint(resume_from)
         trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-        return _last_loss(trainer.state)
-    return trainer.train(resume_from_checkpoint=resume_from).training_loss
+        _replay_logs(trainer)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
+    # From the log history in both cases, so a restored run reports the same number as the run itself.
+    return _last_loss(trainer.state)
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes run to run: sort it."""
+    from so8t.io import read_json, write_json
+
+    if path.is_file():
+        config = read_json(path)
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        write_json(path, config)
+
+
+def _replay_logs(trainer: SO8TTrainer) -> None:
+    """Write a restored run's log history to dvclive again (its files are outputs DVC removed before the rerun)."""
+    from transformers.integrations import DVCLiveCallback
+
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, DVCLiveCallback)), None)
+    if callback is None or not trainer.is_world_process_zero():
+        return
+    state = trainer.state
+    for entry in state.log_history:
+        state.global_step = int(entry.get("step", state.global_step))
+        callback.on_log(trainer.args, state, trainer.control, model=trainer.model, logs=dict(entry))
+    callback.on_train_end(trainer.args, state, trainer.control, model=trainer.model)
 
 
 def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
@@ -703,6 +735,10 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     }
     if stopper.exit_code is None and trainer.args.should_save:
         trainer.save_model(str(paths.out))  # adapter + so8t_rotations.safetensors
+        # Trainer pickles its arguments beside the adapter; they hold run-specific values (a logging
+        # folder named by the time) and are not needed to use the adapter: same inputs, same bytes.
+        (paths.out / "training_args.bin").unlink(missing_ok=True)
+        _canonical_adapter_config(paths.out / "adapter_config.json")
         write_json(paths.out / "train_summary.json", summary)
         write_json(paths.performance, performance)
     return summary | performance
