@@ -371,6 +371,10 @@ class Agent:
             passages=passages,
         )
 
+    def reject(self, principal: Principal, channel: str, raw_input: str, message: str) -> None:
+        """Audit a request refused before it reached the agent (a body that is not valid JSON, a wrong shape)."""
+        self._audit(uuid.uuid4().hex, channel, principal, time.perf_counter(), raw_input, [], output=message)
+
     def close(self) -> None:
         """Free the model now (llama.cpp objects left to interpreter shutdown can fail noisily)."""
         close = getattr(self.model, "close", None)

@@ -339,25 +339,37 @@ def _authenticator(keys: ApiKeys, limits: Limits):
     return authenticate
 
 
-async def _parse(request, model: type[BaseModel]):
-    """The request body validated as ``model`` (400 for bad JSON or a non-object, 422 for a wrong shape)."""
+async def _parse(request, model: type[BaseModel], on_error=None):
+    """The request body validated as ``model`` (400 for bad JSON or a non-object, 422 for a wrong shape).
+
+    Args:
+        on_error: called with ``(raw body, message)`` before a rejection is raised (the audit row).
+    """
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
     raw = await request.body()
+
+    def reject(status: int, message: str):
+        if on_error is not None:
+            on_error(raw, message)
+        return HTTPException(status, message)
+
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+        raise reject(400, f"request body is not valid JSON: {e}") from None
     except RecursionError:
-        raise HTTPException(400, "request body is nested too deeply") from None
+        raise reject(400, "request body is nested too deeply") from None
     except ValueError as e:  # e.g. an integer of thousands of digits
-        raise HTTPException(400, f"request body has a value that cannot be read: {e}") from None
+        raise reject(400, f"request body has a value that cannot be read: {e}") from None
     if not isinstance(data, dict):
-        raise HTTPException(400, f"request body must be a JSON object, got {type(data).__name__}")
+        raise reject(400, f"request body must be a JSON object, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
+        if on_error is not None:
+            on_error(raw, _describe(e.errors()))
         raise RequestValidationError(e.errors()) from None
 
 
@@ -445,15 +457,19 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
     async def models(who: Caller):
         return {"object": "list", "data": [{"id": agent.model.model_id, "object": "model", "owned_by": "so8t"}]}
 
+    def audited(who: Principal, channel: str):
+        """An ``on_error`` for :func:`_parse`: a rejected body still leaves its audit row."""
+        return lambda raw, message: agent.reject(who, channel, raw.decode("utf-8", errors="replace"), message)
+
     @app.post("/v1/decide")
     async def decide(request: Request, who: Caller):
-        req = await _parse(request, DecideRequest)
+        req = await _parse(request, DecideRequest, audited(who, "http:/v1/decide"))
         ans = await run(req.as_messages(), who, "http:/v1/decide", req.max_tokens)
         return ans.to_dict()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, who: Caller):
-        req = await _parse(request, ChatCompletionRequest)
+        req = await _parse(request, ChatCompletionRequest, audited(who, "http:/v1/chat/completions"))
         messages = [m.as_dict() for m in req.messages]
         ans = await run(messages, who, "http:/v1/chat/completions", req.max_completion_tokens or req.max_tokens)
         return _completion(ans, req.stream)

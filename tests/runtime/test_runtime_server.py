@@ -176,14 +176,19 @@ def test_authentication(served, headers, status):
         (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', 422, "max_tokens"),
         (b'{"messages": [{"role": "assistant", "content": "x"}]}', 400, "assistant turn"),
         (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', 400, "template"),
+        (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "surrogate"),
+        (b'{"messages": ' + b"[" * 1500 + b"]" * 1500 + b"}", 400, "nested too deeply"),
     ],
 )
-def test_bad_requests_get_4xx_with_a_message(served, body, status, fragment):
-    client, _ = served
+def test_bad_requests_get_4xx_with_a_message_and_an_audit_row(served, body, status, fragment):
+    client, agent = served
+    before = agent.audit.count()
     r = client.post("/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"] == "invalid_request_error"
+    rows = list(agent.audit.rows())
+    assert len(rows) == before + 1 and rows[-1]["decision"] == "ERROR"
 
 
 @pytest.mark.parametrize(
@@ -313,3 +318,12 @@ def test_200_concurrent_requests_on_loopback_lose_no_audit_rows(tmp_path):
     inputs = {row["input_sha256"] for row in agent.audit.rows()}
     assert len(inputs) == 200  # every request has its own row
     print(f"200 concurrent requests in {seconds:.2f} s")
+
+
+def test_a_number_too_long_to_read_is_a_400_with_an_audit_row(tmp_path):
+    agent = make_agent(tmp_path)
+    client = TestClient(create_app(agent, keys(), Limits(max_request_bytes=65536)))
+    body = b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"
+    r = client.post("/v1/decide", headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == 400 and "cannot be read" in r.json()["error"]["message"]
+    assert [row["decision"] for row in agent.audit.rows()] == ["ERROR"]
