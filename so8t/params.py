@@ -179,7 +179,10 @@ class TrainParams(_Section):
     lora_r: PosInt = 16
     lora_alpha: PosFloat = 32.0
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    #: LoRA targets: null = every attention projection of the architecture (``qkv_proj`` + ``o_proj`` on
+    #: Phi-3), ``all-linear`` (PEFT: every linear layer but the LM head), or a list of module names
+    #: (each must exist: a name that matches nothing is an error, never silently skipped).
+    target_modules: list[str] | Literal["all-linear"] | None = None
     learning_rate: PosFloat = 2.0e-4
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     warmup_ratio: Fraction = 0.05
@@ -190,6 +193,11 @@ class TrainParams(_Section):
     max_steps: PosInt = 300
     max_grad_norm: PosFloat = 1.0
     quantization: Literal["none", "8bit", "4bit"] = "none"
+    #: ``auto``: bf16 on a CUDA device that supports it, fp16 with loss scaling on one that does not,
+    #: fp32 on CPU (the same params everywhere).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Recompute activations in the backward pass (less GPU memory, ~30% slower steps).
+    gradient_checkpointing: bool = False
     #: Torch threads for training (null = all cores).
     num_threads: PosInt | None = None
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
@@ -252,6 +260,9 @@ class GenerationParams(_Section):
     #: Sequences generated or scored together (HF: one padded batch; llama.cpp: one multi-sequence
     #: ``llama_batch``). Memory grows with it: 8 keeps Gemma 3 270M under 3 GB.
     batch_size: Annotated[int, Field(ge=1, le=64)] = 8
+    #: Layers llama.cpp offloads to a GPU (-1: all of them when llama.cpp was built with GPU support,
+    #: e.g. ``make repro LLAMA_CUDA=1``, else none; 0: CPU only).
+    n_gpu_layers: Annotated[int, Field(ge=-1)] = -1
 
 
 class MetricsParams(_Section):

@@ -87,9 +87,9 @@ def artifacts(base_dir: Path = BASE_DIR, baked_dir: Path = BAKED_DIR, gguf_dir: 
     return out
 
 
-def open_artifact(artifact: Artifact, n_threads: int, batch_size: int, n_ctx: int = 1024) -> Backend:
-    """The inference backend of ``artifact`` (HF float32 or llama.cpp)."""
-    return open_backend(artifact.path, n_ctx=n_ctx, n_threads=n_threads, batch_size=batch_size)
+def open_artifact(artifact: Artifact, n_threads: int, batch_size: int, n_ctx: int = 1024, n_gpu_layers: int = -1) -> Backend:
+    """The inference backend of ``artifact`` (HF float32, on CUDA when present, or llama.cpp)."""
+    return open_backend(artifact.path, n_ctx=n_ctx, n_threads=n_threads, batch_size=batch_size, n_gpu_layers=n_gpu_layers)
 
 
 def close_backend(backend: Backend) -> None:

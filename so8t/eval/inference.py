@@ -206,7 +206,8 @@ class LlamaCppBackend:
             2-core machine drops to ~1 token/s).
         batch_size: sequences decoded together (prompts per batch; a scoring request
             takes one sequence plus one per continuation).
-        n_gpu_layers: layers offloaded to a GPU when llama.cpp was built with one (0 = CPU).
+        n_gpu_layers: layers offloaded to a GPU when llama.cpp was built with one (0 = CPU; -1 = all
+            layers when the build supports offloading, else none).
         flash_attn: let llama.cpp use flash attention (faster on long contexts and GPUs, but on
             CPU it accumulates in float16, so scores depend on the batch's composition).
 
@@ -239,6 +240,8 @@ class LlamaCppBackend:
         # A scoring request uses one sequence for its prefix and one per continuation (3 labels).
         self.n_seq = max(1, batch_size) * 4
         mparams = llama_cpp.llama_model_default_params()
+        if n_gpu_layers < 0:  # all layers where the build can offload, none where it cannot
+            n_gpu_layers = 999 if llama_cpp.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = n_gpu_layers
         try:
             self.model = LlamaModel(path_model=str(self.path), params=mparams, verbose=False)

@@ -159,6 +159,7 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     gguf_file: str | None = None,
     quantization: str = "none",
+    attn_implementation: str | None = None,
 ):
     """Load a causal LM from a local folder, optionally quantised by bitsandbytes.
 
@@ -166,12 +167,15 @@ def load_causal_lm(
         path: HF model folder (or the folder holding ``gguf_file``).
         dtype: compute dtype (float32 on CPU: bf16 matmul is ~60x slower there).
         gguf_file: a GGUF file name inside ``path``; dequantised on load.
-        quantization: ``"none"``, ``"8bit"`` or ``"4bit"`` (QLoRA, nf4).
+        quantization: ``"none"``, ``"8bit"`` or ``"4bit"`` (QLoRA, nf4 with double quantisation).
+        attn_implementation: e.g. ``"sdpa"`` (``None``: transformers' default).
     """
     from transformers import AutoModelForCausalLM
 
     _require_dir(path)
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     if quantization != "none":

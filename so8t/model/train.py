@@ -321,30 +321,104 @@ class RichProgressCallback(TrainerCallback):
             self._bar = None
 
 
+#: LoRA target modules per architecture (``train.target_modules: null``): every attention projection.
+#: Phi-3 / Phi-3.5 / Phi-4-mini fuse q, k and v into ``qkv_proj``: ``[q_proj, k_proj, v_proj, o_proj]``
+#: would silently adapt ``o_proj`` alone there.
+LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+}
+
+
+class TargetModulesError(So8tError, ValueError):
+    """``train.target_modules`` names modules the model does not have."""
+
+
+def lora_targets(model: nn.Module, requested: list[str] | str | None) -> list[str] | str:
+    """The LoRA targets for ``model``: the table's for its architecture (``None``), PEFT's ``all-linear``,
+    or the requested names, each of which must exist in the model.
+
+    Raises:
+        TargetModulesError: a requested name matches no module (e.g. ``q_proj`` on Phi-3, whose
+            attention is one fused ``qkv_proj``), or an architecture without a table entry.
+    """
+    if requested == "all-linear":
+        return "all-linear"
+    model_type = model.config.model_type
+    if requested is None:
+        if model_type not in LORA_TARGETS:
+            raise TargetModulesError(
+                f"train.target_modules: no default for model_type {model_type!r}; name the modules "
+                f"(e.g. [q_proj, v_proj]) or use all-linear (known: {sorted(LORA_TARGETS)})"
+            )
+        requested = LORA_TARGETS[model_type]
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in requested if t not in names]
+    if missing:
+        hint = f"; this {model_type} model has {sorted(n for n in names if n.endswith('_proj'))}"
+        raise TargetModulesError(f"train.target_modules: {missing} match no module{hint}")
+    return list(requested)
+
+
+def resolve_precision(precision: str) -> str:
+    """``train.precision`` on this machine: ``auto`` is bf16 on a CUDA device that supports it, fp16
+    (with loss scaling) on one that does not, fp32 on CPU (bf16 matmuls are ~60x slower there).
+
+    Raises:
+        So8tError: bf16 or fp16 asked for without a CUDA device.
+    """
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision in ("bf16", "fp16") and not cuda:
+        raise So8tError(f"train.precision: {precision} needs a CUDA device (this machine has none); use auto or fp32")
+    return precision
+
+
 def build_model(base_dir: str | Path, params: TrainParams, seed: int):
     """Load the base model, wrap it with PEFT LoRA and attach SO8T rotations.
 
-    QLoRA (``params.quantization`` 8bit/4bit) loads the base through
-    bitsandbytes and calls ``prepare_model_for_kbit_training``; bake always
-    merges into a fresh float32 copy of the base instead.
+    QLoRA (``params.quantization`` 8bit/4bit) loads the base through bitsandbytes
+    (nf4 with double quantisation) and calls ``prepare_model_for_kbit_training``;
+    bake always merges into a fresh float32 copy of the base instead. On CUDA the
+    attention runs through PyTorch's SDPA kernels. The rotations' generators stay
+    float32 whatever the precision; their blocks are computed in float64 and cast
+    once per step (:class:`so8t.model.rotation.SO8Rotation`).
 
     Returns:
         The PEFT model (rotations attached when ``params.so8t.enabled``).
+
+    Raises:
+        TargetModulesError: as :func:`lora_targets`.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from so8t.model.base_model import load_causal_lm
 
     torch.manual_seed(seed)
-    dtype = torch.float32
-    model = load_causal_lm(base_dir, dtype=dtype, quantization=params.quantization)
+    precision = resolve_precision(params.precision)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[precision]
+    model = load_causal_lm(
+        base_dir, dtype=dtype, quantization=params.quantization,
+        attn_implementation="sdpa" if torch.cuda.is_available() else None,
+    )
     if params.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    elif params.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     config = LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
-        target_modules=list(params.target_modules),
+        target_modules=lora_targets(model, params.target_modules),
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
@@ -357,6 +431,11 @@ def build_model(base_dir: str | Path, params: TrainParams, seed: int):
             parameterization=params.so8t.parameterization,
         )
     return model
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """Names (last component) of the modules that carry LoRA weights, sorted: what was really adapted."""
+    return sorted({name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name})
 
 
 def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -393,7 +472,11 @@ def training_arguments(
     from transformers import TrainingArguments
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    precision = resolve_precision(p.precision)
     kwargs = dict(
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=False,  # enabled on the model itself (build_model), before PEFT wraps it
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=p.per_device_train_batch_size,
@@ -454,6 +537,80 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gpu_memory_estimate(
+    n_params: int,
+    n_trainable: int,
+    precision: str,
+    quantization: str,
+    batch: int,
+    seq_len: int,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    checkpointing: bool,
+) -> dict[str, int]:
+    """Bytes of GPU memory a LoRA run needs, by part (an estimate to stop early, not a promise).
+
+    * weights: ``n_params`` x 4 (fp32), 2 (bf16 / fp16: fp16 keeps fp32 master copies only for
+      the trainable part), 1 (8-bit) or 0.5 + 0.06 (nf4 with double-quantised scales);
+    * trainable state: ``n_trainable`` x 16 (fp32 weight, gradient, two Adam moments);
+    * activations: ``batch x seq_len x hidden x layers x`` 34 bytes at 16 bits (x 2 at fp32;
+      Korthikanti et al. 2022, eq. 1 without the attention scores SDPA never stores), or one
+      layer's worth plus the layer inputs with gradient checkpointing;
+    * logits: the LM head at the label positions, ``batch x seq_len x vocab x`` 4 bytes x 2 (fp32
+      logits and their gradient);
+    * 10% for the CUDA context, allocator fragmentation and kernels' workspace.
+    """
+    per_weight = {"none": {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}[precision], "8bit": 1.0, "4bit": 0.56}[quantization]
+    act_bytes = 34 * (2 if precision == "fp32" else 1)
+    acts = batch * seq_len * hidden * act_bytes * (1 if checkpointing else layers)
+    if checkpointing:
+        acts += batch * seq_len * hidden * 2 * layers
+    parts = {
+        "weights": int(n_params * per_weight),
+        "trainable_state": n_trainable * 16,
+        "activations": int(acts),
+        "logits": batch * seq_len * vocab * 4 * 2,
+    }
+    parts["overhead"] = int(0.1 * sum(parts.values()))
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def gpu_preflight(base: Path, params) -> dict[str, int] | None:
+    """On a CUDA device: stop before loading the model when :func:`gpu_memory_estimate` exceeds the free memory.
+
+    Returns:
+        The estimate (``None`` without CUDA).
+
+    Raises:
+        PreflightError: with the estimate by part, the free memory and what to change.
+    """
+    if not torch.cuda.is_available():
+        return None
+    from transformers import AutoConfig
+
+    p = params.train
+    text = AutoConfig.from_pretrained(str(base), local_files_only=True).get_text_config()
+    n_params = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) // 4  # the base is saved in fp32
+    # LoRA on every attention projection of every layer, both matrices (a generous bound).
+    n_trainable = 4 * 2 * p.lora_r * text.hidden_size * text.num_hidden_layers
+    est = gpu_memory_estimate(
+        n_params, n_trainable, resolve_precision(p.precision), p.quantization, p.per_device_train_batch_size,
+        params.think_format.max_length, text.hidden_size, text.num_hidden_layers, text.vocab_size,
+        p.gradient_checkpointing,
+    )
+    free, _ = torch.cuda.mem_get_info()
+    if est["total"] > free:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
+        raise PreflightError(
+            f"preflight: the run needs about {est['total'] / 2**30:.1f} GiB of GPU memory ({parts} GiB) but "
+            f"{free / 2**30:.1f} GiB are free; use train.quantization: 4bit, train.gradient_checkpointing: true, "
+            "or a smaller train.per_device_train_batch_size / think_format.max_length"
+        )
+    return est | {"free": free}
 
 
 def preflight(model_dir: Path, checkpoint_root: Path, out_dir: Path, n_trainable: int, keep: int) -> dict[str, int]:
@@ -693,6 +850,7 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"], "decision_span": r.get("decision_span", [0, 0])}
             for r in mixed]
     tokenizer = load_tokenizer(paths.base)
+    gpu = gpu_preflight(paths.base, params)
     model = build_model(paths.base, p, params.seed)
     counts = trainable_parameter_counts(model)
     resume_from, check = _resume_point(params, paths, sum(counts.values()))
@@ -716,6 +874,8 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
         "steps": trainer.state.global_step,
         "final_train_loss": final_loss,
         "trainable_parameters": counts,
+        "adapted_modules": adapted_modules(model),
+        "precision": resolve_precision(p.precision),
         "examples": len(examples),
         "examples_per_pass": len(rows),
         "world_size": trainer.args.world_size,
@@ -731,7 +891,7 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
         "peak_rss_bytes": _peak_rss_bytes(),
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
-        "preflight": check,
+        "preflight": check | ({"gpu": gpu} if gpu else {}),
     }
     if stopper.exit_code is None and trainer.args.should_save:
         trainer.save_model(str(paths.out))  # adapter + so8t_rotations.safetensors

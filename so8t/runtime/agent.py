@@ -473,7 +473,8 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
     rt = params.runtime
     model_path = resolve(base_dir, rt.model)
     if model is None:
-        model = load_model(model_path, rt.n_ctx, rt.n_threads, params.generation.repetition_penalty, rt.model_id)
+        g = params.generation
+        model = load_model(model_path, rt.n_ctx, rt.n_threads, g.repetition_penalty, rt.model_id, g.n_gpu_layers)
     key = rt.calibration_key or artifact_of(model_path)
     temperature = load_temperature(resolve(base_dir, rt.calibration), key)
     if temperature is None:

@@ -188,20 +188,26 @@ def _weights_sha256(folder: Path) -> str:
 
 
 def load_model(
-    path: str | Path, n_ctx: int, n_threads: int | None, repetition_penalty: float, model_id: str | None = None
+    path: str | Path,
+    n_ctx: int,
+    n_threads: int | None,
+    repetition_penalty: float,
+    model_id: str | None = None,
+    n_gpu_layers: int = -1,
 ) -> BackendChatModel:
     """A chat model for a ``.gguf`` file (llama.cpp) or a Hugging Face folder with ``config.json``.
 
     Args:
         n_ctx: context window (tokens).
         n_threads: llama.cpp threads; ``None`` = the cores idle right now.
+        n_gpu_layers: llama.cpp layers on the GPU (``generation.n_gpu_layers``; -1 = all when supported).
 
     Raises:
         ModelError: the path is neither, or the model has no chat template.
     """
     path = Path(path)
     try:
-        backend = open_backend(path, n_ctx=n_ctx, n_threads=n_threads, batch_size=1)
+        backend = open_backend(path, n_ctx=n_ctx, n_threads=n_threads, batch_size=1, n_gpu_layers=n_gpu_layers)
     except InferenceError as e:
         raise ModelError(f"runtime.model: {e}") from None
     if backend.kind == "gguf":
