@@ -190,7 +190,7 @@ class TrainParams(_Section):
     per_device_train_batch_size: PosInt = 4
     gradient_accumulation_steps: PosInt = 1
     #: Optimiser steps; the data is repeated as needed.
-    max_steps: PosInt = 300
+    max_steps: PosInt = 150
     max_grad_norm: PosFloat = 1.0
     quantization: Literal["none", "8bit", "4bit"] = "none"
     #: ``auto``: bf16 on a CUDA device that supports it, fp16 with loss scaling on one that does not,
@@ -206,6 +206,9 @@ class TrainParams(_Section):
     #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
     #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).
     decision_weight: Annotated[float, Field(ge=1.0)] = 5.0
+    #: Extra passes over the decision examples cut after their ``判定: X`` line (prompt -> decision
+    #: only, a third of a full example's tokens): the decision gets most of the steps' loss (0 = off).
+    decision_line_passes: Annotated[float, Field(ge=0.0)] = 4.0
     #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference
     #: answers long); ``random``: plain shuffling.
     sampling: Literal["random", "group_by_length"] = "group_by_length"
@@ -337,6 +340,9 @@ class DistillParams(_Section):
     #: Test decisions scored per model for macro-F1 (teacher, student, base; balanced, spread over
     #: templates; null = all).
     max_decision_examples: PosInt | None = None
+    #: Tokens each model generates greedily (from the first test decision prompts, one batch) to
+    #: measure its generation tokens/s; decisions alone are scored, never generated.
+    speed_new_tokens: PosInt = 64
     #: Largest allowed max-abs logit difference (float64) between the trained student and its saved folder.
     max_abs_diff: PosFloat = 1.0e-4
 

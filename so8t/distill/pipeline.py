@@ -124,7 +124,8 @@ def evaluate_gguf(
     """Size, parameters, perplexity and decision metrics of a GGUF (and its speed), in llama.cpp.
 
     Decisions are scored as in the evaluate stage (:func:`so8t.eval.inference.score_decisions`,
-    uncalibrated); perplexity over ``windows`` (:func:`so8t.eval.inference.perplexity_of`).
+    uncalibrated); perplexity over ``windows`` (:func:`so8t.eval.inference.perplexity_of`);
+    generation speed from ``distill.speed_new_tokens`` greedy tokens of one batch of decision prompts.
 
     Returns:
         (metrics, speed: ``tokens_per_s`` and ``prompt_tokens_per_s``, the open backend for
@@ -139,6 +140,9 @@ def evaluate_gguf(
     backend = LlamaCppBackend(path, n_ctx=1024, n_threads=n_threads, batch_size=g.batch_size)
     scored = score_decisions(backend, decisions) if decisions else []
     ppl = perplexity_of(backend, windows)
+    if decisions:  # generation speed: one batch of greedy continuations (the scoring above generates nothing)
+        prompts = [backend.tokenize(ex["prompt_text"]) for ex in decisions[: g.batch_size]]
+        backend.generate(prompts, params.distill.speed_new_tokens, repetition_penalty=g.repetition_penalty)
     out = {keys.SIZE_MB: path.stat().st_size / 1e6, keys.PARAMETERS: backend.n_params(), keys.PERPLEXITY: ppl["perplexity"]}
     if scored:
         report = classification_report([DECISIONS[r["label"]] for r in scored], [DECISIONS[r["pred"]] for r in scored])

@@ -423,7 +423,6 @@ def gguf_run(tmp_path_factory, gemma_tok):
     params = _params(
         seed=0,
         train={"per_device_train_batch_size": 2},
-        generation={"decision_max_new_tokens": 4},
         metrics={"perplexity_max_tokens": 64, "perplexity_window": 32},
         distill={"enabled": True, "teacher_gguf": str(teacher), "top_k": 8, "max_train_examples": 8,
                  "max_test_examples": 4, "max_steps": 3, "learning_rate": 1e-3, "max_decision_examples": 3},

@@ -125,7 +125,7 @@ def test_perplexity_logprobs_agree_and_need_no_full_logits_copy(backends):
 
 def test_score_decisions_rows(backends):
     hf, _, texts = backends
-    rows = score_decisions(hf, [{"id": str(i), "decision": "DENY", "prompt_text": t} for i, t in enumerate(texts)], 4, 1.15)
+    rows = score_decisions(hf, [{"id": str(i), "decision": "DENY", "prompt_text": t} for i, t in enumerate(texts)])
     assert [r["label"] for r in rows] == [2] * len(texts)
     assert all(len(r["logits"]) == 3 and r["pred"] == int(np.argmax(r["logits"])) for r in rows)
 

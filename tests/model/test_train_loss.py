@@ -89,3 +89,36 @@ def test_gradient_accumulation_gives_the_update_of_one_big_batch(tmp_path):
     assert big.keys() == acc.keys() and any("so8t" in k for k in big)
     for name in big:
         assert torch.allclose(big[name], acc[name], atol=1e-6), name
+
+
+def _formatted(task, n_prompt, completion, span):
+    ids = list(range(10, 10 + n_prompt + len(completion)))
+    return {
+        "task": task, "input_ids": ids, "labels": [-100] * n_prompt + completion,
+        "decision_span": span, "decision": "DENY" if task == "decision" else None,
+    }
+
+
+def test_task_mixture_repeats_and_samples_by_weight():
+    from so8t.model.train import mix_tasks
+
+    rows = [_formatted("decision", 3, [1, 2, 3], [3, 5]) for _ in range(10)] + [_formatted("math", 3, [4], [3, 4])] * 4
+    mixed = mix_tasks(rows, {"decision": 1.5, "math": 0.5}, seed=0)
+    assert sum(r["task"] == "decision" for r in mixed) == 15
+    assert sum(r["task"] == "math" for r in mixed) == 2
+    assert mix_tasks(rows, {"decision": 1.5}, seed=0) == mix_tasks(rows, {"decision": 1.5}, seed=0)
+
+
+def test_decision_line_copies_end_at_the_decision_line_and_never_teach_a_stop():
+    from so8t.model.train import decision_line_copies
+
+    full = _formatted("decision", 4, [7, 8, 9, 2, 5, 6, 1], [4, 7])  # 判定 : DENY | \n reasoning ... <eot>
+    rows = [full, _formatted("math", 4, [7, 8, 9], [4, 7])]
+    cut = decision_line_copies(rows, 2.0, seed=0)
+    assert len(cut) == 2 and all(r["task"] == "decision_line" for r in cut)
+    assert cut[0]["input_ids"] == full["input_ids"][:7]
+    assert cut[0]["labels"] == [-100] * 4 + [7, 8, 9]  # only the decision line is learned
+    assert cut[0]["decision_span"] == [4, 7]
+    assert full["labels"][-1] == 1 and 1 not in cut[0]["labels"]  # no end-of-turn after the cut
+    assert decision_line_copies(rows, 0.0, seed=0) == []
+    assert len(decision_line_copies([full] * 10, 0.5, seed=0)) == 5

@@ -70,8 +70,8 @@ def _ollama_template(model):
     return family_for(model.chat_template).template
 
 
-@pytest.mark.parametrize("reached", [True, False])
-def test_the_runtime_probability_is_the_calibrate_stages(tiny, llama_model, tmp_path, reached):
+@pytest.mark.parametrize("budget", [24, 3])
+def test_the_runtime_probability_is_the_calibrate_stages(tiny, llama_model, tmp_path, budget):
     """The agent's probabilities for a request equal softmax(z / T) of the logits calibrate scores."""
     from so8t.eval.calibration import apply_temperature
     from so8t.eval.inference import score_decisions
@@ -80,8 +80,8 @@ def test_the_runtime_probability_is_the_calibrate_stages(tiny, llama_model, tmp_
 
     messages = [{"role": "user", "content": QUESTION}]
     prompt_text = tiny[2].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    budget = 24 if reached else 3
-    (row,) = score_decisions(llama_model.backend, [{"id": "q", "decision": "ALLOW", "prompt_text": prompt_text}], budget, 1.15)
+    # the labels are scored right after the prompt, so the generation budget does not change them
+    (row,) = score_decisions(llama_model.backend, [{"id": "q", "decision": "ALLOW", "prompt_text": prompt_text}])
     agent = Agent(
         llama_model, style="markdown", temperature=1.7, policy=Policy("esc", "deny"),
         audit=AuditLog(tmp_path / "a.sqlite3"), max_new_tokens=budget,
