@@ -91,7 +91,7 @@ def _random_1b(work: Path) -> tuple[Path, Path]:
     shape = {"hidden_size": 1152, "num_hidden_layers": 26, "intermediate_size": 6912, "num_attention_heads": 4,
              "num_key_value_heads": 1, "head_dim": 256, "layer_types": None}  # None: re-derive the layer pattern
     config = type(config).from_dict(config.to_dict() | shape)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(base)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (ROOT / "models/base" / name).is_file():
