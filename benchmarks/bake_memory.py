@@ -38,7 +38,8 @@ import json, sys
 from so8t.model.bake import bake_adapter
 a = json.loads(sys.argv[1])
 rows = json.load(open(a["rows"]))
-bake_adapter(a["base"], a["adapter"], a["out"], rows, a["max_abs_diff"], a["verify_dtype"])
+bake_adapter(a["base"], a["adapter"], a["out"], rows, a["max_abs_diff"], a["verify_dtype"],
+             a["max_abs_diff_float32"], a["spot_check_layers"])
 """
 
 EXPORT = """
@@ -113,7 +114,9 @@ def _measure(name: str, base: Path, adapter: Path, rows: Path, work: Path, bake)
     n = _parameters(base)
     baked = work / f"baked-{name}"
     bake_s, bake_rss = _child(BAKE, {"base": str(base), "adapter": str(adapter), "out": str(baked), "rows": str(rows),
-                                     "max_abs_diff": bake.max_abs_diff, "verify_dtype": bake.verify_dtype})
+                                     "max_abs_diff": bake.max_abs_diff, "verify_dtype": bake.verify_dtype,
+                                     "max_abs_diff_float32": bake.max_abs_diff_float32,
+                                     "spot_check_layers": bake.spot_check_layers})
     export_s, export_rss = _child(EXPORT, {"hf": str(baked), "out": str(work / f"{name}-q8_0.gguf")})
     fp32 = 4 * n
     return {"model": name, "parameters": n, "fp32_gb": fp32 / 1e9, "bake_s": bake_s, "bake_peak_gb": bake_rss / 1e9,

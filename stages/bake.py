@@ -21,7 +21,9 @@ def main() -> None:
     if not rows:
         raise DataError(f"{VERIFY}: no examples to verify the bake on")
     start = time.perf_counter()
-    report = bake_adapter(BASE, ADAPTER, OUT, rows, b.max_abs_diff, b.verify_dtype)
+    report = bake_adapter(
+        BASE, ADAPTER, OUT, rows, b.max_abs_diff, b.verify_dtype, b.max_abs_diff_float32, b.spot_check_layers
+    )
     write_json(PERFORMANCE, {"total_seconds": round(time.perf_counter() - start, 2)})
     console.print(f"bake: {report}")
 

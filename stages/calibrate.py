@@ -22,7 +22,10 @@ def main() -> None:
         task = bar.add_task("calibrate: val decisions", total=len(arts) * len(examples), info="")
         for art in arts:
             bar.update(task, info=art.name)
-            backend = open_artifact(art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers)
+            backend = open_artifact(
+                art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
+                hf_batch_size=params.generation.hf_batch_size,
+            )
             summary = calibrate_artifact(backend, examples, bins, lambda n: bar.advance(task, n))
             close_backend(backend)
             result["artifacts"][art.name] = summary

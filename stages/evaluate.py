@@ -41,7 +41,10 @@ def main() -> None:
         task = bar.add_task("evaluate: test split", total=len(arts) * sets.steps(), info="")
         for art in arts:
             bar.update(task, info=f"{art.name} ({threads} threads)")
-            backend = open_artifact(art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers)
+            backend = open_artifact(
+                art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
+                hf_batch_size=params.generation.hf_batch_size,
+            )
             r = evaluate_artifact(backend, art, sets, params, calibration.get(art.name, {}), style, lambda n: bar.advance(task, n))
             close_backend(backend)
             results[art.name] = r

@@ -37,6 +37,7 @@ from so8t.eval.metrics import (
     bleu_ja,
     bootstrap_interval,
     chrf,
+    chrf_indices,
     classification_report,
     expected_calibration_error,
     extract_final_number,
@@ -87,9 +88,16 @@ def artifacts(base_dir: Path = BASE_DIR, baked_dir: Path = BAKED_DIR, gguf_dir: 
     return out
 
 
-def open_artifact(artifact: Artifact, n_threads: int, batch_size: int, n_ctx: int = 1024, n_gpu_layers: int = -1) -> Backend:
-    """The inference backend of ``artifact`` (HF float32, on CUDA when present, or llama.cpp)."""
-    return open_backend(artifact.path, n_ctx=n_ctx, n_threads=n_threads, batch_size=batch_size, n_gpu_layers=n_gpu_layers)
+def open_artifact(
+    artifact: Artifact, n_threads: int, batch_size: int, n_ctx: int = 1024, n_gpu_layers: int = -1,
+    hf_batch_size: int | None = None,
+) -> Backend:
+    """The inference backend of ``artifact`` (HF float32, on CUDA when present, or llama.cpp);
+    ``batch_size`` for llama.cpp, ``hf_batch_size`` (default ``batch_size``) for HF."""
+    return open_backend(
+        artifact.path, n_ctx=n_ctx, n_threads=n_threads, batch_size=batch_size, n_gpu_layers=n_gpu_layers,
+        hf_batch_size=hf_batch_size,
+    )
 
 
 def close_backend(backend: Backend) -> None:
@@ -437,7 +445,7 @@ def evaluate_artifact(
     mth = math_metrics(sets.maths, math_gens, style)
     faq = faq_metrics(sets.faqs, faq_gens, style)
     a = art.name
-    rag = _rag_metrics(backend, sets, params, calibration.get("temperature", 1.0), style, step)
+    rag = _rag_metrics(backend, sets, params, calibration.get("temperature", 1.0), style, step, scored, faq_gens)
     policy = policy_metrics(scored, calibration.get("temperature", 1.0), params.runtime.allow_threshold)
     flat = decision_flat(a, dec, calibration.get("at_bound")) | {
         keys.key(a, f"decision.{kind}.{label.lower()}_rate"): rate
@@ -467,6 +475,7 @@ def evaluate_artifact(
         }
     rates = backend.stats.rates()
     speed = rag["speed"] | {
+        keys.SECONDS_PER_REQUEST: decision_seconds / max(len(scored), 1),
         keys.TOKENS_PER_S: rates["tokens_per_s"],
         keys.PROMPT_TOKENS_PER_S: rates["prompt_tokens_per_s"],
         keys.PERPLEXITY_TOKENS_PER_S: ppl["tokens"] / max(ppl["seconds"], 1e-9),
@@ -527,12 +536,47 @@ def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int):
     return run
 
 
-def _rag_metrics(backend: Backend, sets: EvalSets, params, temperature: float, style: str, step) -> dict:
-    """Decisions, FAQ and reference answers with retrieved passages, beside the bare scores.
+def chrf_comparison(bare: list[str], rag: list[str], refs: list[str], m) -> dict[str, float]:
+    """chrF of the same examples answered without and with passages, and the paired gain.
+
+    Args:
+        bare, rag: final answers, one per reference, without / with retrieved passages.
+        refs: the reference answers.
+        m: the ``metrics`` params section (bootstrap confidence and resamples).
 
     Returns:
-        ``{"flat": {name: value} (``*_rag`` keys and the bare reference chrF), "speed": seconds per
-        decision request bare and with passages, "decision": the RAG decision metrics}``.
+        ``chrf``, ``chrf_rag`` and ``chrf_rag_gain`` (rag − bare, chrF points on 0-100), each
+        with ``*_ci_low`` / ``*_ci_high``: percentile bootstrap over examples with the two answers
+        of one example kept paired (:func:`so8t.eval.metrics.bootstrap_interval` of
+        :func:`so8t.eval.metrics.chrf_indices`). A gain whose interval contains 0 is no difference.
+    """
+    stat_bare, stat_rag = chrf_indices(bare, refs), chrf_indices(rag, refs)
+    n, out = len(refs), {}
+    stats = {
+        "chrf": stat_bare,
+        "chrf_rag": stat_rag,
+        "chrf_rag_gain": lambda idx: stat_rag(idx) - stat_bare(idx),
+    }
+    for name, stat in stats.items():
+        out[name] = stat(np.arange(n))
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_interval(stat, n, m.confidence, m.bootstrap_resamples)
+    return out
+
+
+def _rag_metrics(
+    backend: Backend, sets: EvalSets, params, temperature: float, style: str, step, scored_bare: list[dict],
+    faq_gens: list[Generation],
+) -> dict:
+    """Decisions, FAQ and reference answers with retrieved passages, beside the bare scores.
+
+    Args:
+        scored_bare: the bare test decisions already scored (the rows of ``sets.decisions``).
+        faq_gens: the bare FAQ answers already generated (``sets.faqs``).
+
+    Returns:
+        ``{"flat": {name: value} (``*_rag`` keys, the bare reference chrF and the paired chrF gains
+        with intervals), "speed": seconds per decision request with passages, "decision": the RAG
+        decision metrics}``.
     """
     e, g = params.evaluate, params.generation
     out: dict = {"flat": {}, "speed": {}, "decision": None}
@@ -548,24 +592,29 @@ def _rag_metrics(backend: Backend, sets: EvalSets, params, temperature: float, s
             f"{keys.DECISION_MACRO_F1_RAG}_ci_high": dec["macro_f1_ci_high"],
             f"{keys.DECISION_N}_rag": dec["n"],
         }
-        plain_ids = {r["id"] for r in sets.decisions_rag}
-        plain = [r for r in sets.decisions if r["id"] in plain_ids]
-        t1 = time.perf_counter()
-        plain_scored = score_decisions(backend, plain)
-        out["speed"][keys.SECONDS_PER_REQUEST] = (time.perf_counter() - t1) / max(len(plain_scored), 1)
+        rag_ids = {r["id"] for r in sets.decisions_rag}
+        plain = [r for r in scored_bare if r["id"] in rag_ids]
         out["flat"][f"{keys.DECISION_MACRO_F1}_same_sample"] = classification_report(
-            [DECISIONS[r["label"]] for r in plain_scored], [DECISIONS[r["pred"]] for r in plain_scored]
+            [DECISIONS[r["label"]] for r in plain], [DECISIONS[r["pred"]] for r in plain]
         )["macro_f1"]
     for name, rows, rows_rag in (("faq", sets.faqs, sets.faqs_rag), ("reference", sets.refs, sets.refs_rag)):
-        budget = e.faq_max_new_tokens
-        if name == "reference" and rows:
-            gens = _generations(backend, rows, budget, g.repetition_penalty, step)
-            out["flat"][f"{name}.chrf"] = faq_metrics(rows, gens, style)["chrf"]
-        if rows_rag:
-            gens = _generations(backend, rows_rag, budget, g.repetition_penalty, step)
-            out["flat"][f"{name}.chrf_rag"] = faq_metrics(rows_rag, gens, style)["chrf"]
-            if name == "faq":
-                out["flat"][keys.FAQ_CITATION_RATE_RAG] = cited(rows_rag, score_decisions(backend, rows_rag, step))
+        if not rows:
+            continue
+        bare = faq_gens if name == "faq" else _generations(backend, rows, e.faq_max_new_tokens, g.repetition_penalty, step)
+        if not rows_rag:  # retrieval off: the bare reference answers only
+            if name == "reference":
+                out["flat"]["reference.chrf"] = faq_metrics(rows, bare, style)["chrf"]
+            continue
+        gens = _generations(backend, rows_rag, e.faq_max_new_tokens, g.repetition_penalty, step)
+        cmp = chrf_comparison(
+            [parse_assistant(x.text, style)[1] for x in bare],
+            [parse_assistant(x.text, style)[1] for x in gens],
+            [r["response"] for r in rows],
+            params.metrics,
+        )
+        out["flat"] |= {f"{name}.{k}": v for k, v in cmp.items() if name == "reference" or k != "chrf"}
+        if name == "faq":
+            out["flat"][keys.FAQ_CITATION_RATE_RAG] = cited(rows_rag, score_decisions(backend, rows_rag, step))
     return out
 
 

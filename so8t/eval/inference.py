@@ -625,10 +625,23 @@ class HFBackend:
         repetition_penalty: float = 1.0,
         on_progress: Progress | None = None,
     ) -> list[Generation]:
-        """Greedy continuations, ``batch_size`` prompts per ``generate`` call (left padding, KV cache)."""
+        """Greedy continuations, ``batch_size`` prompts per ``generate`` call (left padding, KV cache).
+
+        A stop string that is one token of the vocabulary (an end-of-turn token) ends a sequence
+        as an extra EOS id; only the others go to ``generate(stop_strings=...)``, whose per-call
+        table over the whole vocabulary costs seconds for a 262k-token vocabulary.
+        """
         out: list[Generation] = []
         pad = self.tokenizer.pad_token_id
-        eos = set(self.eos_ids)
+        token_stops: dict[int, str] = {}
+        text_stops: list[str] = []
+        for s in stops:
+            ids = self.tokenize(s)
+            if len(ids) == 1:
+                token_stops.setdefault(ids[0], s)
+            else:
+                text_stops.append(s)
+        eos = set(self.eos_ids) | set(token_stops)
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             ids, mask = self._left_pad(batch)
@@ -639,10 +652,10 @@ class HFBackend:
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 repetition_penalty=repetition_penalty,
-                stop_strings=list(stops) or None,
+                stop_strings=text_stops or None,
                 tokenizer=self.tokenizer,
                 pad_token_id=pad,
-                eos_token_id=self.eos_ids,
+                eos_token_id=sorted(eos),
             )
             seconds = time.perf_counter() - t0
             new = gen[:, ids.shape[1] :].cpu().tolist()
@@ -651,7 +664,10 @@ class HFBackend:
                 n = next((j for j, t in enumerate(row) if t in eos), len(row))
                 text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
                 lengths.append(n)
-                cuts.append(cut_at_stop(text, stops))
+                cut, hit = cut_at_stop(text, text_stops)
+                if hit is None and n < len(row) and row[n] in token_stops:
+                    hit = token_stops[row[n]]
+                cuts.append((cut, hit))
             total = max(sum(lengths), 1)
             out += [
                 Generation(t, hit, n, seconds * n / total, len(p))
@@ -747,19 +763,26 @@ Backend = HFBackend | LlamaCppBackend
 
 
 def open_backend(
-    path: str | Path, n_ctx: int = 1024, n_threads: int | None = None, batch_size: int = 8, n_gpu_layers: int = 0
+    path: str | Path,
+    n_ctx: int = 1024,
+    n_threads: int | None = None,
+    batch_size: int = 8,
+    n_gpu_layers: int = 0,
+    hf_batch_size: int | None = None,
 ) -> Backend:
     """:class:`LlamaCppBackend` for a ``.gguf`` file, :class:`HFBackend` for a folder with ``config.json``.
 
     Args:
         n_threads: llama.cpp threads; ``None`` = the cores idle right now (:func:`so8t.console.free_cores`).
+        batch_size: llama.cpp sequences per multi-sequence batch.
+        hf_batch_size: HF sequences per padded batch (``None``: ``batch_size``).
 
     Raises:
         InferenceError: neither exists.
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return HFBackend(path, batch_size=batch_size)
+        return HFBackend(path, batch_size=hf_batch_size or batch_size)
     if path.suffix == ".gguf":
         if n_threads is None:
             from so8t.console import free_cores

@@ -460,6 +460,22 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(CHRF().corpus_score(hyps, [refs]).score)
 
 
+def chrf_indices(hypotheses: Sequence[str], references: Sequence[str]):
+    """``statistic(idx)`` for :func:`bootstrap_interval`: corpus chrF (0-100) of rows ``idx``.
+
+    Sums sacrebleu's per-sentence chrF sufficient statistics over the resampled rows and scores
+    the sum, exactly as sacrebleu's own paired bootstrap does (``sacrebleu.significance``;
+    Koehn 2004), so ``statistic(np.arange(N))`` equals :func:`chrf` of all ``N`` rows.
+
+    Raises:
+        ValueError: empty or unequal-length inputs, non-str items.
+    """
+    hyps, refs = _as_text_pairs(hypotheses, references, "chrf_indices")
+    metric = CHRF()
+    stats = np.asarray(metric._extract_corpus_statistics(hyps, [refs]))
+    return lambda idx: float(metric._compute_score_from_stats(stats[idx].sum(0)).score)
+
+
 def bleu_ja(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus-level BLEU over MeCab (ipadic) words.
 

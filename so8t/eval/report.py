@@ -378,15 +378,92 @@ def _decision_section(inp: ReportInputs, figures: dict[str, str], names: list[st
     return out
 
 
+def _policy_section(inp: ReportInputs, names: list[str]) -> list[str]:
+    """The model's label beside the runtime policy's (ALLOW below ``runtime.allow_threshold`` → ESCALATION)."""
+    rows = []
+    for n in names:
+        pol = inp.details["artifacts"][n].get("policy")
+        if not pol:
+            continue
+        rows.append([
+            n,
+            " / ".join(f"{pol['model'].get(lab, 0.0):.2f}" for lab in DECISIONS),
+            " / ".join(f"{pol['policy'].get(lab, 0.0):.2f}" for lab in DECISIONS),
+            f"{pol['overridden']:.2f}",
+            _fmt(inp.metrics.get(keys.key(n, keys.DECISION_MACRO_F1)), "{:.3f}"),
+            _fmt(pol.get("policy_macro_f1"), "{:.3f}"),
+        ])
+    if not rows:
+        return []
+    labels = " / ".join(DECISIONS)
+    return [
+        "### The runtime policy",
+        "",
+        (
+            "Share of test decisions given each label by the model (argmax) and by the runtime policy, which "
+            "turns an ALLOW whose calibrated probability is below `runtime.allow_threshold` into ESCALATION. "
+            "A calibration that never reaches the threshold shows here as an ALLOW rate of 0 for the policy."
+        ),
+        "",
+        _table(["artifact", f"model {labels}", f"policy {labels}", "changed by policy", "model macro-F1",
+                "policy macro-F1"], rows),
+        "",
+    ]
+
+
+def _retrieval_section(inp: ReportInputs, names: list[str]) -> list[str]:
+    """Bare prompt vs the runtime's grounded prompt (retrieved passages before the question)."""
+    m = inp.metrics
+
+    def ci(n: str, name: str, fmt: str) -> str:
+        return _ci({k[len(n) + 1:]: v for k, v in m.items() if k.startswith(f"{n}.{name}")}, name, fmt)
+
+    rows = []
+    for n in names:
+        if keys.key(n, keys.DECISION_MACRO_F1_RAG) not in m:
+            continue
+        rows.append([
+            n,
+            _fmt(m.get(keys.key(n, keys.DECISION_N + "_rag")), "{:.0f}"),
+            _fmt(m.get(keys.key(n, keys.DECISION_MACRO_F1 + "_same_sample")), "{:.3f}"),
+            ci(n, keys.DECISION_MACRO_F1_RAG, "{:.3f}"),
+            ci(n, keys.FAQ_CHRF, "{:.1f}"), ci(n, keys.FAQ_CHRF_RAG, "{:.1f}"), ci(n, "faq.chrf_rag_gain", "{:+.1f}"),
+            ci(n, keys.REFERENCE_CHRF, "{:.1f}"), ci(n, keys.REFERENCE_CHRF_RAG, "{:.1f}"),
+            ci(n, "reference.chrf_rag_gain", "{:+.1f}"),
+            _fmt(m.get(keys.key(n, keys.FAQ_CITATION_RATE_RAG)), "{:.2f}"),
+        ])
+    if not rows:
+        return []
+    return [
+        "## Retrieval: the bare prompt and the runtime's prompt",
+        "",
+        (
+            "The same test requests without and with the passages the runtime retrieves (its grounded prompt). "
+            "Decisions: a balanced sample, macro-F1 of the same requests bare and grounded. FAQ / reference QA: "
+            "chrF of the final answers (0-100) and the paired gain (grounded − bare); 95% percentile bootstrap "
+            "intervals over examples, answers of one question kept paired; a gain whose interval holds 0 is no "
+            "difference. Cited: share of FAQ questions the model ALLOWs with their own FAQ entry among the passages "
+            "(what the runtime returns as citations)."
+        ),
+        "",
+        _table(["artifact", "n decisions", "macro-F1 bare", "macro-F1 grounded [95% CI]", "FAQ chrF bare",
+                "FAQ chrF grounded", "FAQ gain", "reference chrF bare", "reference chrF grounded",
+                "reference gain", "cited"], rows),
+        "",
+    ]
+
+
 def _bake_and_gguf_section(inp: ReportInputs, figures: dict[str, str]) -> list[str]:
     b = inp.bake_report
+    spot = b.get("spot_check", {})
     out = ["## Bake", ""]
     out.append(
         f"{b.get('rotations_folded')} rotations folded into `o_proj` (`W' = W R^T`) of a "
         f"`{b.get('architecture')}`; logits of the saved model vs the trained model on {b.get('positions')} "
-        f"real positions: max |Δ| {b.get('max_abs_diff', math.nan):.3g} ({b.get('verify_dtype')}; threshold "
-        f"{b.get('threshold')}), mean |Δ| {b.get('mean_abs_diff', math.nan):.3g}, KL {b.get('kl', math.nan):.3g}; "
-        f"float32: max |Δ| {b.get('float32', {}).get('max_abs_diff', math.nan):.3g}. "
+        f"real positions, float32, whole vocabulary: max |Δ| {b.get('max_abs_diff', math.nan):.3g} (threshold "
+        f"{b.get('threshold_float32')}), mean |Δ| {b.get('mean_abs_diff', math.nan):.3g}, KL {b.get('kl', math.nan):.3g}; "
+        f"the fold itself, {spot.get('dtype')}, `o_proj` of layers {', '.join(spot.get('layers', {})) or '—'}: "
+        f"max |Δ| {spot.get('max_abs_diff', math.nan):.3g} (threshold {b.get('threshold')}). "
         f"Bake took {inp.performance.get('bake', {}).get('total_seconds')} s."
     )
     out += ["", "## GGUF files", ""]
@@ -457,6 +534,7 @@ def build_markdown(
     out += [f"## Against the previous run ({title})", "", previous_run_table(inp.metrics, prev_metrics, names), ""]
     out += _calibration_section(inp, figures)
     out += _decision_section(inp, figures, names)
+    out += ["", *_policy_section(inp, names), *_retrieval_section(inp, names)]
     out += ["", *_bake_and_gguf_section(inp, figures), *_distill_section(inp), *_samples_section(inp, names)]
     return "\n".join(out)
 

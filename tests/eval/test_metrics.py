@@ -302,3 +302,17 @@ def test_repetition_stats_bad_input():
         repetition_stats(np.zeros((2, 2), dtype=int))
     with pytest.raises(ValueError, match="rate_threshold"):
         repetition_stats([1, 2], rate_threshold=2.0)
+
+
+def test_chrf_indices_is_corpus_chrf_of_the_resampled_rows():
+    from so8t.eval.metrics import chrf_indices
+
+    hyps = ["今日は良い天気です。", "明日は雨が降ります。", "猫が好きです。"]
+    refs = ["今日は悪い天気でした。", "明日は雨です。", "犬を飼っています。"]
+    stat = chrf_indices(hyps, refs)
+    assert stat(np.arange(3)) == pytest.approx(chrf(hyps, refs))
+    # a resample with a repeated row is the corpus chrF of those rows, repeats included
+    idx = np.array([1, 1, 2])
+    assert stat(idx) == pytest.approx(chrf([hyps[i] for i in idx], [refs[i] for i in idx]))
+    with pytest.raises(ValueError, match="chrf_indices"):
+        chrf_indices([], [])

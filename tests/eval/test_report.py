@@ -79,3 +79,27 @@ def test_previous_metrics_skips_commits_equal_to_the_current_run(tmp_path, monke
     assert previous_metrics({"baked.perplexity": 40.0})[0] == runs[1]
     monkeypatch.chdir(tmp_path.parent)  # outside any repository
     assert previous_metrics(runs[1]) is None
+
+
+def test_retrieval_and_policy_sections_show_both_columns():
+    from types import SimpleNamespace
+
+    from so8t.eval.report import _policy_section, _retrieval_section
+
+    m = {"q8_0.decision.n_rag": 90.0, "q8_0.decision.macro_f1_same_sample": 0.29,
+         "q8_0.decision.macro_f1_rag": 0.31, "q8_0.decision.macro_f1_rag_ci_low": 0.22,
+         "q8_0.decision.macro_f1_rag_ci_high": 0.40, "q8_0.decision.macro_f1": 0.30,
+         "q8_0.faq.chrf": 4.6, "q8_0.faq.chrf_ci_low": 3.0, "q8_0.faq.chrf_ci_high": 6.0,
+         "q8_0.faq.chrf_rag": 5.3, "q8_0.faq.chrf_rag_gain": 0.7, "q8_0.faq.chrf_rag_gain_ci_low": -1.2,
+         "q8_0.faq.chrf_rag_gain_ci_high": 2.5, "q8_0.faq.citation_rate_rag": 0.0}
+    details = {"artifacts": {"q8_0": {"policy": {
+        "model": {"ALLOW": 0.35, "ESCALATION": 0.0, "DENY": 0.65},
+        "policy": {"ALLOW": 0.0, "ESCALATION": 0.35, "DENY": 0.65},
+        "overridden": 0.35, "policy_macro_f1": 0.28}}}}
+    inp = SimpleNamespace(metrics=m, details=details)
+    rows = _rows(_retrieval_section(inp, ["q8_0"])[4])  # title, blank, text, blank, table
+    assert rows["q8_0"][:6] == ["90", "0.290", "0.310 [0.220, 0.400]", "4.6 [3.0, 6.0]", "5.3", "+0.7 [-1.2, +2.5]"]
+    assert rows["q8_0"][-1] == "0.00"
+    policy = "\n".join(_policy_section(inp, ["q8_0"]))
+    assert "| q8_0 | 0.35 / 0.00 / 0.65 | 0.00 / 0.35 / 0.65 | 0.35 | 0.300 | 0.280 |" in policy
+    assert _retrieval_section(SimpleNamespace(metrics={}, details=details), ["q8_0"]) == []

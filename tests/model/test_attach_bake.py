@@ -1,6 +1,7 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import TINY_CONFIGS, tiny_batch, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from so8t.model.attach import (
@@ -12,7 +13,6 @@ from so8t.model.attach import (
 )
 from so8t.model.bake import BakeError, bake_model, compare_logits, model_logits
 from so8t.model.rotation import random_generator
-from tiny import TINY_CONFIGS, tiny_batch, tiny_model
 
 
 def _lora(model, seed=0):
@@ -132,3 +132,68 @@ def test_rotations_stay_trainable_after_peft():
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     out.loss.backward()
     assert all(r.generator.grad.abs().sum() > 0 for r in rots.values())
+
+
+def _adapter(tmp_path, arch: str = "llama"):
+    """A tiny base folder and an adapter folder with non-zero LoRA and rotations on every layer."""
+    from tiny import tiny_base_dir
+
+    from so8t.model.attach import ROTATIONS_FILE, save_rotations
+    from so8t.model.base_model import load_causal_lm
+
+    base = tiny_base_dir(tmp_path / "base", arch)
+    torch.manual_seed(3)
+    model = get_peft_model(
+        load_causal_lm(base, torch.float32),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    )
+    attach_rotations(model, init_scale=0.3)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    save_rotations(model, adapter / ROTATIONS_FILE)
+    return base, adapter, model
+
+
+def test_bake_adapter_verifies_saved_files_in_float32_and_the_fold_in_float64(tmp_path):
+    from so8t.model.bake import bake_adapter, final_hidden
+    from so8t.model.base_model import load_causal_lm, output_logits
+
+    base, adapter, trained = _adapter(tmp_path)
+    rows = [[5, 9, 17, 33, 8, 21, 40], [7, 7, 12, 3, 60, 44, 18, 29, 11]]
+    expected = model_logits(trained.eval(), torch.tensor([rows[1]]), torch.ones(1, 9, dtype=torch.long))
+    report = bake_adapter(base, adapter, tmp_path / "baked", rows, 1e-6, "float64", 1e-4, 2)
+    assert report["rotations_folded"] == 2 and report["positions"] == 16
+    assert report["max_abs_diff"] < 1e-5 and report["kl"] < 1e-9
+    assert list(report["spot_check"]["layers"]) == ["0", "1"] and report["spot_check"]["max_abs_diff"] < 1e-6
+    baked = load_causal_lm(tmp_path / "baked", torch.float32)
+    got = model_logits(baked, torch.tensor([rows[1]]), torch.ones(1, 9, dtype=torch.long))
+    assert compare_logits(expected, got).max_abs_diff < 1e-5
+    # final_hidden keeps D floats per position and reproduces the model's own logits through the head
+    (h,) = final_hidden(baked, [rows[1]])
+    assert h.shape == (9, baked.config.hidden_size)
+    torch.testing.assert_close(output_logits(baked, h), got[0], rtol=0, atol=1e-5)
+
+
+def test_bake_adapter_spot_check_catches_a_wrong_fold_and_writes_nothing(tmp_path, monkeypatch):
+    from so8t.model import bake
+
+    base, adapter, _ = _adapter(tmp_path)
+
+    def wrong(linear, rotation):  # W R instead of W R^T
+        with torch.no_grad():
+            linear.weight.copy_((linear.weight.double() @ rotation.double()).float())
+
+    monkeypatch.setattr(bake, "fold_rotation_", wrong)
+    with pytest.raises(BakeError, match=r"o_proj of layer\(s\) \['0', '1'\]"):
+        bake.bake_adapter(base, adapter, tmp_path / "baked", [[5, 9, 17, 33]], 1e-6, "float64", 1e9, 3)
+    assert not (tmp_path / "baked").exists()
+    assert not list(tmp_path.glob(".baked.*"))
+
+
+def test_spot_layers_spread_over_the_rotated_layers():
+    from so8t.model.bake import spot_layers
+
+    model = tiny_model("llama")
+    assert spot_layers(model, [0, 3, 5, 9, 12], 3) == [0, 5, 12]
+    assert spot_layers(model, [4, 7], 3) == [4, 7]
+    assert spot_layers(model, [], 1) == [0]
