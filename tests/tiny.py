@@ -159,3 +159,84 @@ def tiny_gemma_dir(out, tokenizer, layers: int = 2, seed: int = 0, sliding_windo
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+#: ChatML turns (as Qwen2 uses them): the template of the SentencePiece test tokenizer below.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def sp_tokenizer_dir(cache_dir):
+    """A SentencePiece BPE tokenizer folder (``tokenizer.model`` + config, 3,000 pieces, byte fallback,
+    ChatML turns), trained on the Japanese of the synthesize stage's templates in a few seconds.
+
+    The non-Gemma families whose llama.cpp conversion reads a SentencePiece model (Llama-2 style,
+    Mistral, Phi-3; Qwen2 tries it first) can then run the whole pipeline offline with a real
+    sub-word tokenizer. Built once per ``cache_dir``.
+    """
+    import io
+    import json
+    from pathlib import Path
+
+    import sentencepiece as spm
+    import yaml
+
+    out = Path(cache_dir) / "sp-tokenizer"
+    if (out / "tokenizer.model").is_file():
+        return out
+    templates = Path(__file__).resolve().parents[1] / "so8t/data/resources/safety_templates.yaml"
+    lines: list[str] = []
+
+    def walk(x) -> None:
+        if isinstance(x, str):
+            lines.extend(s for s in x.splitlines() if s.strip())
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(yaml.safe_load(templates.read_text(encoding="utf-8")))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=3000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        pad_piece="<pad>", minloglevel=2, num_threads=1,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False, "legacy": False,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return out
+
+
+def tiny_arch_dir(out, tokenizer_dir, arch: str, seed: int = 0):
+    """A random tiny ``arch`` model (:data:`TINY_CONFIGS`) with the tokenizer of ``tokenizer_dir``, as a
+    user's HF folder: weights, config, generation config stopping at ``<|im_end|>``, and the tokenizer
+    files (``tokenizer.model`` included). Returns ``out``."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = TINY_CONFIGS[arch]()
+    config.vocab_size = len(tok)
+    config.max_position_embeddings = 2048
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    shutil.copy(Path(tokenizer_dir) / "tokenizer.model", out / "tokenizer.model")
+    return out

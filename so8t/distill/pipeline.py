@@ -100,7 +100,7 @@ def export_student(
         DistillError: when the saved student differs by more than ``max_abs_diff``.
     """
     from so8t.model.bake import bake_model, compare_logits, model_logits, padded_batch
-    from so8t.model.base_model import load_causal_lm, load_tokenizer
+    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm, load_tokenizer
 
     ids, mask = padded_batch([r["input_ids"] for r in verify_rows])
     reference = model_logits(model.to(device="cpu", dtype=torch.float64), ids, mask)
@@ -109,6 +109,7 @@ def export_student(
         model = bake_model(model, require_rotations=info["so8t"])
     model.save_pretrained(out_dir)
     load_tokenizer(base_dir).save_pretrained(out_dir)
+    copy_tokenizer_files(base_dir, out_dir)
     diff = compare_logits(reference, model_logits(load_causal_lm(out_dir, torch.float64), ids, mask))
     if diff.max_abs_diff > max_abs_diff:
         raise DistillError(

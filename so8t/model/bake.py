@@ -293,7 +293,7 @@ def bake_adapter(
 
     from so8t.io import atomic_dir, write_json
     from so8t.model.attach import ROTATIONS_FILE, load_rotations
-    from so8t.model.base_model import load_causal_lm, load_tokenizer, output_logits
+    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm, load_tokenizer, output_logits
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     with_rotations = (adapter_dir / ROTATIONS_FILE).is_file()
@@ -309,6 +309,7 @@ def bake_adapter(
     with atomic_dir(out_dir) as tmp:
         baked.save_pretrained(tmp, max_shard_size=max_shard_size)
         load_tokenizer(base_dir).save_pretrained(tmp)
+        copy_tokenizer_files(base_dir, tmp)
         del model, baked
         gc.collect()
         reloaded = load_causal_lm(tmp, torch.float32).eval()

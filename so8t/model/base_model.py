@@ -215,6 +215,29 @@ def ensure_chat_template(tokenizer, model_type: str, override: str | None) -> st
     return tokenizer.chat_template
 
 
+#: Tokenizer files of a model folder that ``save_pretrained`` of a (fast) tokenizer does not write:
+#: llama.cpp's converter reads the SentencePiece model of Llama-2-style, Mistral and Phi-3
+#: tokenizers from ``tokenizer.model`` (Qwen2's converter tries it first).
+TOKENIZER_SIDE_FILES: tuple[str, ...] = ("tokenizer.model",)
+
+
+def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copy the :data:`TOKENIZER_SIDE_FILES` that ``src_dir`` has and ``dst_dir`` lacks.
+
+    Returns:
+        The names copied (``[]`` for a GGUF source or a tokenizer without such files).
+    """
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_SIDE_FILES:
+        src, dst = Path(src_dir) / name, Path(dst_dir) / name
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
+
+
 def prepare_base(source: str, out_dir: Path, chat_template: str | None = None, cache_dir: Path | None = None) -> dict:
     """Write a plain float32 HF model directory for ``source`` to ``out_dir`` (atomically).
 
@@ -257,6 +280,8 @@ def prepare_base(source: str, out_dir: Path, chat_template: str | None = None, c
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if gguf_file is None:
+            copy_tokenizer_files(folder, tmp)
         write_json(tmp / "so8t_base.json", provenance)
     return provenance
 

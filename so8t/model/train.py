@@ -25,6 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -752,6 +753,16 @@ def _dvclive_callback(live):
     from transformers.integrations import DVCLiveCallback
 
     class StepAligned(DVCLiveCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            """On resume, log the checkpoint's history (``trainer_state.json``) again first: the dvclive
+            folder starts empty (``dvc repro`` removes a stage's outputs before it runs), and the
+            curves must hold every step, not only those after the checkpoint."""
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+            for entry in state.log_history:
+                at = SimpleNamespace(global_step=entry["step"], is_world_process_zero=state.is_world_process_zero)
+                logs = {k: v for k, v in entry.items() if k != "step"}
+                self.on_log(args, at, control, model=model, logs=logs)
+
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             if self._initialized:
                 self.live.step = state.global_step
@@ -760,7 +771,7 @@ def _dvclive_callback(live):
     return StepAligned(live=live)
 
 
-def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], resumed: bool, decision_eval=None):
+def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], decision_eval=None):
     """The :class:`SO8TTrainer` of the train stage with dvclive, progress, time checkpoints and signals."""
     from datasets import Dataset
     from dvclive import Live
@@ -779,7 +790,9 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
     if evaluating:
         sets = eval_sets(read_jsonl(paths.val), p.eval_examples_per_task, params.seed)
         eval_dataset = {task: Dataset.from_list(items) for task, items in sets.items() if items}
-    live = Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=resumed)
+    # Never dvclive's own resume: a resumed run rebuilds the curves from the checkpoint's history
+    # (steps logged after the checkpoint and before a crash are trained and logged again).
+    live = Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=False)
     stopper = GracefulStopCallback()
     trainer = SO8TTrainer(
         model=model,
@@ -836,11 +849,8 @@ def _replay_logs(trainer: SO8TTrainer) -> None:
     callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, DVCLiveCallback)), None)
     if callback is None or not trainer.is_world_process_zero():
         return
-    state = trainer.state
-    for entry in state.log_history:
-        state.global_step = int(entry.get("step", state.global_step))
-        callback.on_log(trainer.args, state, trainer.control, model=trainer.model, logs=dict(entry))
-    callback.on_train_end(trainer.args, state, trainer.control, model=trainer.model)
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)  # replays the history
+    callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
 
 
 def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
@@ -884,7 +894,7 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
         + (f", resuming from {resume_from}" if resume_from else ", starting fresh")
     )
     trainer, stopper = _make_trainer(
-        params, paths, model, tokenizer, rows, resumed=resume_from is not None, decision_eval=decision_eval
+        params, paths, model, tokenizer, rows, decision_eval=decision_eval
     )
     resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
     stopper.install()

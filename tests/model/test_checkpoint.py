@@ -132,6 +132,14 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return w
 
 
+def _curve(live: Path) -> list[tuple[int, str]]:
+    """``(step, loss)`` rows of dvclive's loss plot (its timestamps left out)."""
+    lines = (live / "plots/metrics/loss.tsv").read_text().splitlines()
+    head = lines[0].split("\t")
+    rows = [dict(zip(head, line.split("\t"))) for line in lines[1:]]
+    return [(int(r["step"]), r["loss"]) for r in rows]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
@@ -165,6 +173,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(tiny_run):
     assert proc.returncode == 0, out[-3000:]
     assert "resuming from" in out
     resumed = _weights(work / "out")
+    assert [s for s, _ in _curve(work / "live")] == list(range(1, 9))  # every step once, history replayed
     assert resumed.keys() == reference.keys()
     worst = max(float((resumed[k] - reference[k]).abs().max()) for k in reference)
     assert worst <= 1e-6, worst
@@ -195,10 +204,13 @@ def test_rerun_after_a_finished_run_restores_without_extra_steps(tiny_run, tmp_p
     import shutil
 
     out_before = _weights(ref_work / "out")
+    curve_before = _curve(ref_work / "live")
     shutil.rmtree(ref_work / "out")  # as `dvc repro` deletes outputs before rerunning a stage
+    shutil.rmtree(ref_work / "live")
     proc = _start(ref_work)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     again = _weights(ref_work / "out")
     assert max(float((again[k] - out_before[k]).abs().max()) for k in again) == 0.0
     assert "resuming from" in out and "checkpoint-8" in out
+    assert _curve(ref_work / "live") == curve_before and [s for s, _ in curve_before] == list(range(1, 9))
