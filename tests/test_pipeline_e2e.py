@@ -60,6 +60,21 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def pipeline_workdir(work: Path, source: Path) -> Path:
+    """A DVC project in ``work``: this repository's pipeline, code and params with :data:`TINY_PARAMS`
+    and ``base_model.source`` = ``source`` (a tiny HF folder). Returns ``work``."""
+    work.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, work / name)
+    for name in ("stages", "so8t"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((work / "params.yaml").read_text(encoding="utf-8"))
+    params = _merge(params, TINY_PARAMS | {"base_model": {"source": str(source), "chat_template": None}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    assert _dvc(work, "init", "--no-scm", "-q").returncode == 0
+    return work
+
+
 pytestmark = pytest.mark.slow
 
 
@@ -71,16 +86,7 @@ def pipeline(tmp_path_factory, gemma_tok):
     tok = copy.deepcopy(gemma_tok)
     tok.chat_template = None  # as the embedded GGUF has none: the base stage gives Gemma its turn template
     tiny = tiny_gemma_dir(root / "tiny-gemma", tok, sliding_window=64)
-    work = root / "work"
-    work.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, work / name)
-    for name in ("stages", "so8t"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((work / "params.yaml").read_text(encoding="utf-8"))
-    params = _merge(params, TINY_PARAMS | {"base_model": {"source": str(tiny), "chat_template": None}})
-    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    assert _dvc(work, "init", "--no-scm", "-q").returncode == 0
+    work = pipeline_workdir(root / "work", tiny)
     first = _dvc(work, "repro")
     return work, first
 
