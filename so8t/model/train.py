@@ -701,6 +701,7 @@ def decision_line_copies(rows: list[dict], passes: float, seed: int) -> list[dic
     Args:
         rows: formatted examples (``task``, ``input_ids``, ``labels``, ``decision_span``).
         passes: copies per decision example (a fraction keeps a seeded sample, as :func:`mix_tasks`).
+        seed: seed of that sample (passed to :func:`mix_tasks`; the run's ``seed``).
 
     Returns:
         The cut copies (``task`` ``decision_line``), in input order.
