@@ -5,7 +5,8 @@ llama.cpp) on the test split:
 
 * prompt tokens/s: the prompt passes of decision scoring (logits only at the label positions);
 * decisions/min: every test decision scored, one request at a time (``--batch 1``, the old
-  sequential path) and batched (``generation.batch_size``);
+  sequential path) and batched (``generation.batch_size`` for llama.cpp, ``generation.hf_batch_size``
+  for the HF float32 rows, as calibrate and evaluate run them);
 * generation tokens/s: greedy answers of test prompts, one at a time and batched;
 * parity: the share of prompts whose greedy text, and of decisions whose label, equal those of
   the reference runtime (F16 against the baked HF model; other GGUFs against F16).
@@ -35,9 +36,11 @@ from so8t.params import load_params
 from so8t.schema import DECISIONS, Task
 
 
-def measure(art, threads: int, batch: int, decisions: list[dict], prompts: list[dict], max_new: int, penalty: float):
-    """Decisions/min, prompt tokens/s, generation tokens/s, texts and labels of one artifact at one batch size."""
-    backend = open_artifact(art, threads, batch)
+def measure(art, threads: int, batch: int, decisions: list[dict], prompts: list[dict], max_new: int, penalty: float,
+            hf_batch: int | None = None):
+    """Decisions/min, prompt tokens/s, generation tokens/s, texts and labels of one artifact at one batch size
+    (``hf_batch`` for an HF folder; default ``batch``)."""
+    backend = open_artifact(art, threads, batch, hf_batch_size=hf_batch or batch)
     try:
         t0 = time.perf_counter()
         scored = score_decisions(backend, decisions)
@@ -68,10 +71,12 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=90, help="test decisions scored (balanced over labels)")
     ap.add_argument("--generations", type=int, default=16, help="test prompts (math, FAQ) answered greedily")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default: generation.batch_size)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size of every row (default: generation.batch_size, HF rows generation.hf_batch_size)")
     args = ap.parse_args()
     params = load_params()
     batch = args.batch or params.generation.batch_size
+    hf_batch = args.batch or params.generation.hf_batch_size
     test = read_jsonl(Path("data/formatted/test.jsonl"))
     decisions = balanced_decisions(test, args.decisions)
     prompts = sorted((r for r in test if r["task"] in (Task.MATH.value, Task.QA_FAQ.value)), key=lambda r: r["id"])
@@ -79,11 +84,12 @@ def main() -> None:
     threads = free_cores()
     console = Console()
     console.print(f"{len(decisions)} decisions, {len(prompts)} generations x {args.max_new_tokens} tokens, "
-                  f"{threads} threads, batch {batch} vs 1")
+                  f"{threads} threads, batch {batch} (HF {hf_batch}) vs 1")
     results = {}
     for art in artifacts():
         one = measure(art, threads, 1, decisions, prompts, args.max_new_tokens, params.generation.repetition_penalty)
-        many = measure(art, threads, batch, decisions, prompts, args.max_new_tokens, params.generation.repetition_penalty)
+        many = measure(art, threads, batch, decisions, prompts, args.max_new_tokens,
+                       params.generation.repetition_penalty, hf_batch)
         results[art.name] = (one, many)
         console.print(f"{art.name}: done")
     table = Table(title="Inference per artifact (test split)")
