@@ -208,13 +208,13 @@ def sp_tokenizer_dir(cache_dir):
         pad_piece="<pad>", minloglevel=2, num_threads=1,
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(model.getvalue())
     config = {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False, "legacy": False,
         "chat_template": CHATML_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (out / "tokenizer.model").write_bytes(model.getvalue())  # last: its presence marks a complete folder
     return out
 
 

@@ -463,7 +463,7 @@ def _bake_and_gguf_section(inp: ReportInputs, figures: dict[str, str]) -> list[s
         f"real positions, float32, whole vocabulary: max |Δ| {b.get('max_abs_diff', math.nan):.3g} (threshold "
         f"{b.get('threshold_float32')}), mean |Δ| {b.get('mean_abs_diff', math.nan):.3g}, KL {b.get('kl', math.nan):.3g}; "
         f"the fold itself, {spot.get('dtype')}, `o_proj` of layers {', '.join(spot.get('layers', {})) or '—'}: "
-        f"max |Δ| {spot.get('max_abs_diff', math.nan):.3g} (threshold {b.get('threshold')}). "
+        f"max |Δ| {spot.get('max_abs_diff', math.nan):.3g} (threshold {spot.get('threshold')}). "
         f"Bake took {inp.performance.get('bake', {}).get('total_seconds')} s."
     )
     out += ["", "## GGUF files", ""]

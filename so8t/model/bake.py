@@ -174,6 +174,11 @@ def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> 
 def final_hidden(model: nn.Module, rows: list[list[int]]) -> list[torch.Tensor]:
     """Final normalised hidden states (what the LM head reads) of each token-id row.
 
+    Args:
+        model: a HF causal LM (optionally PEFT-wrapped) whose last ``hidden_states`` entry is
+            the LM head's input, as for :func:`so8t.model.base_model.output_logits`.
+        rows: token-id rows, each run alone (no padding).
+
     Returns:
         ``len(rows)`` float32 tensors of shape ``(len(row), D)``: the memory of the logits
         divided by ``V / D`` (~400 for Gemma 3), so whole-vocabulary logits are never kept.
@@ -281,10 +286,11 @@ def bake_adapter(
     serialisation copy ``save_pretrained`` makes.
 
     Returns:
-        The bake report (also ``out_dir/bake_report.json``): ``max_abs_diff`` / ``mean_abs_diff``
-        / ``kl`` / ``positions`` of the float32 check, ``float32`` (the same as a dict),
-        ``spot_check`` (dtype, layers, max |Δ| per layer), thresholds, rotations folded,
-        architecture; the same for the same inputs.
+        The bake report (also ``out_dir/bake_report.json``): the float32 check's ``max_abs_diff``
+        (logit units, LM-head check included), ``mean_abs_diff``, ``kl`` (nats per position),
+        ``positions``, ``lm_head_max_abs_diff`` and ``threshold_float32``; ``spot_check`` (dtype,
+        max |Δ| per layer, its maximum and threshold); rotations folded, architecture; the same
+        for the same inputs.
 
     Raises:
         BakeError: a check exceeds its threshold (nothing is written).
@@ -331,11 +337,9 @@ def bake_adapter(
             "mean_abs_diff": diff.mean_abs_diff,
             "kl": diff.kl,
             "positions": diff.positions,
-            "float32": diff.to_dict() | {"lm_head_max_abs_diff": head.max_abs_diff},
+            "lm_head_max_abs_diff": head.max_abs_diff,
             "threshold_float32": max_abs_diff_float32,
             "spot_check": {"dtype": verify_dtype, "layers": spot, "max_abs_diff": worst_spot, "threshold": max_abs_diff},
-            "verify_dtype": verify_dtype,
-            "threshold": max_abs_diff,
             "rotations_folded": len(rotated),
             "architecture": type(reloaded).__name__,
             "model_type": reloaded.config.model_type,
