@@ -1,15 +1,15 @@
 """Inference speed and consistency of every artifact, in one run: one table.
 
-For each artifact of the pipeline (base and baked: transformers float32; each GGUF:
-llama.cpp) on the test split:
+For each row the evaluate stage runs (base and baked through their F16 GGUFs, each quantised
+GGUF: llama.cpp) and the transformers float32 reference (the baked HF folder) on the test split:
 
 * prompt tokens/s: the prompt passes of decision scoring (logits only at the label positions);
 * decisions/min: every test decision scored, one request at a time (``--batch 1``, the old
   sequential path) and batched (``generation.batch_size`` for llama.cpp, ``generation.hf_batch_size``
   for the HF float32 rows, as calibrate and evaluate run them);
-* generation tokens/s: greedy answers of test prompts, one at a time and batched;
+* generation tokens/s: greedy answers of test prompts, one at a time and continuously batched;
 * parity: the share of prompts whose greedy text, and of decisions whose label, equal those of
-  the reference runtime (F16 against the baked HF model; other GGUFs against F16).
+  baked (its F16 GGUF): the quantised GGUFs and the transformers reference.
 
 Run after ``dvc repro`` (it reads models/ and data/formatted/test.jsonl)::
 
@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from so8t.console import free_cores
-from so8t.eval.evaluation import artifacts, balanced_decisions, close_backend, open_artifact
+from so8t.eval.evaluation import BAKED_DIR, Artifact, artifacts, balanced_decisions, close_backend, open_artifact
 from so8t.eval.inference import answer_context, score_decisions, stop_strings
 from so8t.io import read_jsonl
 from so8t.params import load_params
@@ -86,7 +86,7 @@ def main() -> None:
     console.print(f"{len(decisions)} decisions, {len(prompts)} generations x {args.max_new_tokens} tokens, "
                   f"{threads} threads, batch {batch} (HF {hf_batch}) vs 1")
     results = {}
-    for art in artifacts():
+    for art in artifacts() + [Artifact("transformers", "hf", BAKED_DIR)]:
         one = measure(art, threads, 1, decisions, prompts, args.max_new_tokens, params.generation.repetition_penalty)
         many = measure(art, threads, batch, decisions, prompts, args.max_new_tokens,
                        params.generation.repetition_penalty, hf_batch)
@@ -97,7 +97,7 @@ def main() -> None:
                 "batched = single", "text parity", "decision parity", "against"):
         table.add_column(col, justify="left" if col in ("artifact", "against") else "right")
     for name, (one, many) in results.items():
-        ref = "baked" if name == "f16" else ("f16" if name not in ("base", "baked") and "f16" in results else None)
+        ref = "baked" if name not in ("base", "baked") and "baked" in results else None
         parity_text = share_equal(results[ref][1]["texts"], many["texts"]) if ref else None
         parity_dec = share_equal(results[ref][1]["labels"], many["labels"]) if ref else None
         table.add_row(

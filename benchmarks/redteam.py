@@ -66,7 +66,9 @@ def main() -> None:
     from so8t.runtime.model import load_model
     from so8t.runtime.server import ApiKeys, create_app
 
-    model_path = args.model or params.runtime.model
+    from so8t.runtime.select import served_model
+
+    model_path = args.model or served_model(params.runtime.model, ".", params.runtime.metrics).path
     rt = params.runtime
     model = Recording(load_model(model_path, rt.n_ctx, rt.n_threads, params.generation.repetition_penalty))
     tally = Tally()

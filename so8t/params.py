@@ -312,6 +312,11 @@ class EvaluateParams(_Section):
     faq_max_new_tokens: PosInt = 96
     #: Tokens of the long greedy generation (no penalty) whose repetition is measured.
     stability_max_new_tokens: PosInt = 256
+    #: The transformers reference: every row runs in llama.cpp; the baked HF float32 model is run on
+    #: this many test decisions (balanced, spread over templates) and greedy math/FAQ answers, and on
+    #: every held-out perplexity window, to check the F16 GGUF against it (``f16.parity.*``; 0 = off).
+    parity_decisions: NonNegInt = 48
+    parity_texts: NonNegInt = 6
 
 
 class DistillParams(_Section):
@@ -464,13 +469,16 @@ class RetrievalParams(_Section):
 class RuntimeParams(_Section):
     """``so8t ask / chat / serve / audit / ollama`` (not a pipeline stage; no DVC dependency)."""
 
-    #: A GGUF file (llama.cpp) or a Hugging Face model folder (transformers).
-    model: str = "models/gguf/so8t-q4_k_m.gguf"
+    #: ``auto`` (the smallest GGUF that keeps the fine-tune, chosen from ``metrics``:
+    #: :mod:`so8t.runtime.select`), a GGUF file (llama.cpp) or a Hugging Face model folder (transformers).
+    model: str = "auto"
+    #: The evaluate stage's metrics, read by ``model: auto``.
+    metrics: str = "reports/metrics.json"
     #: Name in responses and audit rows (null: the file or folder name).
     model_id: str | None = None
     #: Temperatures fitted by the calibrate stage.
     calibration: str = "reports/calibration.json"
-    #: Artifact key in it (null: from the file name, so8t-q4_k_m.gguf -> q4_k_m; a folder -> baked).
+    #: Artifact key in it (null: from the file name, so8t-q4_k_m.gguf -> q4_k_m; so8t-f16.gguf and a folder -> baked).
     calibration_key: str | None = None
     n_ctx: Annotated[int, Field(ge=256)] = 2048
     #: llama.cpp threads (null: the cores idle at start-up).

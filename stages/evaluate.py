@@ -1,17 +1,22 @@
-"""Stage evaluate: every artifact on the test split: decisions (bare and with retrieved passages), calibration,
-policy, perplexity, math, FAQ and reference answers, speed, parity between runtimes."""
+"""Stage evaluate: every artifact on the test split, through llama.cpp: decisions (bare and with retrieved
+passages), calibration, policy, perplexity, math, FAQ and reference answers, speed, parity between runtimes;
+the baked model in transformers on a sample (the reference its F16 GGUF is checked against)."""
 
+import time
 from pathlib import Path
 
 from so8t.console import console, free_cores, progress, run_stage
 from so8t.data.grounding import make_grounder
 from so8t.eval import keys
 from so8t.eval.evaluation import (
+    artifact_summary,
     artifacts,
     build_eval_sets,
     close_backend,
     evaluate_artifact,
     open_artifact,
+    reference_parity,
+    reference_summary,
     write_evaluation,
 )
 from so8t.io import read_json, read_jsonl
@@ -27,6 +32,7 @@ OUT = Path("reports")
 
 
 def main() -> None:
+    start = time.perf_counter()
     params = load_params()
     tokenizer = load_tokenizer(Path("models/baked"))
     count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -37,27 +43,29 @@ def main() -> None:
     style = read_json(FORMAT_STATS)["style"]
     calibration = read_json(CALIBRATION)["artifacts"]
     threads, arts, results = free_cores(), artifacts(), {}
+    e = params.evaluate
+    baked = next((a for a in arts if a.name == "baked" and a.kind == "gguf"), None)
+    ref_steps = (min(e.parity_decisions, len(sets.decisions)) + e.parity_texts) if baked else 0
+    reference = None
     with progress() as bar:
-        task = bar.add_task("evaluate: test split", total=len(arts) * sets.steps(), info="")
+        task = bar.add_task("evaluate: test split", total=len(arts) * sets.steps() + ref_steps, info="")
         for art in arts:
             bar.update(task, info=f"{art.name} ({threads} threads)")
+            t0 = time.perf_counter()
             backend = open_artifact(
                 art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
                 hf_batch_size=params.generation.hf_batch_size,
             )
             r = evaluate_artifact(backend, art, sets, params, calibration.get(art.name, {}), style, lambda n: bar.advance(task, n))
             close_backend(backend)
+            r.details["speed"][keys.WALL_S] = time.perf_counter() - t0
             results[art.name] = r
-            f, a = r.flat, art.name
-            get = lambda name: f.get(keys.key(a, name), float("nan"))  # noqa: E731
-            console.print(
-                f"evaluate: {a}: macro-F1 {get(keys.DECISION_MACRO_F1):.3f} [{get(keys.DECISION_MACRO_F1_CI_LOW):.3f}, "
-                f"{get(keys.DECISION_MACRO_F1_CI_HIGH):.3f}] (n={get(keys.DECISION_N):.0f}), with passages "
-                f"{get(keys.DECISION_MACRO_F1_RAG):.3f}; ECE {get(keys.DECISION_ECE):.3f} -> "
-                f"{get(keys.DECISION_ECE_CALIBRATED):.3f}; ppl {get(keys.PERPLEXITY):.2f}; chrF {get(keys.FAQ_CHRF):.1f} "
-                f"/ {get(keys.FAQ_CHRF_RAG):.1f}; speed {r.details['speed']}"
-            )
-    flat = write_evaluation(OUT, results, threads)
+            console.print(artifact_summary(art, r))
+        if baked is not None and (e.parity_decisions or e.parity_texts):
+            bar.update(task, info="transformers reference (sample)")
+            reference = reference_parity(baked, results["baked"], sets, params, lambda n: bar.advance(task, n))
+            console.print(reference_summary(reference))
+    flat = write_evaluation(OUT, results, threads, reference, time.perf_counter() - start)
     console.print(f"evaluate: parity {{{', '.join(f'{k}: {v:.3f}' for k, v in flat.items() if '.parity.' in k)}}}")
 
 

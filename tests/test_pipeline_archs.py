@@ -59,7 +59,7 @@ def test_dvc_repro_end_to_end(arch, sp_dir, tmp_path):
     assert set(quant["files"]) == {"f16", "q8_0", "q4_k_m"}
     assert all(f["tokenizer_match"] and f["size_bytes"] > 0 for f in quant["files"].values()), quant
     metrics = json.loads((work / "reports/metrics.json").read_text())
-    for art in ("base", "baked", "f16", "q8_0", "q4_k_m"):
+    for art in ("base", "baked", "q8_0", "q4_k_m"):
         assert metrics[f"{art}.perplexity"] > 1.0
         assert f"{art}.decision.macro_f1" in metrics
     assert "Headline metrics" in (work / "reports/report.md").read_text(encoding="utf-8")

@@ -44,6 +44,8 @@ TINY_PARAMS = {
         "max_faq_examples": 2,
         "math_max_new_tokens": 6,
         "faq_max_new_tokens": 6,
+        "parity_decisions": 6,
+        "parity_texts": 2,
     },
 }
 
@@ -108,13 +110,25 @@ def test_artifacts_are_real(pipeline):
     quant = json.loads((work / "models/gguf/quantize_report.json").read_text())
     assert set(quant["files"]) == {"f16", "q8_0", "q4_k_m"}
     assert all(f["tokenizer_match"] and f["size_bytes"] > 0 for f in quant["files"].values())
+    assert quant["reference"]["base"]["file"] == "base-f16.gguf" and (work / "models/gguf/base-f16.gguf").is_file()
     metrics = json.loads((work / "reports/metrics.json").read_text())
-    for art in ("base", "baked", "f16", "q8_0", "q4_k_m"):
+    for art in ("base", "baked", "q8_0", "q4_k_m"):
         for key in ("decision.accuracy", "decision.macro_f1", "decision.ece", "perplexity", "faq.chrf"):
             assert f"{art}.{key}" in metrics
         assert metrics[f"{art}.perplexity"] > 1.0
+    # Every row ran in llama.cpp; transformers checked the F16 GGUF on a sample.
+    details = json.loads((work / "reports/eval/details.json").read_text())
+    assert {a: d["kind"] for a, d in details["artifacts"].items()} == dict.fromkeys(("base", "baked", "q8_0", "q4_k_m"), "gguf")
+    assert details["artifacts"]["baked"]["path"].endswith("so8t-f16.gguf")
+    assert metrics["f16.parity.decision_n"] == 6 and metrics["f16.parity.text_n"] == 2
+    assert metrics["f16.parity.decision"] >= 0.5 and 0.9 < metrics["f16.parity.perplexity_ratio"] < 1.1
+    assert {"q8_0.parity.decision", "q4_k_m.parity.text"} <= set(metrics)
+    perf = json.loads((work / "reports/performance/evaluate.json").read_text())
+    assert perf["wall_s"] > 0 and all(perf[f"{a}.wall_s"] > 0 for a in ("base", "baked", "q8_0", "q4_k_m"))
+    assert json.loads((work / "reports/performance/calibrate.json").read_text())["wall_s"] > 0
     report = (work / "reports/report.md").read_text(encoding="utf-8")
-    assert "Headline metrics" in report and "Data card" in report
+    assert "Headline metrics" in report and "Data card" in report and "## Evaluation engine and time" in report
+    assert "**Served model** (`runtime.model: auto`): serving so8t-" in report
     assert (work / "reports/figures/training.png").stat().st_size > 1000
     assert json.loads((work / "reports/distill.json").read_text()) == {"enabled": False}
     assert "## Distillation" in report

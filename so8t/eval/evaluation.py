@@ -1,8 +1,10 @@
 """The artifacts the pipeline compares, and the calibrate and evaluate stages' work on them.
 
-Artifacts (:func:`artifacts`): ``base`` (models/base, HF), ``baked``
-(models/baked, HF) and each GGUF the quantize stage wrote (``f16``, ``q8_0``,
-``q4_k_m``: ``models/gguf/quantize_report.json``, llama.cpp). Every metric key in
+Artifacts (:func:`artifacts`), all run through llama.cpp, the engine users run: ``base`` (the
+base model's F16 GGUF, ``models/gguf/base-f16.gguf``), ``baked`` (the fine-tune's F16 GGUF,
+``so8t-f16.gguf``) and each other GGUF the quantize stage wrote (``q8_0``, ``q4_k_m``; listed in
+``models/gguf/quantize_report.json``). transformers is the reference, run on a sample
+(:func:`reference_parity`: the ``f16.parity.*`` keys). Every metric key in
 ``reports/metrics.json`` starts with the artifact name (:mod:`so8t.eval.keys`).
 
 All model work goes through :mod:`so8t.eval.inference`: generation and scoring
@@ -59,11 +61,19 @@ QUANTIZE_REPORT = "quantize_report.json"
 
 @dataclass(frozen=True)
 class Artifact:
-    """One model the pipeline produced (or started from)."""
+    """One model the pipeline produced (or started from).
+
+    Attributes:
+        name: the metric-key prefix (``base``, ``baked``, ``q8_0``...).
+        kind: ``"gguf"`` (llama.cpp) or ``"hf"`` (transformers).
+        path: the ``.gguf`` file or the HF folder that is evaluated.
+        hf_dir: the HF folder a GGUF row was converted from (``base``, ``baked``), else ``None``.
+    """
 
     name: str
     kind: str  # "hf" or "gguf"
     path: Path
+    hf_dir: Path | None = None
 
     def size_bytes(self) -> int:
         """Bytes of the weights (safetensors files of a folder, or the GGUF file)."""
@@ -73,18 +83,32 @@ class Artifact:
 
 
 def artifacts(base_dir: Path = BASE_DIR, baked_dir: Path = BAKED_DIR, gguf_dir: Path = GGUF_DIR) -> list[Artifact]:
-    """Base, baked and every GGUF listed in ``<gguf_dir>/quantize_report.json``, in that order.
+    """The evaluated rows, in order: ``base``, ``baked``, then every other GGUF of the quantize report.
+
+    ``base`` is the base model's F16 GGUF (the report's ``reference.base``) and ``baked`` the
+    fine-tune's F16 GGUF (its ``f16`` file): the same engine as the quantised rows. Where the
+    quantize stage wrote no F16 (``quantize.types`` without ``F16``, or a report from before
+    the base GGUF existed) that row is the HF folder.
 
     Raises:
         DataError: the quantize report is missing or lists a file that is not there.
     """
-    report = read_json(gguf_dir / QUANTIZE_REPORT)
-    out = [Artifact("base", "hf", base_dir), Artifact("baked", "hf", baked_dir)]
-    for name, info in report["files"].items():
+    report_path = gguf_dir / QUANTIZE_REPORT
+    report = read_json(report_path)
+
+    def gguf(info: dict) -> Path:
         path = gguf_dir / info["file"]
         if not path.is_file():
-            raise DataError(f"{gguf_dir / QUANTIZE_REPORT}: lists {path}, which does not exist (rerun quantize)")
-        out.append(Artifact(name, "gguf", path))
+            raise DataError(f"{report_path}: lists {path}, which does not exist (rerun quantize)")
+        return path
+
+    files = report["files"]
+    base_info = report.get("reference", {}).get("base")
+    out = [
+        Artifact("base", "gguf", gguf(base_info), base_dir) if base_info else Artifact("base", "hf", base_dir),
+        Artifact("baked", "gguf", gguf(files["f16"]), baked_dir) if "f16" in files else Artifact("baked", "hf", baked_dir),
+    ]
+    out += [Artifact(name, "gguf", gguf(info)) for name, info in files.items() if name != "f16"]
     return out
 
 
@@ -430,7 +454,7 @@ def evaluate_artifact(
             ``at_bound``), or ``{}`` (uncalibrated, T = 1).
     """
     e, g, m = params.evaluate, params.generation, params.metrics
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     scored = score_decisions(backend, sets.decisions, step)
     decision_seconds = time.perf_counter() - t0
     dec = decision_metrics(scored, calibration.get("temperature", 1.0), m)
@@ -480,6 +504,7 @@ def evaluate_artifact(
         keys.PROMPT_TOKENS_PER_S: rates["prompt_tokens_per_s"],
         keys.PERPLEXITY_TOKENS_PER_S: ppl["tokens"] / max(ppl["seconds"], 1e-9),
         keys.DECISIONS_PER_MINUTE: 60.0 * len(scored) / max(decision_seconds, 1e-9),
+        keys.WALL_S: time.perf_counter() - start,
     }
     details = {
         "kind": art.kind,
@@ -619,15 +644,106 @@ def _rag_metrics(
 
 
 def parity_metrics(results: dict[str, ArtifactResult]) -> dict[str, float]:
-    """Greedy-text and decision agreement: ``f16`` against ``baked`` (same weights, two runtimes),
-    every other GGUF against ``f16`` (what quantisation changes)."""
+    """Greedy-text and decision agreement of every quantised GGUF with ``baked`` (its F16 GGUF) on
+    every test example: what quantisation changes. (F16 against transformers: :func:`reference_parity`.)"""
     flat: dict[str, float] = {}
-    pairs = [("f16", "baked")] + [(n, "f16") for n in results if n not in ("base", "baked", "f16")]
-    for name, ref in pairs:
-        if name in results and ref in results:
-            flat[keys.key(name, keys.PARITY_TEXT)] = parity(results[ref].texts, results[name].texts)
-            flat[keys.key(name, keys.PARITY_DECISION)] = parity(results[ref].decisions, results[name].decisions)
+    ref = results.get("baked")
+    if ref is None:
+        return flat
+    for name, r in results.items():
+        if name not in ("base", "baked"):
+            flat[keys.key(name, keys.PARITY_TEXT)] = parity(ref.texts, r.texts)
+            flat[keys.key(name, keys.PARITY_DECISION)] = parity(ref.decisions, r.decisions)
     return flat
+
+
+def parity_sample(sets: EvalSets, n_decisions: int, n_texts: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """The transformers reference sample: ``n_decisions`` test decisions (balanced over labels,
+    spread over templates, :func:`balanced_decisions`), and the first ``n_texts`` generation
+    prompts, half math and half FAQ (all of one when the other runs out).
+
+    Returns:
+        ``(decisions, maths, faqs)``.
+    """
+    decisions = balanced_decisions(sets.decisions, n_decisions) if n_decisions else []
+    n_math = min(len(sets.maths), n_texts // 2)
+    n_faq = min(len(sets.faqs), n_texts - n_math)
+    n_math = min(len(sets.maths), n_texts - n_faq)
+    return decisions, sets.maths[:n_math], sets.faqs[:n_faq]
+
+
+def reference_parity(art: Artifact, gguf: ArtifactResult, sets: EvalSets, params, step=None) -> tuple[dict, dict]:
+    """The F16 GGUF of ``art`` against its transformers float32 folder, on a sample.
+
+    transformers (``art.hf_dir``, batches of ``generation.hf_batch_size``) scores the decisions
+    and generates the greedy answers of :func:`parity_sample` (``evaluate.parity_decisions``,
+    ``evaluate.parity_texts``, the same budgets and repetition penalty as the GGUF rows) and
+    computes perplexity on every held-out window; the GGUF row's own results (``gguf``, scored on
+    every example) are compared on the same ids.
+
+    Returns:
+        ``(flat, details)``: ``f16.parity.decision`` / ``.text`` (shares of identical labels / texts)
+        with their ``_n``, ``f16.parity.perplexity_hf`` and ``f16.parity.perplexity_ratio`` (GGUF
+        perplexity / transformers perplexity); details with the sampled ids and ``wall_s``.
+    """
+    e, g = params.evaluate, params.generation
+    t0 = time.perf_counter()
+    decisions, maths, faqs = parity_sample(sets, e.parity_decisions, e.parity_texts)
+    backend = open_backend(art.hf_dir, hf_batch_size=g.hf_batch_size, batch_size=g.batch_size)
+    try:
+        scored = score_decisions(backend, decisions, step) if decisions else []
+        gens = _generations(backend, maths, e.math_max_new_tokens, g.repetition_penalty, step) if maths else []
+        gens += _generations(backend, faqs, e.faq_max_new_tokens, g.repetition_penalty, step) if faqs else []
+        ppl = perplexity_of(backend, sets.windows)
+    finally:
+        close_backend(backend)
+    hf_decisions = {r["id"]: DECISIONS[r["pred"]] for r in scored}
+    hf_texts = {ex["id"]: gen.text for ex, gen in zip(maths + faqs, gens)}
+    gguf_ppl = gguf.flat.get(keys.key(gguf.name, keys.PERPLEXITY), float("nan"))
+    k = lambda name: keys.key(keys.F16, name)  # noqa: E731
+    flat = {
+        k(keys.PARITY_DECISION): parity(hf_decisions, gguf.decisions),
+        k(keys.PARITY_DECISION_N): len(hf_decisions),
+        k(keys.PARITY_TEXT): parity(hf_texts, gguf.texts),
+        k(keys.PARITY_TEXT_N): len(hf_texts),
+        k(keys.PARITY_PERPLEXITY_HF): ppl["perplexity"],
+        k(keys.PARITY_PERPLEXITY_RATIO): gguf_ppl / ppl["perplexity"],
+    }
+    details = {
+        "reference": str(art.hf_dir),
+        "compared_with": str(art.path),
+        "decision_ids": sorted(hf_decisions),
+        "text_ids": sorted(hf_texts),
+        "texts_differing": sorted(i for i in hf_texts if hf_texts[i] != gguf.texts.get(i)),
+        "perplexity": ppl,
+        "wall_s": time.perf_counter() - t0,
+    }
+    return flat, details
+
+
+def artifact_summary(art: Artifact, r: ArtifactResult) -> str:
+    """One console line of an evaluated row: file, wall time, decisions, calibration, perplexity, chrF, speed."""
+    get = lambda name: r.flat.get(keys.key(art.name, name), float("nan"))  # noqa: E731
+    return (
+        f"evaluate: {art.name} ({art.path.name}, {r.details['speed'].get(keys.WALL_S, float('nan')):.0f} s): macro-F1 "
+        f"{get(keys.DECISION_MACRO_F1):.3f} [{get(keys.DECISION_MACRO_F1_CI_LOW):.3f}, "
+        f"{get(keys.DECISION_MACRO_F1_CI_HIGH):.3f}] (n={get(keys.DECISION_N):.0f}), with passages "
+        f"{get(keys.DECISION_MACRO_F1_RAG):.3f}; ECE {get(keys.DECISION_ECE):.3f} -> "
+        f"{get(keys.DECISION_ECE_CALIBRATED):.3f}; ppl {get(keys.PERPLEXITY):.2f}; chrF {get(keys.FAQ_CHRF):.1f} "
+        f"/ {get(keys.FAQ_CHRF_RAG):.1f}; speed {r.details['speed']}"
+    )
+
+
+def reference_summary(reference: tuple[dict, dict]) -> str:
+    """One console line of :func:`reference_parity`'s result."""
+    flat, details = reference
+    m = lambda name: flat[keys.key(keys.F16, name)]  # noqa: E731
+    return (
+        f"evaluate: transformers reference ({details['wall_s']:.0f} s): the F16 GGUF agrees on "
+        f"{m(keys.PARITY_DECISION):.3f} of {m(keys.PARITY_DECISION_N):.0f} decisions and {m(keys.PARITY_TEXT):.3f} of "
+        f"{m(keys.PARITY_TEXT_N):.0f} greedy texts; perplexity {m(keys.PARITY_PERPLEXITY_HF):.2f} in transformers "
+        f"(GGUF / transformers {m(keys.PARITY_PERPLEXITY_RATIO):.4f})"
+    )
 
 
 def _csv(rows: list[dict]) -> str:
@@ -638,8 +754,15 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_evaluation(out: Path, results: dict[str, ArtifactResult], threads: int) -> dict[str, float]:
+def write_evaluation(
+    out: Path, results: dict[str, ArtifactResult], threads: int, reference: tuple[dict, dict] | None = None,
+    wall_s: float | None = None,
+) -> dict[str, float]:
     """Write ``metrics.json`` (flat, rounded), ``eval/details.json``, ``performance/evaluate.json`` and the plots.
+
+    Args:
+        reference: :func:`reference_parity`'s ``(flat, details)``, or ``None`` (not run).
+        wall_s: the stage's wall time (seconds), for the performance file.
 
     Speed figures go to the performance file only: they vary from run to run, metrics do not.
     """
@@ -647,12 +770,18 @@ def write_evaluation(out: Path, results: dict[str, ArtifactResult], threads: int
     for r in results.values():
         flat |= r.flat
     flat |= parity_metrics(results)
+    if reference is not None:
+        flat |= reference[0]
     write_json(out / "metrics.json", {k: round(float(v), 6) for k, v in flat.items()})
-    write_json(out / "eval" / "details.json", {"artifacts": {n: r.details for n, r in results.items()}})
     write_json(
-        out / "performance" / "evaluate.json",
-        {"threads": threads} | {keys.key(n, k): round(float(v), 3) for n, r in results.items() for k, v in r.details["speed"].items()},
+        out / "eval" / "details.json",
+        {"artifacts": {n: r.details for n, r in results.items()}} | ({"reference": reference[1]} if reference else {}),
     )
+    perf = {"threads": threads} | ({keys.WALL_S: round(wall_s, 1)} if wall_s is not None else {})
+    perf |= {keys.key(n, k): round(float(v), 3) for n, r in results.items() for k, v in r.details["speed"].items()}
+    if reference is not None:
+        perf[keys.key("reference", keys.WALL_S)] = round(reference[1]["wall_s"], 1)
+    write_json(out / "performance" / "evaluate.json", perf)
     reliability, quant = [], []
     for name, r in results.items():
         dec = r.details["decision"]
@@ -677,6 +806,8 @@ def write_evaluation(out: Path, results: dict[str, ArtifactResult], threads: int
 __all__ = [
     "Artifact",
     "ArtifactResult",
+    "artifact_summary",
+    "reference_summary",
     "EvalSets",
     "artifacts",
     "balanced_decisions",
@@ -693,6 +824,8 @@ __all__ = [
     "open_artifact",
     "parity",
     "parity_metrics",
+    "parity_sample",
+    "reference_parity",
     "stability_metrics",
     "write_evaluation",
 ]

@@ -61,6 +61,76 @@ def check_gguf(path: Path, tokenizer, text: str, prompt_text: str, max_tokens: i
     return GGUFCheck(ll == hf, ll, hf, gen.text, gen.n_tokens, gen.n_tokens / max(gen.seconds, 1e-9))
 
 
+def check_file(
+    path: Path, qtype: str, tokenizer, check_text: str, prompt_text: str, max_tokens: int, n_threads: int,
+    seconds: float, log: Callable[[str], None] = print,
+) -> tuple[dict, dict]:
+    """Check one written GGUF (:func:`check_gguf`, the embedded chat template, K-quant fallbacks).
+
+    Returns:
+        (its report entry: file, type, size, bits/weight, tensor types, fallbacks; its performance
+        entry: the sample generation, ``seconds`` spent writing it, generation tokens/s).
+
+    Raises:
+        QuantizeError: llama.cpp tokenises the check text differently, or the chat template was not embedded.
+    """
+    info = inspect_gguf(path)
+    check = check_gguf(path, tokenizer, check_text, prompt_text, max_tokens, n_threads)
+    if not check.tokens_match:
+        raise QuantizeError(
+            f"{path}: llama.cpp tokenises the check text differently from the HF tokenizer:\n"
+            f"  llama.cpp {check.llama_tokens}\n  HF        {check.hf_tokens}"
+        )
+    if info.chat_template != tokenizer.chat_template:
+        raise QuantizeError(f"{path}: the embedded chat template differs from the tokenizer's")
+    size = path.stat().st_size
+    fallback = {t: ty for t, ty in info.tensor_types.items() if ty not in K_QUANT_EXPECTED} if qtype == "Q4_K_M" else {}
+    entry = {
+        "type": qtype,
+        "file": path.name,
+        "size_bytes": size,
+        "bits_per_weight": round(size * 8 / info.n_weights, 3),
+        "n_weights": info.n_weights,
+        "tensor_types": info.type_counts,
+        "k_quant_fallback_tensors": fallback,
+        "tokenizer_match": True,
+        "chat_template_embedded": True,
+    }
+    perf = {
+        "sample_generation": check.generated,
+        "quantize_seconds": round(seconds, 2),
+        "generation_tokens_per_s": round(check.tokens_per_s, 1),
+    }
+    log(
+        f"quantize: {path.name}: {size / 1e6:.1f} MB, {size * 8 / info.n_weights:.2f} bits/weight, "
+        f"types {info.type_counts}, {check.tokens_per_s:.0f} tok/s: {check.generated[:60]!r}"
+    )
+    return entry, perf
+
+
+def export_reference(
+    hf_dir: Path, out_path: Path, tokenizer, check_text: str, prompt_text: str, max_tokens: int, n_threads: int,
+    log: Callable[[str], None] = print,
+) -> tuple[dict, dict]:
+    """The F16 GGUF of another model (the base), made and checked exactly as the fine-tune's F16.
+
+    The evaluate stage scores the base model through it, so base and fine-tune are compared on
+    the engine users run.
+
+    Returns:
+        (the report entry, the performance entry) of :func:`check_file`.
+
+    Raises:
+        QuantizeError: conversion, quantisation or a check failed.
+    """
+    from so8t.model.quantize import export_gguf
+
+    t0 = time.perf_counter()
+    export_gguf(hf_dir, out_path, "F16", n_threads)
+    return check_file(out_path, "F16", tokenizer, check_text, prompt_text, max_tokens, n_threads,
+                      time.perf_counter() - t0, log)
+
+
 def export_and_check(
     hf_dir: Path,
     out_dir: Path,
@@ -72,7 +142,7 @@ def export_and_check(
     n_threads: int,
     log: Callable[[str], None] = print,
 ) -> tuple[dict, dict]:
-    """Write ``so8t-<type>.gguf`` for each of ``types`` into ``out_dir`` and check each.
+    """Write ``so8t-<type>.gguf`` for each of ``types`` into ``out_dir`` and check each (:func:`check_file`).
 
     Returns:
         (the report: per artifact its file, type, size, bits/weight, tensor types and K-quant
@@ -94,39 +164,8 @@ def export_and_check(
             name, path = artifact_name(qtype), out_dir / gguf_filename(qtype)
             t0 = time.perf_counter()
             quantize_gguf(f32, path, qtype, n_threads=n_threads)
-            seconds = time.perf_counter() - t0
-            info = inspect_gguf(path)
-            check = check_gguf(path, tokenizer, check_text, prompt_text, max_tokens, n_threads)
-            if not check.tokens_match:
-                raise QuantizeError(
-                    f"{path}: llama.cpp tokenises the check text differently from the HF tokenizer:\n"
-                    f"  llama.cpp {check.llama_tokens}\n  HF        {check.hf_tokens}"
-                )
-            if info.chat_template != tokenizer.chat_template:
-                raise QuantizeError(f"{path}: the embedded chat template differs from the tokenizer's")
-            size = path.stat().st_size
-            fallback = (
-                {t: ty for t, ty in info.tensor_types.items() if ty not in K_QUANT_EXPECTED} if qtype == "Q4_K_M" else {}
-            )
-            report["files"][name] = {
-                "type": qtype,
-                "file": path.name,
-                "size_bytes": size,
-                "bits_per_weight": round(size * 8 / info.n_weights, 3),
-                "n_weights": info.n_weights,
-                "tensor_types": info.type_counts,
-                "k_quant_fallback_tensors": fallback,
-                "tokenizer_match": True,
-                "chat_template_embedded": True,
-            }
-            performance["files"][name] = {
-                "sample_generation": check.generated,
-                "quantize_seconds": round(seconds, 2),
-                "generation_tokens_per_s": round(check.tokens_per_s, 1),
-            }
-            log(
-                f"quantize: {qtype}: {size / 1e6:.1f} MB, {size * 8 / info.n_weights:.2f} bits/weight, "
-                f"types {info.type_counts}, {check.tokens_per_s:.0f} tok/s: {check.generated[:60]!r}"
+            report["files"][name], performance["files"][name] = check_file(
+                path, qtype, tokenizer, check_text, prompt_text, max_tokens, n_threads, time.perf_counter() - t0, log
             )
     finally:
         f32.unlink(missing_ok=True)

@@ -61,6 +61,9 @@ DECISION_MARKER = DECISION_PREFIX.strip()
 #: Tokens per llama.cpp decode call when every position's logits are needed (bounds the logits buffer).
 CHUNK = 128
 
+#: Prefix tokens of one llama.cpp scoring batch of several requests (one ``n_ubatch``).
+SCORE_TOKENS = 512
+
 
 class InferenceError(So8tError, RuntimeError):
     """A model cannot run a request (too long for its context, a failed decode)."""
@@ -266,6 +269,7 @@ class LlamaCppBackend:
         self.n_batch = int(cparams.n_batch)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._llama_cpp = llama_cpp
+        self._gen = None  # (n_seq, n_ctx_seq, context) of batched generation, made on first use
         self.stats = Throughput()
         self.metadata = self.model.metadata()
 
@@ -303,11 +307,12 @@ class LlamaCppBackend:
 
     # ---------------------------------------------------------------- batches
 
-    def _clear(self) -> None:
-        self._llama_cpp.llama_memory_clear(self.ctx.memory, True)
+    def _clear(self, ctx=None) -> None:
+        self._llama_cpp.llama_memory_clear((ctx or self.ctx).memory, True)
 
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
-        """Decode ``(token, position, sequence, wants_logits)`` items in one call (at most ``n_batch``)."""
+    def _decode(self, items: list[tuple[int, int, int, bool]], ctx=None) -> None:
+        """Decode ``(token, position, sequence, wants_logits)`` items in one call (at most ``n_batch``)
+        in ``ctx`` (default: the scoring context)."""
         b = self._batch
         for j, (tok, pos, seq, out) in enumerate(items):
             b.token[j] = tok
@@ -316,13 +321,13 @@ class LlamaCppBackend:
             b.seq_id[j][0] = seq
             b.logits[j] = out
         b.n_tokens = len(items)
-        rc = self._llama_cpp.llama_decode(self.ctx.ctx, b)
+        rc = self._llama_cpp.llama_decode((ctx or self.ctx).ctx, b)
         if rc != 0:
             raise InferenceError(f"{self.path.name}: llama_decode returned {rc} ({len(items)} tokens)")
 
-    def _row(self, i: int) -> np.ndarray:
+    def _row(self, i: int, ctx=None) -> np.ndarray:
         """A view of the logits of batch item ``i`` of the last decode (valid until the next decode)."""
-        ptr = self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
+        ptr = self._llama_cpp.llama_get_logits_ith((ctx or self.ctx).ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def _prefill(self, prompts: list[list[int]], seqs: list[int]) -> list[np.ndarray]:
@@ -342,49 +347,130 @@ class LlamaCppBackend:
 
     # ---------------------------------------------------------------- generation
 
+    def _generation_context(self, n_seq: int, n_ctx_seq: int):
+        """The llama.cpp context of batched generation: ``n_seq`` sequences, each in its own KV stream.
+
+        With ``kv_unified`` off every sequence has a cache of its own (``n_ctx_seq`` cells), so a
+        generated token attends to its own sequence's cells only. In the unified scoring context
+        each token's attention spans every cell in use (``n_kv`` is the highest used cell, over all
+        sequences): 8 RAG answers of ~400 tokens made each token attend to ~3,200 cells, as much
+        arithmetic as the rest of the decoder. The context is kept and reused while it is big enough.
+        """
+        n_ctx_seq = -(-n_ctx_seq // 256) * 256  # llama.cpp pads each stream to 256 cells
+        if self._gen is not None and self._gen[0] >= n_seq and self._gen[1] >= n_ctx_seq:
+            return self._gen[2], self._gen[1]
+        from llama_cpp._internals import LlamaContext
+
+        if self._gen is not None:
+            self._gen[2].close()
+            self._gen = None
+        lc = self._llama_cpp
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx_seq * n_seq
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = 512
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False
+        cparams.swa_full = True  # sequence removal and cross-stream copies on sliding-window layers
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = LlamaContext(model=self.model, params=cparams, verbose=False)
+        self._gen = (n_seq, n_ctx_seq, ctx)
+        return ctx, n_ctx_seq
+
     def _greedy(
         self, prompts: list[list[int]], max_new_tokens: int, stops: Sequence[str], repetition_penalty: float
     ) -> Iterator[tuple[int, str, _Sequence]]:
-        """Greedy decoding of up to ``batch_size`` prompts together; yields ``(index, new text, state)``."""
-        self._clear()
-        states = [_Sequence(p, stops, max_new_tokens) for p in prompts]
+        """Greedy decoding of ``prompts`` with continuous batching; yields ``(index, new text, state)``.
+
+        Up to ``batch_size`` sequences decode together, one token each per ``llama_decode``. A
+        sequence leaves the batch at its own end (end-of-generation token, stop string, budget or
+        full context): its cells are freed and the next prompt is prefilled into its slot in the same
+        call as the other sequences' next tokens, so the batch stays full and no sequence is decoded
+        past its end. Prompts start longest first (the longest-processing-time rule), which shortens
+        the tail where the batch runs part-empty; once no prompt waits, the last sequences move down
+        to the lowest free slots (a cross-stream copy of the cache), since llama.cpp evaluates
+        sequences with non-consecutive ids in separate passes over the weights. Every sequence's
+        tokens depend only on its own prompt: the batch changes rounding, not the algorithm.
+
+        Raises:
+            InferenceError: an empty prompt, one that does not fit ``n_ctx``, or a failed decode.
+        """
+        for p in prompts:
+            if not p:
+                raise InferenceError("empty prompt")
+            if len(p) >= self.n_ctx:
+                raise InferenceError(f"prompt of {len(p)} tokens does not fit the context of {self.n_ctx}")
+        if not prompts:
+            return
+        lc = self._llama_cpp
+        n_slots = max(1, min(self.batch_size, len(prompts)))
+        if n_slots == 1:
+            ctx, n_ctx_seq = self.ctx, self.n_ctx
+        else:
+            ctx, n_ctx_seq = self._generation_context(n_slots, min(self.n_ctx, max(map(len, prompts)) + max_new_tokens + 1))
+            n_ctx_seq = min(n_ctx_seq, self.n_ctx)
+        self._clear(ctx)
+        waiting = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))[::-1]  # pop() = longest first
+        slots: list[int | None] = [None] * n_slots
+        states: dict[int, _Sequence] = {}
+        pending: dict[int, int] = {}  # slot -> token to feed next
         t0 = time.perf_counter()
-        rows = self._prefill(prompts, list(range(len(prompts))))
-        self.stats.prompt_tokens += sum(map(len, prompts))
-        self.stats.prompt_seconds += time.perf_counter() - t0
-        t1 = time.perf_counter()
-        pending: list[tuple[int, int]] = []  # (sequence, token) to feed next
-        for i, (st, row) in enumerate(zip(states, rows)):
-            if st.done:
-                continue
-            tok = int(np.argmax(penalize(row, st.seen, repetition_penalty)))
-            new = st.push(tok, self._piece_bytes(tok), self._is_eog(tok))
-            if new or st.done:
-                yield i, new, st
-            if not st.done:
-                pending.append((i, tok))
-        while pending:
-            room = []
-            for i, t in pending:
-                if states[i].prompt_len + len(states[i].tokens) < self.n_ctx:
-                    room.append((i, t))
-                else:  # the context is full: the generation ends like one that hit its budget
-                    states[i].done = True
-                    yield i, "", states[i]
-            if not room:
-                break
-            self._decode([(t, states[i].prompt_len + len(states[i].tokens) - 1, i, True) for i, t in room])
-            pending = []
-            for k, (i, _) in enumerate(room):
-                st = states[i]
-                tok = int(np.argmax(penalize(self._row(k).astype(np.float32), st.seen, repetition_penalty)))
-                new = st.push(tok, self._piece_bytes(tok), self._is_eog(tok))
-                if new or st.done:
-                    yield i, new, st
-                if not st.done:
-                    pending.append((i, tok))
-        self.stats.generated_tokens += sum(len(s.tokens) for s in states)
-        self.stats.generation_seconds += time.perf_counter() - t1
+
+        def free(slot: int) -> None:
+            lc.llama_memory_seq_rm(ctx.memory, slot, -1, -1)
+            slots[slot] = None
+            pending.pop(slot, None)
+
+        while waiting or pending:
+            items: list[tuple[int, int, int, bool]] = []
+            for slot in range(n_slots):
+                if slots[slot] is None and waiting:
+                    i = waiting.pop()
+                    st = states[i] = _Sequence(prompts[i], stops, max_new_tokens)
+                    if st.done:  # a zero budget
+                        yield i, "", st
+                        continue
+                    slots[slot] = i
+                    p = prompts[i]
+                    items += [(t, j, slot, j == len(p) - 1) for j, t in enumerate(p)]
+                elif slot in pending:
+                    st = states[slots[slot]]
+                    items.append((pending.pop(slot), st.prompt_len + len(st.tokens) - 1, slot, True))
+            for s0 in range(0, len(items), self.n_batch):
+                part = items[s0 : s0 + self.n_batch]
+                self._decode(part, ctx)
+                for j, (_, _, slot, wants) in enumerate(part):
+                    if not wants:
+                        continue
+                    i = slots[slot]
+                    st = states[i]
+                    tok = int(np.argmax(penalize(self._row(j, ctx).astype(np.float32), st.seen, repetition_penalty)))
+                    new = st.push(tok, self._piece_bytes(tok), self._is_eog(tok))
+                    if not st.done and st.prompt_len + len(st.tokens) >= n_ctx_seq:
+                        st.done = True  # the context is full: it ends like a generation that hit its budget
+                        new += st._flush()
+                    if new or st.done:
+                        yield i, new, st
+                    if st.done:
+                        free(slot)
+                    else:
+                        pending[slot] = tok
+            if not waiting:  # compact: the highest busy slots move into the lowest free ones
+                while True:
+                    busy = [k for k in range(n_slots) if slots[k] is not None]
+                    idle = [k for k in range(n_slots) if slots[k] is None]
+                    if not busy or not idle or idle[0] > busy[-1]:
+                        break
+                    src, dst = busy[-1], idle[0]
+                    lc.llama_memory_seq_cp(ctx.memory, src, dst, -1, -1)
+                    slots[dst] = slots[src]
+                    if src in pending:
+                        pending[dst] = pending.pop(src)
+                    free(src)
+        self.stats.generated_tokens += sum(len(s.tokens) for s in states.values())
+        self.stats.generation_seconds += time.perf_counter() - t0
 
     def generate(
         self,
@@ -394,25 +480,27 @@ class LlamaCppBackend:
         repetition_penalty: float = 1.0,
         on_progress: Progress | None = None,
     ) -> list[Generation]:
-        """Greedy continuations of token-id prompts, ``batch_size`` sequences per decode call.
+        """Greedy continuations of token-id prompts, continuously batched (see :meth:`_greedy`).
+
+        ``on_progress`` is called with 1 as each sequence ends. A generation's ``seconds`` is the
+        call's wall time shared out by generated tokens.
 
         Raises:
             InferenceError: a prompt does not fit ``n_ctx``, or a decode fails.
         """
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            t0 = time.perf_counter()
-            states: dict[int, _Sequence] = {}
-            for i, _, st in self._greedy(chunk, max_new_tokens, stops, repetition_penalty):
+        t0 = time.perf_counter()
+        states: dict[int, _Sequence] = {}
+        for i, _, st in self._greedy(prompts, max_new_tokens, stops, repetition_penalty):
+            if st.done and i not in states and on_progress is not None:
+                on_progress(1)
+            if st.done:
                 states[i] = st
-            seconds = time.perf_counter() - t0
-            total = max(sum(len(s.tokens) for s in states.values()), 1)
-            for i, p in enumerate(chunk):
-                st = states.get(i) or _Sequence(p, stops, 0)
-                out.append(Generation(st.text, st.stop, len(st.tokens), seconds * len(st.tokens) / total, len(p)))
-            if on_progress is not None:
-                on_progress(len(chunk))
+        seconds = time.perf_counter() - t0
+        total = max(sum(len(s.tokens) for s in states.values()), 1)
+        out = []
+        for i, p in enumerate(prompts):
+            st = states.get(i) or _Sequence(p, stops, 0)
+            out.append(Generation(st.text, st.stop, len(st.tokens), seconds * len(st.tokens) / total, len(p)))
         return out
 
     def stream(
@@ -432,6 +520,23 @@ class LlamaCppBackend:
 
     # ---------------------------------------------------------------- scoring
 
+    def _score_chunks(self, requests: list[tuple[list[int], list[list[int]]]]) -> Iterator[list]:
+        """Consecutive groups of scoring requests: at most ``batch_size`` (and ``n_seq // 4``) requests
+        holding at most :data:`SCORE_TOKENS` prefix tokens together (a longer request goes alone).
+        The unified cache makes every token attend to all cells in use, so long prompts (retrieved
+        passages) go a few at a time."""
+        per = max(1, min(self.batch_size, self.n_seq // 4))
+        chunk: list = []
+        tokens = 0
+        for r in requests:
+            if chunk and (len(chunk) >= per or tokens + len(r[0]) > SCORE_TOKENS):
+                yield chunk
+                chunk, tokens = [], 0
+            chunk.append(r)
+            tokens += len(r[0])
+        if chunk:
+            yield chunk
+
     def score(self, requests: list[tuple[list[int], list[list[int]]]], on_progress: Progress | None = None):
         """Summed log-likelihoods (nats) of continuations after a shared prefix, per request.
 
@@ -446,9 +551,7 @@ class LlamaCppBackend:
             ``list[list[float]]``, one score per continuation.
         """
         out: list[list[float]] = []
-        per = max(1, min(self.batch_size, self.n_seq // 4))
-        for start in range(0, len(requests), per):
-            chunk = requests[start : start + per]
+        for chunk in self._score_chunks(requests):
             t0 = time.perf_counter()
             self._clear()
             firsts = [log_softmax_rows(r[None])[0] for r in self._prefill([p for p, _ in chunk], list(range(len(chunk))))]
@@ -544,6 +647,9 @@ class LlamaCppBackend:
         if self._batch is not None:
             self._llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if self._gen is not None:
+            self._gen[2].close()
+            self._gen = None
         self.ctx.close()
         self.model.close()
 

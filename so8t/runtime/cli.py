@@ -39,11 +39,15 @@ def _agent(args):
     from so8t.runtime.agent import build_agent
 
     params, base = _params(args)
-    return build_agent(params, base, warn=_warn)
+    return build_agent(params, base, warn=_warn, info=_info)
 
 
 def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def _info(message: str) -> None:
+    console.print(escape(message), soft_wrap=True, highlight=False)
 
 
 def _principal(args):
@@ -158,12 +162,17 @@ def cmd_audit_keygen(args) -> int:
 def cmd_ollama(args) -> int:
     from so8t.runtime.agent import resolve
     from so8t.runtime.ollama import sampling_parameters, write_modelfiles
+    from so8t.runtime.select import served_model
 
     params, base = _params(args)
     if args.gguf:
         ggufs = [Path(g) for g in args.gguf]
     else:
-        folder = resolve(base, params.runtime.model).parent
+        served = served_model(params.runtime.model, base, params.runtime.metrics)
+        if served.warning:
+            _warn(served.warning)
+        _info(served.reason.replace("serving", "recommended:", 1))
+        folder = served.path.parent
         ggufs = sorted(folder.glob(GGUF_GLOB))
         if not ggufs:
             raise FileNotFoundError(f"no {GGUF_GLOB} in {folder} (run the quantize stage, or name GGUF files)")
@@ -238,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_audit_keygen)
 
     p = sub.add_parser("ollama", parents=[common], help="write an Ollama Modelfile per GGUF")
-    p.add_argument("gguf", nargs="*", help=f"GGUF files (default: {GGUF_GLOB} next to runtime.model)")
+    p.add_argument("gguf", nargs="*", help=f"GGUF files (default: {GGUF_GLOB} next to runtime.model; auto: models/gguf)")
     p.add_argument("--out", help="output folder (default: runtime.ollama_dir)")
     p.set_defaults(func=cmd_ollama)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from so8t.io import sha256_file, write_text
-from so8t.model.quantize import artifact_of
+from so8t.model.quantize import GGUF_PREFIX
 from so8t.runtime import gotemplate
 from so8t.errors import So8tError
 
@@ -218,8 +218,8 @@ def sampling_parameters(params) -> dict[str, float | int]:
 
 
 def modelfile_name(gguf: Path) -> str:
-    """``so8t-q4_k_m.gguf`` -> ``Modelfile.q4_k_m``."""
-    return f"Modelfile.{artifact_of(gguf)}"
+    """``so8t-q4_k_m.gguf`` -> ``Modelfile.q4_k_m`` (the file's own type, not its calibration key)."""
+    return f"Modelfile.{Path(gguf).stem.removeprefix(GGUF_PREFIX)}"
 
 
 def write_modelfiles(ggufs: list[Path], out_dir: str | Path, parameters: dict[str, float | int]) -> list[Path]:

@@ -503,7 +503,7 @@ def app_from_params(params_path: str | Path, model=None):
         raise ServerConfigError(
             f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
         )
-    agent = build_agent(params, base, model=model, warn=_warn)
+    agent = build_agent(params, base, model=model, warn=_warn, info=_info)
     return create_app(agent, keys, Limits(srv.max_request_bytes, srv.rate_per_minute, srv.burst), close_agent=True)
 
 
@@ -513,6 +513,14 @@ def _warn(message: str) -> None:
     from so8t.console import console
 
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def _info(message: str) -> None:
+    from rich.markup import escape
+
+    from so8t.console import console
+
+    console.print(escape(message), soft_wrap=True, highlight=False)
 
 
 def app_from_env():

@@ -164,3 +164,30 @@ def test_split_utf8_characters_wait_for_their_last_byte():
 def test_cut_at_stop_takes_the_earliest():
     assert cut_at_stop("abc判定: X<end_of_turn>", ["<end_of_turn>", "判定:"]) == ("abc", "判定:")
     assert cut_at_stop("abc", ["x"]) == ("abc", None)
+
+
+def test_continuous_batching_refills_and_compacts_slots(backends):
+    """Sequences that end early (a full context) free their slot for the next prompt, and the last
+    ones move down to the lowest free slots: every text is still the one-prompt-at-a-time text."""
+    _, ll, texts = backends
+    long_prompt = ll.tokenize(texts[0]) * 40
+    long_prompt = long_prompt[: ll.n_ctx - 8]  # ends 8 tokens in, at the context limit
+    prompts = [ll.tokenize(t) for t in texts[:2]] + [long_prompt] + [ll.tokenize(t) for t in texts[2:]]
+    done: list[int] = []
+    batched = ll.generate(prompts, 20, [], 1.15, on_progress=done.append)
+    single = [ll.generate([p], 20, [], 1.15)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.n_tokens for g in batched] == [g.n_tokens for g in single]
+    assert batched[2].n_tokens == 8 and all(g.n_tokens == 20 for i, g in enumerate(batched) if i != 2)
+    assert sum(done) == len(prompts)
+
+
+def test_scoring_chunks_hold_a_token_budget(backends):
+    from so8t.eval.inference import SCORE_TOKENS
+
+    _, ll, _ = backends
+    requests = [([1] * 300, [[2]]), ([1] * 300, [[2]]), ([1] * 10, [[2]]), ([1] * 600, [[2]]), ([1] * 5, [[2]])]
+    chunks = list(ll._score_chunks(requests))
+    assert [len(c) for c in chunks] == [1, 2, 1, 1]
+    assert all(sum(len(p) for p, _ in c) <= SCORE_TOKENS for c in chunks if len(c) > 1)
+    assert [r for c in chunks for r in c] == requests

@@ -103,7 +103,7 @@ def _params(tmp: Path, gguf: Path) -> Path:
     docs = tmp / "docs"
     docs.mkdir(exist_ok=True)
     (docs / "apt.md").write_text("# apt\nDebian では apt install でパッケージを入れます。", encoding="utf-8")
-    (tmp / "calibration.json").write_text(json.dumps({"artifacts": {"f16": {"temperature": 2.0}}}), "utf-8")
+    (tmp / "calibration.json").write_text(json.dumps({"artifacts": {"baked": {"temperature": 2.0}}}), "utf-8")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["runtime"].update(
         model=str(gguf),
