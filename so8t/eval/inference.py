@@ -61,6 +61,9 @@ DECISION_MARKER = DECISION_PREFIX.strip()
 #: Tokens per llama.cpp decode call when every position's logits are needed (bounds the logits buffer).
 CHUNK = 128
 
+#: Sequences one batch token may belong to: a scoring prefix and its continuations (3 labels need 4).
+MAX_SEQ_PER_TOKEN = 8
+
 #: Prefix tokens of one llama.cpp scoring batch of several requests (one ``n_ubatch``).
 SCORE_TOKENS = 512
 
@@ -267,7 +270,7 @@ class LlamaCppBackend:
         self.ctx = LlamaContext(model=self.model, params=cparams, verbose=False)
         self.n_vocab = self.model.n_vocab()
         self.n_batch = int(cparams.n_batch)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, MAX_SEQ_PER_TOKEN)
         self._llama_cpp = llama_cpp
         self._gen = None  # (n_seq, n_ctx_seq, context) of batched generation, made on first use
         self.stats = Throughput()
@@ -310,15 +313,20 @@ class LlamaCppBackend:
     def _clear(self, ctx=None) -> None:
         self._llama_cpp.llama_memory_clear((ctx or self.ctx).memory, True)
 
-    def _decode(self, items: list[tuple[int, int, int, bool]], ctx=None) -> None:
-        """Decode ``(token, position, sequence, wants_logits)`` items in one call (at most ``n_batch``)
-        in ``ctx`` (default: the scoring context)."""
+    def _decode(self, items: list[tuple[int, int, int | tuple[int, ...], bool]], ctx=None) -> None:
+        """Decode ``(token, position, sequence or sequences, wants_logits)`` items in one call (at most
+        ``n_batch``) in ``ctx`` (default: the scoring context)."""
         b = self._batch
         for j, (tok, pos, seq, out) in enumerate(items):
             b.token[j] = tok
             b.pos[j] = pos
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = seq
+            if isinstance(seq, tuple):
+                b.n_seq_id[j] = len(seq)
+                for m, s in enumerate(seq):
+                    b.seq_id[j][m] = s
+            else:
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = seq
             b.logits[j] = out
         b.n_tokens = len(items)
         rc = self._llama_cpp.llama_decode((ctx or self.ctx).ctx, b)
@@ -540,9 +548,12 @@ class LlamaCppBackend:
     def score(self, requests: list[tuple[list[int], list[list[int]]]], on_progress: Progress | None = None):
         """Summed log-likelihoods (nats) of continuations after a shared prefix, per request.
 
-        Each prefix is decoded once (logits only at its last token); every continuation
-        longer than one token continues in a copy of the prefix's sequence, all of a
-        batch's continuation tokens in one decode call.
+        One decode call per group of requests (:meth:`_score_chunks`): each prefix token
+        belongs to its request's sequence and to one sequence per continuation longer than
+        one token (llama.cpp's shared-prefix cells), and the continuation tokens follow in
+        their own sequences in the same call, so they attend to the prefix without a copy or a
+        second pass over the weights. Logits are computed only at the prefix's last token and
+        at the continuation tokens.
 
         Args:
             requests: ``(prefix ids, [continuation ids, ...])``; continuations non-empty.
@@ -554,26 +565,39 @@ class LlamaCppBackend:
         for chunk in self._score_chunks(requests):
             t0 = time.perf_counter()
             self._clear()
-            firsts = [log_softmax_rows(r[None])[0] for r in self._prefill([p for p, _ in chunk], list(range(len(chunk))))]
-            scores = [[float(first[s[0]]) for s in sufs] for first, (_, sufs) in zip(firsts, chunk)]
-            items, where = [], []
-            next_seq = len(chunk)
+            pre, pre_tags, cont, cont_tags = [], [], [], []
+            next_seq = 0
             for i, (prefix, sufs) in enumerate(chunk):
+                if not prefix:
+                    raise InferenceError("empty prompt")
+                if len(prefix) >= self.n_ctx:
+                    raise InferenceError(f"prompt of {len(prefix)} tokens does not fit the context of {self.n_ctx}")
+                seqs = [next_seq]
                 for k, suf in enumerate(sufs):
                     if len(suf) < 2:
                         continue
-                    if next_seq >= self.n_seq:
-                        raise InferenceError(f"too many continuations for n_seq_max={self.n_seq}")
-                    self._llama_cpp.llama_memory_seq_cp(self.ctx.memory, i, next_seq, -1, -1)
-                    for j, tok in enumerate(suf[:-1]):
-                        items.append((tok, len(prefix) + j, next_seq, True))
-                        where.append((i, k, suf[j + 1]))
-                    next_seq += 1
+                    seq = next_seq + len(seqs)
+                    seqs.append(seq)
+                    cont += [(tok, len(prefix) + j, seq, True) for j, tok in enumerate(suf[:-1])]
+                    cont_tags += [(i, k, suf[j + 1]) for j in range(len(suf) - 1)]
+                if len(seqs) > MAX_SEQ_PER_TOKEN or next_seq + len(seqs) > self.n_seq:
+                    raise InferenceError(f"too many continuations for n_seq_max={self.n_seq}")
+                pre += [(t, j, tuple(seqs), j == len(prefix) - 1) for j, t in enumerate(prefix)]
+                pre_tags.append((i, None, None))
+                next_seq += len(seqs)
+            items, tags = pre + cont, iter(pre_tags + cont_tags)
+            scores = [[0.0] * len(sufs) for _, sufs in chunk]
             for s0 in range(0, len(items), self.n_batch):
                 part = items[s0 : s0 + self.n_batch]
                 self._decode(part)
-                for r, (i, k, target) in enumerate(where[s0 : s0 + len(part)]):
-                    scores[i][k] += float(log_softmax_rows(self._row(r)[None])[0][target])
+                for r in (j for j, item in enumerate(part) if item[3]):
+                    i, k, target = next(tags)
+                    logp = log_softmax_rows(self._row(r)[None])[0]
+                    if k is None:  # the prefix's last token: every continuation's first token
+                        for kk, suf in enumerate(chunk[i][1]):
+                            scores[i][kk] += float(logp[suf[0]])
+                    else:
+                        scores[i][k] += float(logp[target])
             out += scores
             self.stats.prompt_tokens += sum(len(p) for p, _ in chunk)
             self.stats.prompt_seconds += time.perf_counter() - t0
