@@ -317,6 +317,11 @@ class EvaluateParams(_Section):
     #: every held-out perplexity window, to check the F16 GGUF against it (``f16.parity.*``; 0 = off).
     parity_decisions: NonNegInt = 48
     parity_texts: NonNegInt = 6
+    #: Rows that also get the train-split decision sample and the with-passages evaluation
+    #: (decisions, FAQ and reference answers, citations); the others (the quantised files) get the
+    #: core set, every test decision, math, FAQ and reference answer and perplexity, compared with
+    #: F16 on every example (null = every row).
+    extra_artifacts: list[Literal["base", "baked", "q8_0", "q4_k_m"]] | None = ["base", "baked"]
 
 
 class DistillParams(_Section):

@@ -17,6 +17,7 @@ from so8t.eval.evaluation import (
     open_artifact,
     reference_parity,
     reference_summary,
+    sets_for,
     write_evaluation,
 )
 from so8t.io import read_json, read_jsonl
@@ -48,7 +49,8 @@ def main() -> None:
     ref_steps = (min(e.parity_decisions, len(sets.decisions)) + e.parity_texts) if baked else 0
     reference = None
     with progress() as bar:
-        task = bar.add_task("evaluate: test split", total=len(arts) * sets.steps() + ref_steps, info="")
+        steps = sum(sets_for(a, sets, e.extra_artifacts).steps() for a in arts) + ref_steps
+        task = bar.add_task("evaluate: test split", total=steps, info="")
         for art in arts:
             bar.update(task, info=f"{art.name} ({threads} threads)")
             t0 = time.perf_counter()
@@ -56,7 +58,10 @@ def main() -> None:
                 art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
                 hf_batch_size=params.generation.hf_batch_size,
             )
-            r = evaluate_artifact(backend, art, sets, params, calibration.get(art.name, {}), style, lambda n: bar.advance(task, n))
+            r = evaluate_artifact(
+                backend, art, sets_for(art, sets, e.extra_artifacts), params, calibration.get(art.name, {}), style,
+                lambda n: bar.advance(task, n),
+            )
             close_backend(backend)
             r.details["speed"][keys.WALL_S] = time.perf_counter() - t0
             results[art.name] = r

@@ -15,6 +15,7 @@ are batched (``generation.batch_size``), greedy, with the repetition penalty of
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import io
 import time
@@ -422,6 +423,14 @@ def build_eval_sets(params, test: list[dict], train: list[dict], heldout: list[s
     return sets
 
 
+def sets_for(art: Artifact, sets: EvalSets, extra_artifacts: list[str] | None) -> EvalSets:
+    """What ``art`` is evaluated on: all of ``sets`` for the rows in ``extra_artifacts`` (``None``:
+    every row), else the core set without the train sample and the with-passages sets."""
+    if extra_artifacts is None or art.name in extra_artifacts:
+        return sets
+    return dataclasses.replace(sets, train_decisions=[], decisions_rag=[], faqs_rag=[], refs_rag=[])
+
+
 def calibrate_artifact(backend: Backend, examples: list[dict], ece_bins: int, on_progress=None) -> dict:
     """Fit the decision temperature of one artifact on ``examples`` (Guo et al. 2017).
 
@@ -826,6 +835,7 @@ __all__ = [
     "parity_metrics",
     "parity_sample",
     "reference_parity",
+    "sets_for",
     "stability_metrics",
     "write_evaluation",
 ]

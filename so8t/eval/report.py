@@ -444,7 +444,8 @@ def _retrieval_section(inp: ReportInputs, names: list[str]) -> list[str]:
             "chrF of the final answers (0-100) and the paired gain (grounded − bare); 95% percentile bootstrap "
             "intervals over examples, answers of one question kept paired; a gain whose interval holds 0 is no "
             "difference. Cited: share of FAQ questions the model ALLOWs with their own FAQ entry among the passages "
-            "(what the runtime returns as citations)."
+            "(what the runtime returns as citations). Rows: `evaluate.extra_artifacts` (the quantised files are "
+            "compared with F16 on every bare example instead)."
         ),
         "",
         _table(["artifact", "n decisions", "macro-F1 bare", "macro-F1 grounded [95% CI]", "FAQ chrF bare",
