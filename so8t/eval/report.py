@@ -535,7 +535,7 @@ def _engine_section(inp: ReportInputs, names: list[str]) -> list[str]:
             f"{_fmt(m(keys.PARITY_PERPLEXITY_RATIO), '{:.4f}')}, every window)."
         )]
     served, reason = served_artifact(inp)
-    out += ["", f"**Served model** (`runtime.model: auto`): {reason}.", ""]
+    out += ["", f"**Served model**: {reason}.", ""]
     return out
 
 

@@ -135,6 +135,8 @@ def test_so8t_ask_end_to_end(tiny, tmp_path):
     assert ans["decision"] in DECISIONS and ans["model_decision"] in DECISIONS
     assert 0.0 <= ans["confidence"] <= 1.0 and abs(sum(ans["probabilities"].values()) - 1) < 1e-4
     assert ans["model_id"] == "so8t-f16"
+    assert "serving so8t-f16.gguf (runtime.model)" in proc.stderr  # which file, and why
+    assert "no temperature" not in proc.stderr  # so8t-f16.gguf is the baked row of calibration.json
     from so8t.params import Params
 
     policy = Params().runtime.policy
