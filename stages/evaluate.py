@@ -15,6 +15,7 @@ from so8t.eval.evaluation import (
     close_backend,
     evaluate_artifact,
     open_artifact,
+    parity_sample,
     reference_parity,
     reference_summary,
     sets_for,
@@ -46,7 +47,7 @@ def main() -> None:
     threads, arts, results = free_cores(), artifacts(), {}
     e = params.evaluate
     baked = next((a for a in arts if a.name == "baked" and a.kind == "gguf"), None)
-    ref_steps = (min(e.parity_decisions, len(sets.decisions)) + e.parity_texts) if baked else 0
+    ref_steps = sum(map(len, parity_sample(sets, e.parity_decisions, e.parity_texts))) if baked else 0
     reference = None
     with progress() as bar:
         steps = sum(sets_for(a, sets, e.extra_artifacts).steps() for a in arts) + ref_steps

@@ -694,6 +694,10 @@ def reference_parity(art: Artifact, gguf: ArtifactResult, sets: EvalSets, params
         ``(flat, details)``: ``f16.parity.decision`` / ``.text`` (shares of identical labels / texts)
         with their ``_n``, ``f16.parity.perplexity_hf`` and ``f16.parity.perplexity_ratio`` (GGUF
         perplexity / transformers perplexity); details with the sampled ids and ``wall_s``.
+
+    Raises:
+        so8t.eval.inference.InferenceError: ``art.hf_dir`` is not a Hugging Face folder, or a prompt
+            does not fit the model.
     """
     e, g = params.evaluate, params.generation
     t0 = time.perf_counter()

@@ -489,13 +489,13 @@ def _bake_and_gguf_section(inp: ReportInputs, figures: dict[str, str]) -> list[s
 def served_artifact(inp: ReportInputs) -> tuple[str | None, str]:
     """The row ``runtime.model: auto`` serves (:func:`so8t.eval.selection.pick` on the quantize
     report's sizes and this run's metrics), and its reason; ``(None, why not)`` without them."""
-    from so8t.eval.selection import F16, pick
+    from so8t.eval.selection import F16, metric_row, pick
 
     sizes = {n: f["size_bytes"] for n, f in inp.quantize_report.get("files", {}).items()}
     if F16 not in sizes or keys.key("baked", keys.PERPLEXITY) not in inp.metrics:
         return None, "no F16 GGUF or no baked perplexity: `runtime.model: auto` falls back to Q8_0"
     name, reason = pick(sizes, inp.metrics, {n: f["file"] for n, f in inp.quantize_report["files"].items()})
-    return ("baked" if name == F16 else name), reason
+    return metric_row(name), reason
 
 
 def _engine_section(inp: ReportInputs, names: list[str]) -> list[str]:

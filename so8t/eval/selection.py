@@ -13,7 +13,12 @@ MIN_DECISION_AGREEMENT = 0.95
 #: ... and its held-out perplexity is at most this fraction above F16's.
 MAX_PERPLEXITY_INCREASE = 0.02
 #: The quantize report's name of the F16 file, whose metric row is ``baked``.
-F16 = "f16"
+F16 = keys.F16
+
+
+def metric_row(name: str) -> str:
+    """The metric-key prefix of a quantize-report entry: the F16 file is the ``baked`` row, the others their own."""
+    return "baked" if name == F16 else name
 
 
 def pick(sizes: dict[str, int], metrics: dict[str, float], names: dict[str, str] | None = None) -> tuple[str, str]:
@@ -61,4 +66,4 @@ def pick(sizes: dict[str, int], metrics: dict[str, float], names: dict[str, str]
     return best, reason
 
 
-__all__ = ["F16", "MAX_PERPLEXITY_INCREASE", "MIN_DECISION_AGREEMENT", "pick"]
+__all__ = ["F16", "MAX_PERPLEXITY_INCREASE", "MIN_DECISION_AGREEMENT", "metric_row", "pick"]

@@ -489,8 +489,8 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
     else:  # a model given in memory: only its calibration key comes from runtime.model
         try:
             model_path = served_model(rt.model, base_dir, rt.metrics).path
-        except SelectionError:
-            model_path = Path(AUTO)
+        except SelectionError:  # auto with nothing on disk to choose from: the baked model's key
+            model_path = Path(AUTO)  # not a .gguf: artifact_of() gives "baked"
     key = rt.calibration_key or artifact_of(model_path)
     temperature = load_temperature(resolve(base_dir, rt.calibration), key)
     if temperature is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from so8t.errors import So8tError
 from so8t.eval import keys
-from so8t.eval.selection import F16, MAX_PERPLEXITY_INCREASE, MIN_DECISION_AGREEMENT, pick
+from so8t.eval.selection import F16, MAX_PERPLEXITY_INCREASE, MIN_DECISION_AGREEMENT, metric_row, pick
 from so8t.io import read_json
 from so8t.model.quantize import GGUF_PREFIX
 
@@ -53,11 +53,6 @@ class ServedModel:
     warning: str | None = None
 
 
-def _metric_row(name: str) -> str:
-    """The metric-key prefix of a quantize-report entry: F16 is the ``baked`` row."""
-    return "baked" if name == F16 else name
-
-
 def choose_gguf(gguf_dir: str | Path, metrics_path: str | Path) -> ServedModel:
     """The smallest qualifying GGUF in ``gguf_dir`` by the metrics in ``metrics_path`` (module docstring).
 
@@ -78,7 +73,7 @@ def choose_gguf(gguf_dir: str | Path, metrics_path: str | Path) -> ServedModel:
     metrics = read_json(metrics_path) if metrics_path.is_file() else None
     stale = [] if metrics is None else [
         n for n, p in files.items()
-        if not math.isclose(metrics.get(keys.key(_metric_row(n), keys.SIZE_MB), -1.0) * 1e6, p.stat().st_size, abs_tol=0.5)
+        if not math.isclose(metrics.get(keys.key(metric_row(n), keys.SIZE_MB), -1.0) * 1e6, p.stat().st_size, abs_tol=0.5)
     ]
     ref_ppl = None if metrics is None else metrics.get(keys.key("baked", keys.PERPLEXITY))
     if metrics is None or stale or F16 not in files or ref_ppl is None:
