@@ -209,9 +209,11 @@ class TrainParams(_Section):
     #: Extra passes over the decision examples cut after their ``判定: X`` line (prompt -> decision
     #: only, a third of a full example's tokens): the decision gets most of the steps' loss (0 = off).
     decision_line_passes: Annotated[float, Field(ge=0.0)] = 4.0
+    #: ``balanced_decisions``: the cut decision lines in batches holding every label equally often,
+    #: every batch of rows of similar length (``so8t.model.train.BalancedDecisionSampler``);
     #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference
     #: answers long); ``random``: plain shuffling.
-    sampling: Literal["random", "group_by_length"] = "group_by_length"
+    sampling: Literal["random", "group_by_length", "balanced_decisions"] = "balanced_decisions"
     #: Evaluate on the val split every this many steps (0 = never): per-task loss, and decision
     #: accuracy / macro-F1 of ``eval_decisions`` val decisions (the learning curve, in dvclive).
     eval_steps: NonNegInt = 50
@@ -323,6 +325,33 @@ class EvaluateParams(_Section):
     #: files compared with F16 on every example; the base, which answers nothing with or without
     #: passages, as the starting point). null = every row.
     extra_artifacts: list[Literal["base", "baked", "q8_0", "q4_k_m"]] | None = ["baked"]
+    #: Tokens of the greedy ``判定: X`` line generated for every test decision of every row (it stops at
+    #: the line's end), compared with the scored label (``<row>.decision.generated_agreement``).
+    decision_line_max_new_tokens: Annotated[int, Field(ge=4, le=64)] = 16
+
+
+class ProbeParams(_Section):
+    """The linear-probe baseline (stage ``probe``): logistic regression on the frozen base model's
+    hidden states of each decision prompt (:mod:`so8t.eval.probe`)."""
+
+    enabled: bool = True
+    #: Hidden states probed: every ``layer_stride``-th decoder layer, and the last one.
+    layer_stride: PosInt = 4
+    #: ``last``: the state at the last prompt position (after ``判定:``); ``mean``: the mean over the prompt.
+    poolings: list[Literal["last", "mean"]] = ["last", "mean"]
+    #: Inverse L2 regularisation strengths ``C`` tried (scikit-learn ``LogisticRegression``), chosen on val.
+    c_grid: list[PosFloat] = [0.01, 0.1, 1.0, 10.0]
+    #: Prompts per forward pass of the base model (float32).
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 16
+    #: A longer decision prompt (tokens) stops the stage (null: no limit).
+    max_length: PosInt | None = 1024
+
+    @field_validator("poolings", "c_grid")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list of distinct values, got {v}")
+        return v
 
 
 class DistillParams(_Section):
@@ -515,6 +544,7 @@ class Params(_Section):
     metrics: MetricsParams = MetricsParams()
     calibrate: CalibrateParams = CalibrateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    probe: ProbeParams = ProbeParams()
     distill: DistillParams = DistillParams()
     retrieval: RetrievalParams = RetrievalParams()
     runtime: RuntimeParams = RuntimeParams()

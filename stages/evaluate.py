@@ -1,6 +1,7 @@
 """Stage evaluate: every artifact on the test split, through llama.cpp: decisions (bare and with retrieved
 passages), calibration, policy, perplexity, math, FAQ and reference answers, speed, parity between runtimes;
-the baked model in transformers on a sample (the reference its F16 GGUF is checked against)."""
+the baked model in transformers on a sample (the reference its F16 GGUF is checked against); every row's
+decision macro-F1 against the linear probe's (reports/probe.json) on the same test decisions."""
 
 import time
 from pathlib import Path
@@ -14,8 +15,10 @@ from so8t.eval.evaluation import (
     build_eval_sets,
     close_backend,
     evaluate_artifact,
+    load_probe,
     open_artifact,
     parity_sample,
+    probe_comparison,
     reference_parity,
     reference_summary,
     sets_for,
@@ -30,6 +33,7 @@ TEST = Path("data/formatted/test.jsonl")
 FORMAT_STATS = Path("data/formatted/stats.json")
 HELDOUT = Path("data/synth/heldout_reference.jsonl")
 CALIBRATION = Path("reports/calibration.json")
+PROBE = Path("reports/probe.json")
 OUT = Path("reports")
 
 
@@ -44,6 +48,7 @@ def main() -> None:
     )
     style = read_json(FORMAT_STATS)["style"]
     calibration = read_json(CALIBRATION)["artifacts"]
+    probe, no_probe = load_probe(PROBE, params.probe.enabled)
     threads, arts, results = free_cores(), artifacts(), {}
     e = params.evaluate
     baked = next((a for a in arts if a.name == "baked" and a.kind == "gguf"), None)
@@ -71,7 +76,10 @@ def main() -> None:
             bar.update(task, info="transformers reference (sample)")
             reference = reference_parity(baked, results["baked"], sets, params, lambda n: bar.advance(task, n))
             console.print(reference_summary(reference))
-    flat = write_evaluation(OUT, results, threads, reference, time.perf_counter() - start)
+    against_probe = probe_comparison(results, probe, params.metrics, PROBE) if probe else None
+    if against_probe is None:
+        console.print(f"evaluate: no comparison with the linear probe: {no_probe}")
+    flat = write_evaluation(OUT, results, threads, reference, time.perf_counter() - start, against_probe)
     console.print(f"evaluate: parity {{{', '.join(f'{k}: {v:.3f}' for k, v in flat.items() if '.parity.' in k)}}}")
 
 

@@ -1,7 +1,7 @@
 """Stage train: LoRA + SO8T + PET on the think-formatted train split, with crash-safe checkpoints.
 
-Every ``train.eval_steps`` steps the val split's per-task loss and decision macro-F1 go to
-dvclive (the learning curve). Runs unchanged under `torchrun --nproc_per_node N stages/train.py` (DDP).
+Every ``train.eval_steps`` steps the val split's per-task loss, decision macro-F1 and the held-out
+perplexity (the evaluate stage's windows) go to dvclive (the learning curve). Runs unchanged under `torchrun --nproc_per_node N stages/train.py` (DDP).
 """
 
 import sys
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from so8t.console import console, run_stage
 from so8t.eval.evaluation import decision_eval
+from so8t.eval.inference import perplexity_windows
 from so8t.io import read_jsonl
 from so8t.model.base_model import load_tokenizer
 from so8t.model.train import TrainPaths, run_training
@@ -20,6 +21,7 @@ PATHS = TrainPaths(
     out=Path("models/adapter"),
     val=Path("data/formatted/val.jsonl"),
 )
+HELDOUT = Path("data/synth/heldout_reference.jsonl")
 
 
 def main() -> None:
@@ -27,7 +29,11 @@ def main() -> None:
     p = params.train
     hook = None
     if p.eval_steps and p.eval_decisions:
-        hook = decision_eval(load_tokenizer(PATHS.base), read_jsonl(PATHS.val), p.eval_decisions, p.per_device_train_batch_size)
+        tokenizer, m = load_tokenizer(PATHS.base), params.metrics
+        windows = perplexity_windows(
+            tokenizer, [d["text"] for d in read_jsonl(HELDOUT)], m.perplexity_max_tokens, m.perplexity_window
+        )
+        hook = decision_eval(tokenizer, read_jsonl(PATHS.val), p.eval_decisions, p.per_device_train_batch_size, windows)
     summary = run_training(params, PATHS, decision_eval=hook)
     console.print(f"train: {summary}")
     if summary["exit_code"] is not None:

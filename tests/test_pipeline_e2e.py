@@ -97,7 +97,7 @@ def test_dvc_repro_runs_every_stage(pipeline):
     work, proc = pipeline
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for stage in ("base", "collect", "synthesize", "think-format", "train", "bake", "quantize", "calibrate",
-                  "evaluate", "report", "distill-teacher", "distill"):
+                  "probe", "evaluate", "report", "distill-teacher", "distill"):
         assert f"Running stage '{stage}'" in proc.stdout
 
 
@@ -113,9 +113,24 @@ def test_artifacts_are_real(pipeline):
     assert quant["reference"]["base"]["file"] == "base-f16.gguf" and (work / "models/gguf/base-f16.gguf").is_file()
     metrics = json.loads((work / "reports/metrics.json").read_text())
     for art in ("base", "baked", "q8_0", "q4_k_m"):
-        for key in ("decision.accuracy", "decision.macro_f1", "decision.ece", "perplexity", "faq.chrf"):
+        for key in ("decision.accuracy", "decision.macro_f1", "decision.ece", "perplexity", "faq.chrf",
+                    "decision.probe_gain", "decision.probe_gain_ci_low", "decision.probe_gain_ci_high",
+                    "decision.generated_agreement", "decision.generated_macro_f1",
+                    "decision.generated_unparsed_rate", "decision.policy.allow_recall"):
             assert f"{art}.{key}" in metrics
         assert metrics[f"{art}.perplexity"] > 1.0
+        assert 0.0 <= metrics[f"{art}.decision.generated_agreement"] <= 1.0
+        assert metrics[f"{art}.decision.probe_gain"] == pytest.approx(
+            metrics[f"{art}.decision.macro_f1"] - metrics["probe.decision.macro_f1"], abs=1e-5)
+    # The linear probe on the base model: its own stage, every test decision, paired with every row.
+    probe = json.loads((work / "reports/probe.json").read_text())
+    assert probe["enabled"] and probe["n_test"] == metrics["base.decision.n"] == len(probe["predictions"])
+    assert probe["layer"] in probe["layers"] and probe["pooling"] in ("last", "mean")
+    shown = _dvc(work, "metrics", "show", "reports/probe.json")
+    assert shown.returncode == 0 and "probe.decision.macro_f1" in shown.stdout
+    assert probe["predictions"][0]["id"] not in shown.stdout  # per-example rows stay out of `dvc metrics show`
+    for key in ("n", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy"):
+        assert metrics[f"probe.decision.{key}"] == pytest.approx(probe["probe"]["decision"][key], abs=1e-5)
     # Every row ran in llama.cpp; transformers checked the F16 GGUF on a sample.
     details = json.loads((work / "reports/eval/details.json").read_text())
     assert {a: d["kind"] for a, d in details["artifacts"].items()} == dict.fromkeys(("base", "baked", "q8_0", "q4_k_m"), "gguf")
@@ -128,6 +143,7 @@ def test_artifacts_are_real(pipeline):
     assert json.loads((work / "reports/performance/calibrate.json").read_text())["wall_s"] > 0
     report = (work / "reports/report.md").read_text(encoding="utf-8")
     assert "Headline metrics" in report and "Data card" in report and "## Evaluation engine and time" in report
+    assert "| probe (base, linear; layer " in report and "**Linear probe**" in report
     assert "**Served model**: serving so8t-" in report and "(runtime.model: auto)" in report
     assert (work / "reports/figures/training.png").stat().st_size > 1000
     assert json.loads((work / "reports/distill.json").read_text()) == {"enabled": False}
@@ -182,6 +198,22 @@ def test_editing_an_imported_module_reruns_its_stages(pipeline):
         keys.write_text(original, encoding="utf-8")
     changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
     assert changed == {"quantize"}, status
+
+
+def test_training_params_never_rerun_the_probe(pipeline):
+    """The probe reads the base model and the formatted data only: a training change leaves it as it is."""
+    work, _ = pipeline
+    path = work / "params.yaml"
+    original = path.read_text(encoding="utf-8")
+    params = yaml.safe_load(original)
+    params["train"]["max_steps"] += 1
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    try:
+        status = _dvc(work, "status").stdout
+    finally:
+        path.write_text(original, encoding="utf-8")
+    changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert "train" in changed and "probe" not in changed, status
 
 
 def test_evaluate_param_reruns_only_evaluate_and_report(pipeline):

@@ -52,7 +52,7 @@ from so8t.eval.metrics import (
     rouge_l_ja,
 )
 from so8t.io import DataError, read_json, write_json, write_text
-from so8t.schema import DECISIONS, Task
+from so8t.schema import DECISIONS, Decision, Task
 
 BASE_DIR = Path("models/base")
 BAKED_DIR = Path("models/baked")
@@ -288,9 +288,15 @@ def faq_metrics(examples: list[dict], gens: list[Generation], style: str) -> dic
 def policy_metrics(scored: list[dict], temperature: float, allow_threshold: float) -> dict:
     """The runtime policy's labels beside the model's: an ALLOW below ``allow_threshold`` becomes ESCALATION.
 
+    The policy is the runtime's decision step (``so8t.runtime.agent``): ``p = softmax(z / T)``
+    of the scored label log-likelihoods ``z`` (:func:`so8t.eval.calibration.apply_temperature`), the
+    model's label ``argmax p``, and an ALLOW with ``p_ALLOW < allow_threshold`` becomes ESCALATION.
+
     Returns:
-        ``{"model": {label: rate}, "policy": {label: rate}, "policy_macro_f1", "overridden"}``, so a
-        calibration failure that turns every ALLOW into ESCALATION shows in the metrics.
+        ``{"model": {label: rate}, "policy": {label: rate}, "policy_macro_f1", "overridden",
+        "allow_recall", "allow_n"}``, so a calibration failure that turns every ALLOW into
+        ESCALATION shows in the metrics. ``allow_recall``: share of the ``allow_n`` gold-ALLOW rows
+        the policy answers (its label is ALLOW); NaN without a gold-ALLOW row.
     """
     probs = apply_temperature(np.array([r["logits"] for r in scored], dtype=np.float64), temperature)
     model = [DECISIONS[r["pred"]] for r in scored]
@@ -304,6 +310,73 @@ def policy_metrics(scored: list[dict], temperature: float, allow_threshold: floa
         "policy": rates(policy),
         "policy_macro_f1": classification_report(truth, policy)["macro_f1"],
         "overridden": float(np.mean([a != b for a, b in zip(model, policy)])),
+        "allow_recall": _allow_recall(truth, policy),
+        "allow_n": sum(t == Decision.ALLOW.value for t in truth),
+    }
+
+
+def _allow_recall(truth: list[str], labels: list[str]) -> float:
+    """Share of the gold-ALLOW rows whose label in ``labels`` is ALLOW (NaN without a gold ALLOW)."""
+    hits = [x == Decision.ALLOW.value for t, x in zip(truth, labels) if t == Decision.ALLOW.value]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def generated_decision_lines(
+    backend: Backend, rows: list[dict], max_new_tokens: int, penalty: float, step=None
+) -> list[Generation]:
+    """The greedy first line of the assistant turn after each prompt: where the model writes ``判定: X``.
+
+    Generation starts at the rendered prompt (``prompt_text``, the chat template's generation prompt)
+    and stops at the first newline, an end-of-turn token or ``max_new_tokens`` tokens; the same
+    greedy decoding and repetition penalty as every other generation. These short, prefill-bound
+    generations are kept out of the backend's generation tokens/s (:attr:`Backend.stats`).
+    """
+    prompts = [backend.tokenize(r["prompt_text"]) for r in rows]
+    stats = backend.stats
+    kept = stats.generated_tokens, stats.generation_seconds
+    try:
+        return backend.generate(prompts, max_new_tokens, [*stop_strings(backend), "\n"], penalty, step)
+    finally:
+        stats.generated_tokens, stats.generation_seconds = kept
+
+
+def generated_decision_metrics(texts: list[str], scored: list[dict], style: str) -> dict:
+    """The generated ``判定: X`` lines against the scored labels and the gold ones.
+
+    Each text's first line is parsed with :func:`so8t.data.think_format.parse_assistant` (the
+    ``判定\\s*[:：]\\s*(ALLOW|ESCALATION|DENY)`` pattern the training data is written in); a line without
+    a label has none.
+
+    Args:
+        texts: generated texts (:func:`generated_decision_lines`), one per scored row.
+        scored: the same examples' rows of :func:`so8t.eval.inference.score_decisions` (``label``:
+            the gold index, ``pred``: argmax of the scored label log-likelihoods).
+        style: ``think_format.style``.
+
+    Returns:
+        ``{"n", "agreement" (share whose generated label equals the scored one), "macro_f1" (of the
+        generated labels against the gold ones over the 3 labels, sklearn ``zero_division=0``; a line
+        without a label is wrong), "unparsed_rate" (share of lines without a label), "labels" ({id:
+        label or None})}``; NaN rates for no rows.
+
+    Raises:
+        ValueError: ``texts`` and ``scored`` differ in length.
+    """
+    if len(texts) != len(scored):
+        raise ValueError(f"generated_decision_metrics: {len(texts)} texts for {len(scored)} scored rows")
+    parsed = [parse_assistant(t.split("\n", 1)[0], style)[2] for t in texts]
+    n = len(parsed)
+    if not n:
+        return {"n": 0, "agreement": float("nan"), "macro_f1": float("nan"), "unparsed_rate": float("nan"), "labels": {}}
+    generated = np.array([DECISIONS.index(x) if x else len(DECISIONS) for x in parsed], dtype=np.int64)
+    gold = np.array([r["label"] for r in scored], dtype=np.int64)
+    pred = np.array([r["pred"] for r in scored], dtype=np.int64)
+    return {
+        "n": n,
+        "agreement": float(np.mean(generated == pred)),
+        "macro_f1": macro_f1_indices(gold, generated)(np.arange(n)),
+        "unparsed_rate": float(np.mean(generated == len(DECISIONS))),
+        "labels": {r["id"]: x for r, x in zip(scored, parsed)},
     }
 
 
@@ -365,9 +438,11 @@ class EvalSets:
     refs_rag: list[dict] = field(default_factory=list)
 
     def steps(self) -> int:
-        """Progress steps per artifact: scored prompts, generations and the stability run."""
+        """Progress steps per artifact: scored prompts, generations (the decisions' ``判定`` lines too)
+        and the stability run."""
         scored = len(self.decisions) + len(self.train_decisions) + len(self.benign) + len(self.decisions_rag)
         generated = len(self.maths) + len(self.faqs) + len(self.faqs_rag) + len(self.refs) + len(self.refs_rag)
+        generated += len(self.decisions)
         return scored + len(self.faqs_rag) + generated + (1 if self.faqs else 0)
 
 
@@ -467,6 +542,10 @@ def evaluate_artifact(
     scored = score_decisions(backend, sets.decisions, step)
     decision_seconds = time.perf_counter() - t0
     dec = decision_metrics(scored, calibration.get("temperature", 1.0), m)
+    t0 = time.perf_counter()
+    lines = generated_decision_lines(backend, sets.decisions, e.decision_line_max_new_tokens, g.repetition_penalty, step)
+    generated = generated_decision_metrics([x.text for x in lines], scored, style)
+    line_seconds = time.perf_counter() - t0
     train = score_decisions(backend, sets.train_decisions, step) if sets.train_decisions else []
     benign = score_decisions(backend, sets.benign, step) if sets.benign else []
     ppl = perplexity_of(backend, sets.windows)
@@ -485,6 +564,10 @@ def evaluate_artifact(
         for kind in ("model", "policy") for label, rate in policy[kind].items()
     } | {keys.key(a, k): v for k, v in rag["flat"].items()} | {
         keys.key(a, keys.POLICY_MACRO_F1): policy["policy_macro_f1"],
+        keys.key(a, keys.POLICY_ALLOW_RECALL): policy["allow_recall"],
+        keys.key(a, keys.DECISION_GENERATED_AGREEMENT): generated["agreement"],
+        keys.key(a, keys.DECISION_GENERATED_MACRO_F1): generated["macro_f1"],
+        keys.key(a, keys.DECISION_GENERATED_UNPARSED): generated["unparsed_rate"],
         keys.key(a, keys.PERPLEXITY): ppl["perplexity"],
         keys.key(a, keys.MATH_EXACT_MATCH): mth["exact_match"],
         keys.key(a, keys.FAQ_CHRF): faq["chrf"],
@@ -509,6 +592,7 @@ def evaluate_artifact(
     rates = backend.stats.rates()
     speed = rag["speed"] | {
         keys.SECONDS_PER_REQUEST: decision_seconds / max(len(scored), 1),
+        keys.SECONDS_PER_GENERATED_DECISION: line_seconds / max(len(lines), 1),
         keys.TOKENS_PER_S: rates["tokens_per_s"],
         keys.PROMPT_TOKENS_PER_S: rates["prompt_tokens_per_s"],
         keys.PERPLEXITY_TOKENS_PER_S: ppl["tokens"] / max(ppl["seconds"], 1e-9),
@@ -521,6 +605,7 @@ def evaluate_artifact(
         "decision": dec,
         "decision_rag": rag["decision"],
         "policy": policy,
+        "decision_generated": generated,
         "perplexity": ppl,
         "math": mth,
         "faq": faq,
@@ -536,13 +621,19 @@ def evaluate_artifact(
     return ArtifactResult(a, flat, details, texts, {r["id"]: DECISIONS[r["pred"]] for r in scored})
 
 
-def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int):
+def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int, windows: list[list[int]] | None = None):
     """A ``decision_eval`` hook for :func:`so8t.model.train.run_training`: accuracy and macro-F1 of
-    ``n`` val decisions (balanced, spread over templates), scored as the evaluate stage scores them.
+    ``n`` val decisions (balanced, spread over templates), scored as the evaluate stage scores them,
+    and the held-out perplexity of ``windows`` (:func:`so8t.eval.inference.perplexity_of`, the
+    evaluate stage's windows), so a sweep sees what the decisions cost general Japanese.
+
+    Args:
+        windows: token windows of held-out text (:func:`so8t.eval.inference.perplexity_windows`);
+            ``None`` or empty: no perplexity.
 
     Returns:
-        ``model -> {"eval_decision_accuracy", "eval_decision_macro_f1", "eval_decision_n"}``;
-        the model is put back in training mode afterwards.
+        ``model -> {"eval_decision_accuracy", "eval_decision_macro_f1", "eval_decision_n"}`` plus
+        ``"eval_heldout_perplexity"`` with ``windows``; the model is put back in training mode afterwards.
     """
     import torch
 
@@ -557,15 +648,18 @@ def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int):
         model.eval()
         try:
             with torch.no_grad():
-                scored = score_decisions(HFBackend.from_model(model, tokenizer, batch_size), examples)
+                backend = HFBackend.from_model(model, tokenizer, batch_size)
+                scored = score_decisions(backend, examples)
+                ppl = perplexity_of(backend, windows)["perplexity"] if windows else None
         finally:
             model.train(was_training)
         report = classification_report([DECISIONS[r["label"]] for r in scored], [DECISIONS[r["pred"]] for r in scored])
-        return {
+        out = {
             "eval_decision_accuracy": report["accuracy"],
             "eval_decision_macro_f1": report["macro_f1"],
             "eval_decision_n": len(scored),
         }
+        return out | ({"eval_heldout_perplexity": ppl} if ppl is not None else {})
 
     return run
 
@@ -595,6 +689,119 @@ def chrf_comparison(bare: list[str], rag: list[str], refs: list[str], m) -> dict
         out[name] = stat(np.arange(n))
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_interval(stat, n, m.confidence, m.bootstrap_resamples)
     return out
+
+
+def paired_gain(labels: np.ndarray, pred: np.ndarray, pred_ref: np.ndarray, m) -> dict[str, float]:
+    """Macro-F1 of ``pred`` minus macro-F1 of ``pred_ref`` on the same examples, with a paired interval.
+
+    Args:
+        labels, pred, pred_ref: ``(N,)`` int label indices into ``DECISIONS`` (a prediction outside
+            ``[0, 3)`` counts as wrong), one row per example, paired.
+        m: the ``metrics`` params section (``confidence``, ``bootstrap_resamples``).
+
+    Returns:
+        ``{"gain", "ci_low", "ci_high"}`` in macro-F1 points (0-1 scale): the percentile bootstrap
+        over examples (:func:`so8t.eval.metrics.bootstrap_interval`, Efron and Tibshirani 1993) where
+        each resample scores both predictions on the same resampled indices, so the interval is that
+        of the difference (Koehn 2004's paired bootstrap). A gain whose interval contains 0 is no
+        difference; ``(nan, nan)`` for fewer than 2 examples.
+
+    Raises:
+        ValueError: the three arrays differ in length.
+    """
+    labels, pred, pred_ref = (np.asarray(x, dtype=np.int64) for x in (labels, pred, pred_ref))
+    if not len(labels) == len(pred) == len(pred_ref):
+        raise ValueError(f"paired_gain: {len(labels)} labels, {len(pred)} and {len(pred_ref)} predictions")
+    f1, f1_ref = macro_f1_indices(labels, pred), macro_f1_indices(labels, pred_ref)
+
+    def stat(idx):
+        return f1(idx) - f1_ref(idx)
+
+    lo, hi = bootstrap_interval(stat, len(labels), m.confidence, m.bootstrap_resamples)
+    return {"gain": stat(np.arange(len(labels))) if len(labels) else float("nan"), "ci_low": lo, "ci_high": hi}
+
+
+def load_probe(path: Path, enabled: bool) -> tuple[dict | None, str]:
+    """The probe stage's result (``reports/probe.json``, :func:`so8t.eval.probe.run_probe`), or why not.
+
+    Returns:
+        ``(probe, "")`` with ``probe["predictions"]`` keyed by example id (``{id: {"label", "pred",
+        "probs"}}``; the file holds them as a list), or ``(None, reason)`` when ``probe.enabled`` is
+        false, the file is missing or it is the disabled marker.
+
+    Raises:
+        DataError: the file has no ``predictions`` list or ``probe.decision``, a prediction without
+            ``id``, or an id twice (naming the file).
+    """
+    if not enabled:
+        return None, "probe.enabled is false"
+    if not path.is_file():
+        return None, f"{path} is missing (run `dvc repro probe`)"
+    probe = read_json(path)
+    if not probe.get("enabled"):
+        return None, f"{path} is the disabled marker (rerun `dvc repro probe`)"
+    rows = probe.get("predictions")
+    if not isinstance(rows, list) or "decision" not in probe.get(keys.PROBE, {}):
+        raise DataError(f"{path}: no `predictions` list or `probe.decision` (rerun `dvc repro probe`)")
+    by_id: dict[str, dict] = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or "id" not in r:
+            raise DataError(f"{path}: predictions[{i}] has no `id` (rerun `dvc repro probe`)")
+        if r["id"] in by_id:
+            raise DataError(f"{path}: predictions list {r['id']!r} twice (rerun `dvc repro probe`)")
+        by_id[r["id"]] = r
+    return probe | {"predictions": by_id}, ""
+
+
+def probe_comparison(results: dict[str, ArtifactResult], probe: dict, m, path: Path) -> tuple[dict, dict]:
+    """Every row against the linear-probe baseline on the same test decisions.
+
+    Args:
+        results: the evaluated rows (their ``details["decision_rows"]``, scored test decisions).
+        probe: :func:`load_probe`'s result (predictions keyed by id).
+        m: the ``metrics`` params section.
+        path: the probe file (named in errors).
+
+    Returns:
+        ``(flat, details)``: ``probe.decision.{n, macro_f1, macro_f1_ci_low, macro_f1_ci_high,
+        accuracy, accuracy_ci_low, accuracy_ci_high}`` (the probe stage's test scores) and every row's
+        ``<row>.decision.probe_gain`` with ``_ci_low`` / ``_ci_high`` (:func:`paired_gain` of the row's
+        predictions and the probe's, paired by example id); details: the probe's chosen point.
+
+    Raises:
+        DataError: the probe has no prediction for a scored test decision, a prediction outside the
+            labels, or a gold label that differs from the row's (a stale file).
+    """
+    preds = probe["predictions"]
+    dec = probe[keys.PROBE]["decision"]
+    flat = {keys.key(keys.PROBE, f"decision.{k}"): dec[k] for k in (
+        "n", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+    ) if k in dec}
+    for name, r in results.items():
+        rows = r.details["decision_rows"]
+        missing = [x["id"] for x in rows if x["id"] not in preds]
+        if missing:
+            raise DataError(
+                f"{path}: no probe prediction for {len(missing)} of the {len(rows)} test decisions "
+                f"(e.g. {missing[:3]}); rerun `dvc repro probe`"
+            )
+        ref = []
+        for x in rows:
+            p = preds[x["id"]]
+            if p.get("pred") not in DECISIONS or p.get("label") != DECISIONS[x["label"]]:
+                raise DataError(
+                    f"{path}: prediction of {x['id']!r} is {p.get('pred')!r} for gold {p.get('label')!r}, expected a "
+                    f"label of {list(DECISIONS)} for gold {DECISIONS[x['label']]!r}; rerun `dvc repro probe`"
+                )
+            ref.append(DECISIONS.index(p["pred"]))
+        g = paired_gain([x["label"] for x in rows], [x["pred"] for x in rows], ref, m)
+        flat[keys.key(name, keys.DECISION_PROBE_GAIN)] = g["gain"]
+        flat[keys.key(name, keys.DECISION_PROBE_GAIN_CI_LOW)] = g["ci_low"]
+        flat[keys.key(name, keys.DECISION_PROBE_GAIN_CI_HIGH)] = g["ci_high"]
+    details = {"source": str(path), "decision": dec} | {
+        k: probe.get(k) for k in ("layer", "pooling", "C", "val_macro_f1", "n_train", "n_val", "n_test")
+    }
+    return flat, details
 
 
 def _rag_metrics(
@@ -741,7 +948,8 @@ def artifact_summary(art: Artifact, r: ArtifactResult) -> str:
         f"evaluate: {art.name} ({art.path.name}, {r.details['speed'].get(keys.WALL_S, float('nan')):.0f} s): macro-F1 "
         f"{get(keys.DECISION_MACRO_F1):.3f} [{get(keys.DECISION_MACRO_F1_CI_LOW):.3f}, "
         f"{get(keys.DECISION_MACRO_F1_CI_HIGH):.3f}] (n={get(keys.DECISION_N):.0f}), with passages "
-        f"{get(keys.DECISION_MACRO_F1_RAG):.3f}; ECE {get(keys.DECISION_ECE):.3f} -> "
+        f"{get(keys.DECISION_MACRO_F1_RAG):.3f}; generated 判定 line = scored {get(keys.DECISION_GENERATED_AGREEMENT):.3f}; "
+        f"policy answers {get(keys.POLICY_ALLOW_RECALL):.3f} of gold ALLOW; ECE {get(keys.DECISION_ECE):.3f} -> "
         f"{get(keys.DECISION_ECE_CALIBRATED):.3f}; ppl {get(keys.PERPLEXITY):.2f}; chrF {get(keys.FAQ_CHRF):.1f} "
         f"/ {get(keys.FAQ_CHRF_RAG):.1f}; speed {r.details['speed']}"
     )
@@ -769,13 +977,14 @@ def _csv(rows: list[dict]) -> str:
 
 def write_evaluation(
     out: Path, results: dict[str, ArtifactResult], threads: int, reference: tuple[dict, dict] | None = None,
-    wall_s: float | None = None,
+    wall_s: float | None = None, probe: tuple[dict, dict] | None = None,
 ) -> dict[str, float]:
     """Write ``metrics.json`` (flat, rounded), ``eval/details.json``, ``performance/evaluate.json`` and the plots.
 
     Args:
         reference: :func:`reference_parity`'s ``(flat, details)``, or ``None`` (not run).
         wall_s: the stage's wall time (seconds), for the performance file.
+        probe: :func:`probe_comparison`'s ``(flat, details)``, or ``None`` (no probe).
 
     Speed figures go to the performance file only: they vary from run to run, metrics do not.
     """
@@ -785,10 +994,13 @@ def write_evaluation(
     flat |= parity_metrics(results)
     if reference is not None:
         flat |= reference[0]
+    if probe is not None:
+        flat |= probe[0]
     write_json(out / "metrics.json", {k: round(float(v), 6) for k, v in flat.items()})
     write_json(
         out / "eval" / "details.json",
-        {"artifacts": {n: r.details for n, r in results.items()}} | ({"reference": reference[1]} if reference else {}),
+        {"artifacts": {n: r.details for n, r in results.items()}} | ({"reference": reference[1]} if reference else {})
+        | ({"probe": probe[1]} if probe else {}),
     )
     perf = {"threads": threads} | ({keys.WALL_S: round(wall_s, 1)} if wall_s is not None else {})
     perf |= {keys.key(n, k): round(float(v), 3) for n, r in results.items() for k, v in r.details["speed"].items()}
@@ -833,6 +1045,12 @@ __all__ = [
     "evaluate_artifact",
     "faq_metrics",
     "first_of_task",
+    "generated_decision_lines",
+    "generated_decision_metrics",
+    "load_probe",
+    "paired_gain",
+    "policy_metrics",
+    "probe_comparison",
     "math_metrics",
     "open_artifact",
     "parity",

@@ -34,6 +34,24 @@ REFERENCE_CHRF_RAG = "reference.chrf_rag"
 FAQ_CITATION_RATE_RAG = "faq.citation_rate_rag"
 #: The runtime policy's labels (ALLOW below ``runtime.allow_threshold`` -> ESCALATION), scored.
 POLICY_MACRO_F1 = "decision.policy.macro_f1"
+#: Share of the gold-ALLOW test decisions the runtime policy answers (its label, after temperature
+#: scaling and ``runtime.allow_threshold``, is ALLOW).
+POLICY_ALLOW_RECALL = "decision.policy.allow_recall"
+#: The linear-probe baseline (stage ``probe``): its rows in ``reports/metrics.json`` are
+#: ``probe.decision.*`` (``key(PROBE, DECISION_MACRO_F1)``); every row's paired gain over it on the
+#: same test decisions (row macro-F1 - probe macro-F1, paired bootstrap interval).
+PROBE = "probe"
+DECISION_PROBE_GAIN = "decision.probe_gain"
+DECISION_PROBE_GAIN_CI_LOW = "decision.probe_gain_ci_low"
+DECISION_PROBE_GAIN_CI_HIGH = "decision.probe_gain_ci_high"
+#: The greedy ``判定: X`` line generated for every test decision: share whose label equals the scored
+#: label (argmax of the label log-likelihoods), macro-F1 of the generated labels against the gold ones
+#: (a line without a label counts as wrong), and the share of lines without a parseable label.
+DECISION_GENERATED_AGREEMENT = "decision.generated_agreement"
+DECISION_GENERATED_MACRO_F1 = "decision.generated_macro_f1"
+DECISION_GENERATED_UNPARSED = "decision.generated_unparsed_rate"
+#: Seconds per generated ``判定`` line (performance file only).
+SECONDS_PER_GENERATED_DECISION = "decision.seconds_per_generated_line"
 #: Prompt-side seconds per decision request, bare and with passages.
 SECONDS_PER_REQUEST = "decision.seconds_per_request"
 SECONDS_PER_REQUEST_RAG = "decision.seconds_per_request_rag"

@@ -36,6 +36,10 @@ HEADLINE: list[tuple[str, str, bool, str]] = [
     ("Decision macro-F1, 95% interval low", keys.DECISION_MACRO_F1_CI_LOW, True, "{:.3f}"),
     ("Decision macro-F1, 95% interval high", keys.DECISION_MACRO_F1_CI_HIGH, True, "{:.3f}"),
     ("Decision macro-F1 on train (sample)", keys.TRAIN_DECISION_MACRO_F1, True, "{:.3f}"),
+    ("Decision macro-F1 − linear probe (paired)", keys.DECISION_PROBE_GAIN, True, "{:.3f}"),
+    ("Generated 判定 line = scored label", keys.DECISION_GENERATED_AGREEMENT, True, "{:.3f}"),
+    ("Generated 判定 line macro-F1", keys.DECISION_GENERATED_MACRO_F1, True, "{:.3f}"),
+    ("Gold-ALLOW requests the policy answers", keys.POLICY_ALLOW_RECALL, True, "{:.3f}"),
     ("Benign requests decided ALLOW", keys.BENIGN_ALLOW_RATE, True, "{:.3f}"),
     ("ECE (15 bins)", keys.DECISION_ECE, False, "{:.3f}"),
     ("ECE, calibrated", keys.DECISION_ECE_CALIBRATED, False, "{:.3f}"),
@@ -336,27 +340,61 @@ def _ci(d: dict, name: str, fmt: str = "{:.3f}") -> str:
     return fmt.format(value) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
 
 
+def _row_metrics(metrics: dict[str, float], n: str) -> dict[str, float]:
+    """The flat metrics of row ``n`` without its prefix (``decision.macro_f1``...)."""
+    return {k[len(n) + 1:]: v for k, v in metrics.items() if k.startswith(f"{n}.")}
+
+
+def probe_row(probe: dict | None) -> list | None:
+    """The linear probe's cells of the decision table (:func:`decision_table`), or ``None`` without a probe."""
+    if not probe:
+        return None
+    dec = probe["decision"]
+    point = f"layer {probe.get('layer')}, {probe.get('pooling')}, C={probe.get('C')}"
+    return [f"{keys.PROBE} (base, linear; {point})", dec["n"], _ci(dec, "macro_f1"), _ci(dec, "accuracy"),
+            "—", "—", "—", "—", "—", "—", "—"]
+
+
+def decision_table(inp: ReportInputs, names: list[str]) -> str:
+    """One row per artifact (and the linear probe): macro-F1 and accuracy with intervals, calibration,
+    the paired gain over the probe, the generated ``判定`` line against the scored label."""
+    rows = []
+    for n in names:
+        dec = inp.details["artifacts"][n]["decision"]
+        cal = inp.calibration.get("artifacts", {}).get(n, {})
+        flat = _row_metrics(inp.metrics, n)
+        t = f"{dec['temperature']:.3f}" + (" (fit failed: on a bound)" if cal.get("at_bound") else "")
+        unparsed = flat.get(keys.DECISION_GENERATED_UNPARSED)
+        rows.append([
+            n, dec["n"], _ci(dec, "macro_f1"), _ci(dec, "accuracy"), _ci(dec, "ece_calibrated"), t,
+            _fmt(flat.get(keys.TRAIN_DECISION_MACRO_F1), "{:.3f}"),
+            _fmt(flat.get(keys.BENIGN_ALLOW_RATE), "{:.3f}"),
+            _ci(flat, keys.DECISION_PROBE_GAIN, "{:+.3f}"),
+            _fmt(flat.get(keys.DECISION_GENERATED_AGREEMENT), "{:.3f}"),
+            _fmt(flat.get(keys.DECISION_GENERATED_MACRO_F1), "{:.3f}")
+            + (f" ({_fmt(unparsed, '{:.2f}')} no label)" if unparsed else ""),
+        ])
+    probe = probe_row(inp.details.get("probe"))
+    if probe is not None:
+        rows.append(probe)
+    return _table(
+        ["artifact", "n", "macro-F1 [95% CI]", "accuracy [95% CI]", "ECE calibrated [95% CI]", "T",
+         "train macro-F1", "benign → ALLOW", "− probe [95% CI]", "generated = scored", "generated macro-F1"], rows)
+
+
 def _decision_section(inp: ReportInputs, figures: dict[str, str], names: list[str]) -> list[str]:
     out = ["## Decisions", ""]
     out.append(
         "Each label's score is the log-likelihood of `判定: L` right after the prompt (the model states its "
         "decision before any reasoning), `p = softmax(z / T)` with the temperature fitted on val; the runtime "
         "uses the same numbers. Every test decision is scored; templates of the test split never occur in "
-        "training. Intervals: 95% percentile bootstrap over examples."
+        "training. Intervals: 95% percentile bootstrap over examples. `probe`: logistic regression on the frozen "
+        "base model's hidden states of the same prompts (fitted on train, layer / pooling / C chosen on val); "
+        "`− probe`: the row's macro-F1 minus the probe's on the same test decisions, paired bootstrap interval "
+        "(one that holds 0 is no difference). `generated = scored`: share of test decisions whose greedy "
+        "`判定: X` line names the scored label; its macro-F1 counts a line without a label as wrong."
     )
-    rows = []
-    for n in names:
-        dec = inp.details["artifacts"][n]["decision"]
-        cal = inp.calibration.get("artifacts", {}).get(n, {})
-        t = f"{dec['temperature']:.3f}" + (" (fit failed: on a bound)" if cal.get("at_bound") else "")
-        rows.append([
-            n, dec["n"], _ci(dec, "macro_f1"), _ci(dec, "accuracy"), _ci(dec, "ece_calibrated"), t,
-            _fmt(inp.metrics.get(keys.key(n, keys.TRAIN_DECISION_MACRO_F1)), "{:.3f}"),
-            _fmt(inp.metrics.get(keys.key(n, keys.BENIGN_ALLOW_RATE)), "{:.3f}"),
-        ])
-    out.append(_table(
-        ["artifact", "n", "macro-F1 [95% CI]", "accuracy [95% CI]", "ECE calibrated [95% CI]", "T",
-         "train macro-F1", "benign → ALLOW"], rows))
+    out.append(decision_table(inp, names))
     for group, title in (("by_domain", "Accuracy by domain"), ("by_category", "Accuracy by policy category")):
         values = sorted({v for n in names for v in inp.details["artifacts"][n]["decision"].get(group, {})})
         if values:
@@ -374,6 +412,12 @@ def _decision_section(inp: ReportInputs, figures: dict[str, str], names: list[st
         dec = inp.details["artifacts"][n]["decision"]
         pc_rows.append([n] + [
             f"P {dec['per_class'][lab]['precision']:.2f} / R {dec['per_class'][lab]['recall']:.2f}" for lab in DECISIONS
+        ])
+    probe = (inp.details.get("probe") or {}).get("decision", {})
+    if probe.get("per_class"):
+        pc_rows.append([keys.PROBE] + [
+            f"P {probe['per_class'][lab]['precision']:.2f} / R {probe['per_class'][lab]['recall']:.2f}"
+            for lab in DECISIONS
         ])
     out.append(_table(["artifact", *DECISIONS], pc_rows))
     return out
@@ -393,6 +437,7 @@ def _policy_section(inp: ReportInputs, names: list[str]) -> list[str]:
             f"{pol['overridden']:.2f}",
             _fmt(inp.metrics.get(keys.key(n, keys.DECISION_MACRO_F1)), "{:.3f}"),
             _fmt(pol.get("policy_macro_f1"), "{:.3f}"),
+            _fmt(pol.get("allow_recall"), "{:.3f}"),
         ])
     if not rows:
         return []
@@ -403,11 +448,12 @@ def _policy_section(inp: ReportInputs, names: list[str]) -> list[str]:
         (
             "Share of test decisions given each label by the model (argmax) and by the runtime policy, which "
             "turns an ALLOW whose calibrated probability is below `runtime.allow_threshold` into ESCALATION. "
-            "A calibration that never reaches the threshold shows here as an ALLOW rate of 0 for the policy."
+            "A calibration that never reaches the threshold shows here as an ALLOW rate of 0 for the policy. "
+            "Gold ALLOW answered: share of the gold-ALLOW test requests the policy answers (its label is ALLOW)."
         ),
         "",
         _table(["artifact", f"model {labels}", f"policy {labels}", "changed by policy", "model macro-F1",
-                "policy macro-F1"], rows),
+                "policy macro-F1", "gold ALLOW answered"], rows),
         "",
     ]
 
@@ -533,6 +579,14 @@ def _engine_section(inp: ReportInputs, names: list[str]) -> list[str]:
             f"{_fmt(m(keys.PARITY_PERPLEXITY_HF), '{:.2f}')} in transformers vs "
             f"{_fmt(inp.metrics.get(keys.key('baked', keys.PERPLEXITY)), '{:.2f}')} in llama.cpp (ratio "
             f"{_fmt(m(keys.PARITY_PERPLEXITY_RATIO), '{:.4f}')}, every window)."
+        )]
+    probe = inp.details.get("probe")
+    if probe:
+        out += ["", (
+            f"**Linear probe** (stage `probe`, base model only, never rerun by training): "
+            f"{_fmt(inp.performance.get('probe', {}).get(keys.WALL_S), '{:.0f}')} s; fitted on "
+            f"{probe.get('n_train')} train decisions, layer / pooling / C chosen on {probe.get('n_val')} val "
+            f"decisions (val macro-F1 {_fmt(probe.get('val_macro_f1'), '{:.3f}')})."
         )]
     served, reason = served_artifact(inp)
     out += ["", f"**Served model**: {reason}.", ""]

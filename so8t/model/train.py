@@ -103,6 +103,102 @@ class DecisionWeightCollator:
         return batch
 
 
+class BalancedDecisionSampler(torch.utils.data.Sampler[int]):
+    """Indices in batches: decision lines with every label equally often, all batches length-grouped.
+
+    A pass (one "epoch" of the sampler) holds
+
+    * **decision batches**: rows with a ``label`` (the cut ``判定: X`` lines), ``batch_size // k`` of
+      each of the ``k`` labels per batch (the ``batch_size % k`` remaining slots rotate over the labels
+      from batch to batch, so each label gets the same share of the pass). The number of batches
+      covers the largest label once; a smaller label is drawn again (a fresh shuffle each round), so
+      the model never learns the train split's class shares as a prior. Within each label the
+      drawn rows are sorted by length and batch ``j`` takes the next rows of every label, so one
+      batch holds rows of a similar length (little padding: a grounded prompt is ~4x a bare one);
+    * **other batches**: rows without a label, shuffled, sorted by length within mega-batches of
+      ``50 * batch_size`` (as transformers' ``group_by_length``) and cut into batches.
+
+    Full batches are shuffled together; a last, partial batch of other rows goes at the end
+    (a ``DataLoader`` cuts the index stream into consecutive ``batch_size`` chunks, so only the
+    last chunk may be short). The order depends only on ``seed`` and the epoch
+    (:meth:`set_epoch`), so a resumed run skips exactly the batches it already trained on.
+
+    Args:
+        labels: ``(N,)`` the decision label of each row, ``None`` for rows outside the balancing.
+        lengths: ``(N,)`` tokens of each row.
+        batch_size: rows per batch (per device).
+        seed: the run's seed.
+
+    Raises:
+        ValueError: ``labels`` and ``lengths`` differ in length, or ``batch_size`` is below the
+            number of labels (a batch could not hold every label).
+    """
+
+    def __init__(self, labels: list[str | None], lengths: list[int], batch_size: int, seed: int) -> None:
+        if len(labels) != len(lengths):
+            raise ValueError(f"labels ({len(labels)}) and lengths ({len(lengths)}) differ in length")
+        self.labels, self.lengths, self.batch_size, self.seed = list(labels), list(lengths), batch_size, seed
+        self.names = sorted({x for x in self.labels if x is not None})
+        if self.names and batch_size < len(self.names):
+            raise ValueError(
+                f"train.per_device_train_batch_size: {batch_size} cannot hold one row of each of the "
+                f"{len(self.names)} decision labels {self.names}; use at least {len(self.names)}"
+            )
+        self.epoch = 0
+        self._length = sum(len(b) for b in self.batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use pass ``epoch``'s order (Trainer calls this at the start of each pass)."""
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of pass ``epoch``, in training order (decision batches hold every label)."""
+        import random
+
+        rng = random.Random(f"{self.seed}:balanced:{epoch}")
+        b, names = self.batch_size, self.names
+        by_label: dict[str, list[int]] = {x: [] for x in names}
+        others: list[int] = []
+        for i, x in enumerate(self.labels):
+            (others if x is None else by_label[x]).append(i)
+        full: list[list[int]] = []
+        if names:
+            k, extra = divmod(b, len(names))
+            n_batches = -(-max(len(v) for v in by_label.values()) // k)
+            counts = [[k + ((j + t) % len(names) < extra) for t in range(len(names))] for j in range(n_batches)]
+            queues = {}
+            for t, x in enumerate(names):
+                need = sum(c[t] for c in counts)
+                drawn: list[int] = []
+                while len(drawn) < need:
+                    pool = by_label[x][:]
+                    rng.shuffle(pool)
+                    drawn += pool[: need - len(drawn)]
+                queues[x] = sorted(drawn, key=lambda i: (self.lengths[i], rng.random()))
+            for j in range(n_batches):
+                batch = []
+                for t, x in enumerate(names):
+                    batch += queues[x][: counts[j][t]]
+                    queues[x] = queues[x][counts[j][t]:]
+                full.append(batch)
+        rng.shuffle(others)
+        mega = 50 * b
+        grouped = [i for s in range(0, len(others), mega)
+                   for i in sorted(others[s:s + mega], key=lambda i: -self.lengths[i])]
+        chunks = [grouped[s:s + b] for s in range(0, len(grouped), b)]
+        tail = chunks.pop() if chunks and len(chunks[-1]) < b else None
+        full += chunks
+        rng.shuffle(full)
+        return full + ([tail] if tail else [])
+
+    def __iter__(self):
+        for batch in self.batches(self.epoch):
+            yield from batch
+
+    def __len__(self) -> int:
+        return self._length
+
+
 class SO8TTrainer(Trainer):
     """``Trainer`` whose loss is a label-only task loss plus scheduled PET.
 
@@ -119,6 +215,8 @@ class SO8TTrainer(Trainer):
         keep_checkpoints: newest verified checkpoints kept.
         decision_eval: called with the model at each evaluation; returns metrics to log (e.g.
             ``eval_decision_macro_f1``), or ``None``.
+        train_sampler: the order of the training rows (e.g. :class:`BalancedDecisionSampler`);
+            ``None``: Trainer's own (``train_sampling_strategy``).
     """
 
     def __init__(
@@ -130,10 +228,12 @@ class SO8TTrainer(Trainer):
         so8t_learning_rate: float = 1e-3,
         keep_checkpoints: int = 5,
         decision_eval=None,
+        train_sampler=None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.decision_eval = decision_eval
+        self.train_sampler = train_sampler
         # Have Trainer count the label tokens of each accumulation window (num_items_in_batch) for
         # every model; compute_loss normalises by them, so training_step must not divide by the
         # accumulation steps again (Trainer reads loss_is_scaled_for_ga).
@@ -149,6 +249,11 @@ class SO8TTrainer(Trainer):
         self._acc_n = 0
         self._tokens = 0
         self._last_log_time = time.perf_counter()
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def progress(self) -> float:
         """Fraction of optimiser steps done, in [0, 1]."""
@@ -772,6 +877,17 @@ def _dvclive_callback(live):
     return StepAligned(live=live)
 
 
+def train_sampler(params, rows: list[dict]) -> BalancedDecisionSampler | None:
+    """The sampler ``train.sampling`` asks for: :class:`BalancedDecisionSampler` over the cut decision
+    lines (``task`` ``decision_line``, balanced by ``decision``) for ``balanced_decisions``, else ``None``
+    (Trainer's own ``random`` / ``group_by_length``)."""
+    p = params.train
+    if p.sampling != "balanced_decisions":
+        return None
+    labels = [r.get("decision") if r.get("task") == "decision_line" else None for r in rows]
+    return BalancedDecisionSampler(labels, [len(r["input_ids"]) for r in rows], p.per_device_train_batch_size, params.seed)
+
+
 def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict], decision_eval=None):
     """The :class:`SO8TTrainer` of the train stage with dvclive, progress, time checkpoints and signals."""
     from datasets import Dataset
@@ -783,7 +899,8 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
     evaluating = bool(p.eval_steps) and paths.val is not None and paths.val.is_file()
     args = training_arguments(
         p, output_dir=c.dir, max_steps=p.max_steps, learning_rate=p.learning_rate, seed=params.seed,
-        checkpoint_steps=c.steps, train_sampling_strategy=p.sampling, remove_unused_columns=False,
+        checkpoint_steps=c.steps, remove_unused_columns=False,
+        train_sampling_strategy="random" if p.sampling == "balanced_decisions" else p.sampling,
         eval_strategy="steps" if evaluating else "no", eval_steps=p.eval_steps or None,
         per_device_eval_batch_size=p.per_device_train_batch_size,
     )
@@ -801,6 +918,7 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
         train_dataset=Dataset.from_list(rows),
         eval_dataset=eval_dataset,
         decision_eval=decision_eval if evaluating else None,
+        train_sampler=train_sampler(params, rows),
         data_collator=DecisionWeightCollator(tokenizer, p.decision_weight),
         callbacks=[_dvclive_callback(live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
         pet_schedule=PETSchedule(p.pet.phase_boundaries, p.pet.lambdas) if p.pet.enabled else None,
@@ -883,8 +1001,8 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
         raise DataError(f"{paths.data}: no training examples")
     mixed = mix_tasks(examples, {t.value: w for t, w in p.task_weights.items()}, params.seed)
     mixed += decision_line_copies(examples, p.decision_line_passes, params.seed)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"], "decision_span": r.get("decision_span", [0, 0])}
-            for r in mixed]
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"], "decision_span": r.get("decision_span", [0, 0]),
+             "task": r.get("task"), "decision": r.get("decision")} for r in mixed]
     tokenizer = load_tokenizer(paths.base)
     gpu = gpu_preflight(paths.base, params)
     model = build_model(paths.base, p, params.seed)

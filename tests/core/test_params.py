@@ -27,6 +27,11 @@ def test_repository_params_yaml_is_valid_and_equals_defaults(repo_root):
         ("think_format:\n  train_fraction: 0.9\n", "think_format"),
         ("synthesize:\n  domains: [space]\n", "synthesize.domains"),
         ("quantize:\n  types: [Q3_K]\n", "quantize.types"),
+        ("probe:\n  poolings: [max]\n", "probe.poolings"),
+        ("probe:\n  poolings: [last, last]\n", "probe.poolings"),
+        ("probe:\n  c_grid: [0]\n", "probe.c_grid"),
+        ("probe:\n  layer_stride: 0\n", "probe.layer_stride"),
+        ("evaluate:\n  decision_line_max_new_tokens: 2\n", "evaluate.decision_line_max_new_tokens"),
         ("bogus: 1\n", "bogus: unknown key"),
     ],
 )

@@ -95,11 +95,42 @@ def test_retrieval_and_policy_sections_show_both_columns():
     details = {"artifacts": {"q8_0": {"policy": {
         "model": {"ALLOW": 0.35, "ESCALATION": 0.0, "DENY": 0.65},
         "policy": {"ALLOW": 0.0, "ESCALATION": 0.35, "DENY": 0.65},
-        "overridden": 0.35, "policy_macro_f1": 0.28}}}}
+        "overridden": 0.35, "policy_macro_f1": 0.28, "allow_recall": 0.0}}}}
     inp = SimpleNamespace(metrics=m, details=details)
     rows = _rows(_retrieval_section(inp, ["q8_0"])[4])  # title, blank, text, blank, table
     assert rows["q8_0"][:6] == ["90", "0.290", "0.310 [0.220, 0.400]", "4.6 [3.0, 6.0]", "5.3", "+0.7 [-1.2, +2.5]"]
     assert rows["q8_0"][-1] == "0.00"
     policy = "\n".join(_policy_section(inp, ["q8_0"]))
-    assert "| q8_0 | 0.35 / 0.00 / 0.65 | 0.00 / 0.35 / 0.65 | 0.35 | 0.300 | 0.280 |" in policy
+    assert "| q8_0 | 0.35 / 0.00 / 0.65 | 0.00 / 0.35 / 0.65 | 0.35 | 0.300 | 0.280 | 0.000 |" in policy
     assert _retrieval_section(SimpleNamespace(metrics={}, details=details), ["q8_0"]) == []
+
+
+def test_decision_table_has_a_probe_row_and_the_gain_and_generated_columns():
+    from types import SimpleNamespace
+
+    from so8t.eval.report import decision_table
+
+    dec = {"n": 12, "macro_f1": 0.7, "macro_f1_ci_low": 0.6, "macro_f1_ci_high": 0.8, "accuracy": 0.75,
+           "ece_calibrated": 0.05, "temperature": 2.0}
+    m = {"baked.decision.probe_gain": 0.1, "baked.decision.probe_gain_ci_low": -0.05,
+         "baked.decision.probe_gain_ci_high": 0.25, "baked.decision.generated_agreement": 0.9,
+         "baked.decision.generated_macro_f1": 0.65, "baked.decision.generated_unparsed_rate": 0.05}
+    probe = {"decision": {"n": 12, "macro_f1": 0.6, "macro_f1_ci_low": 0.5, "macro_f1_ci_high": 0.7,
+                          "accuracy": 0.6, "accuracy_ci_low": 0.4, "accuracy_ci_high": 0.8},
+             "layer": 12, "pooling": "mean", "C": 0.1}
+    inp = SimpleNamespace(metrics=m, calibration={}, details={"artifacts": {"baked": {"decision": dec}}, "probe": probe})
+    rows = _rows(decision_table(inp, ["baked"]))
+    assert rows["baked"][7:] == ["+0.100 [-0.050, +0.250]", "0.900", "0.650 (0.05 no label)"]
+    assert rows["probe (base, linear; layer 12, mean, C=0.1)"][:3] == ["12", "0.600 [0.500, 0.700]", "0.600 [0.400, 0.800]"]
+    inp.details.pop("probe")
+    assert list(_rows(decision_table(inp, ["baked"]))) == ["baked"]
+
+
+def test_headline_table_shows_the_probe_gain_generated_agreement_and_allow_recall():
+    m = {"base.decision.probe_gain": -0.2, "baked.decision.probe_gain": 0.05,
+         "base.decision.policy.allow_recall": 0.0, "baked.decision.policy.allow_recall": 0.8,
+         "baked.decision.generated_agreement": 0.95}
+    rows = _rows(headline_table(m, ["base", "baked"]))
+    assert rows["Decision macro-F1 − linear probe (paired)"] == ["-0.200", "0.050 (▲0.250, better)"]
+    assert rows["Gold-ALLOW requests the policy answers"] == ["0.000", "0.800 (▲0.800, better)"]
+    assert rows["Generated 判定 line = scored label"] == ["n/a", "0.950"]
