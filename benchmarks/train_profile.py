@@ -251,6 +251,7 @@ def make_optimizer(model, args, so8t_learning_rate: float):
 
 def profile(args: argparse.Namespace) -> dict:
     """Run ``args.steps`` optimiser steps and return the configuration, per-step numbers and means."""
+    from so8t.console import console
     from so8t.model.attach import attached_rotations
     from so8t.model.base_model import load_tokenizer
     from so8t.model.pet import PETSchedule, pet_penalty
@@ -304,8 +305,6 @@ def profile(args: argparse.Namespace) -> dict:
     n_rotations = instrument_rotations(model, clock)
     draw, how = micro_batches(params, rows)
     steps: list[dict] = []
-    from so8t.console import console
-
     for step in range(args.steps):
         clock.totals = {}
         padded = real = n_label = 0
@@ -417,7 +416,7 @@ def profile(args: argparse.Namespace) -> dict:
             "precision": precision,
             "quantization": p.quantization,
             "gradient_checkpointing": p.gradient_checkpointing,
-            "optimizer": f"{type(optimizer).__name__} ({targs.optim})",
+            "optimizer": f"{type(optimizer).__name__} ({getattr(targs.optim, 'value', targs.optim)})",
             "pet": p.pet.enabled,
             "so8t_rotations": n_rotations,
             "parameters": counts,

@@ -67,9 +67,20 @@ def test_order_is_seeded_and_changes_with_the_epoch():
     assert list(iter(a)) == [i for batch in b.batches(1) for i in batch]
 
 
+def test_batches_smaller_than_the_label_set_rotate_labels():
+    labels, lengths = _rows()
+    batches = BalancedDecisionSampler(labels, lengths, 2, seed=0).batches(0)
+    decision = [b for b in batches if labels[b[0]] is not None]
+    for b in decision:
+        assert len({labels[i] for i in b}) == 2  # two different labels in every batch of 2
+    counts = Counter(labels[i] for b in decision for i in b)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert counts["ALLOW"] >= 30
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
-        BalancedDecisionSampler(["ALLOW", "DENY", "ESCALATION"], [1, 2, 3], 2, seed=0)
+        BalancedDecisionSampler(["ALLOW", "DENY", "ESCALATION"], [1, 2, 3], 0, seed=0)
     with pytest.raises(ValueError, match="differ in length"):
         BalancedDecisionSampler(["ALLOW"], [1, 2], 3, seed=0)
 

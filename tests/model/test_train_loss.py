@@ -117,8 +117,24 @@ def test_decision_line_copies_end_at_the_decision_line_and_never_teach_a_stop():
     cut = decision_line_copies(rows, 2.0, seed=0)
     assert len(cut) == 2 and all(r["task"] == "decision_line" for r in cut)
     assert cut[0]["input_ids"] == full["input_ids"][:7]
-    assert cut[0]["labels"] == [-100] * 4 + [7, 8, 9]  # only the decision line is learned
+    assert cut[0]["labels"] == [-100] * 6 + [9]  # one decision: its last span token is the label
     assert cut[0]["decision_span"] == [4, 7]
     assert full["labels"][-1] == 1 and 1 not in cut[0]["labels"]  # no end-of-turn after the cut
     assert decision_line_copies(rows, 0.0, seed=0) == []
     assert len(decision_line_copies([full] * 10, 0.5, seed=0)) == 5
+
+
+def test_decision_line_copies_learn_the_label_not_the_shared_prefix():
+    from so8t.model.train import decision_line_copies
+
+    def row(prompt, completion, span):
+        return {"task": "decision", "input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion,
+                "decision_span": span}
+
+    deny = row([50, 51, 52, 53], [7, 8, 9, 2, 5, 6, 1], [4, 7])  # 判定 : DENY \n ...
+    esc = row([60, 61, 62], [7, 8, 10, 11, 2, 5, 1], [3, 7])  # 判定 : ESC ALATION \n ...
+    cut = decision_line_copies([deny, esc], 1.0, seed=0)
+    by_first = {r["input_ids"][r["decision_span"][0] + 2]: r for r in cut}
+    assert by_first[9]["labels"] == [-100] * 6 + [9]
+    assert by_first[10]["labels"] == [-100] * 5 + [10, 11]  # every label token, neither 判定 nor :
+    assert by_first[10]["input_ids"] == esc["input_ids"][:7]

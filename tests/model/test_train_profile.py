@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+from pathlib import Path
 
 import pytest
-
 from tiny import tiny_base_dir
 
-REPO_BENCH = __import__("pathlib").Path(__file__).resolve().parents[2] / "benchmarks" / "train_profile.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_profile.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("train_profile", REPO_BENCH)
+    spec = importlib.util.spec_from_file_location("train_profile", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -80,14 +80,14 @@ def test_profile_times_every_phase_and_writes_only_the_json(setup, monkeypatch):
 
 
 def test_task_filter_profiles_only_decision_lines(setup):
-    tmp_path, base, data, params = setup
+    _, base, data, params = setup
     result = _load().main(
         ["--base", str(base), "--data", str(data), "--params", str(params), "--steps", "2", "--threads", "1",
          "--tasks", "decision_line", "--batch-size", "4"]
     )
     c = result["config"]
     assert c["tasks"] == ["decision_line"] and c["rows"] == c["rows_per_task"]["decision_line"] == 4
-    # A decision-line copy ends at its decision span: 3 label tokens, 2 after the shift of the first.
+    # A decision-line copy ends at its decision span: its 3 label tokens (all after the prompt) and no more.
     assert all(s["label_tokens"] == 2 * 4 * 3 for s in result["steps"])  # 2 micro-batches of 4 rows
 
 
