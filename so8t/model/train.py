@@ -749,16 +749,22 @@ def preflight(model_dir: Path, checkpoint_root: Path, out_dir: Path, n_trainable
     return {"free_disk": free_disk, "need_disk": need_disk, "free_ram": free_ram, "need_ram": need_ram}
 
 
-def run_fingerprint(params, paths: TrainPaths) -> dict[str, str]:
-    """Ingredients that make checkpoints belong to one run: training params, data, base model."""
+def run_fingerprint(params, paths: TrainPaths, rows: list[dict] | None = None) -> dict[str, str]:
+    """Ingredients that make checkpoints belong to one run: training params, data, the rows trained on
+    (as the code builds them from the data: a change in how they are built is another run), base model."""
+    import hashlib
+    import json
+
     from so8t.io import sha256_file
 
     base = Path(paths.base)
+    built = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest() if rows is not None else None
     return fingerprint(
         {
             "train params": params.train.model_dump(mode="json") | {"num_threads": None},
             "seed": params.seed,
             "dataset": sha256_file(paths.data),
+            "rows": built,
             "base model": {
                 "config": (base / "config.json").read_text(encoding="utf-8"),
                 "weights": sorted((p.name, p.stat().st_size) for p in base.glob("*.safetensors")),
@@ -850,7 +856,7 @@ def eval_sets(rows: list[dict], per_task: int, seed: int) -> dict[str, list[dict
     return {t: rng.sample(v, min(per_task, len(v))) for t, v in sorted(by_task.items())}
 
 
-def _resume_point(params, paths: TrainPaths, n_trainable: int) -> tuple[str | None, dict]:
+def _resume_point(params, paths: TrainPaths, n_trainable: int, rows: list[dict] | None = None) -> tuple[str | None, dict]:
     """The checkpoint to resume from (``None``: start fresh) and the preflight numbers (rank 0 decides)."""
     from so8t.console import console
 
@@ -859,7 +865,7 @@ def _resume_point(params, paths: TrainPaths, n_trainable: int) -> tuple[str | No
     resume_from, check = None, {}
     if int(os.environ.get("RANK", "0")) == 0:
         check = preflight(paths.base, root, paths.out, n_trainable, c.keep)
-        same_run = prepare_root(root, run_fingerprint(params, paths), log=console.print)
+        same_run = prepare_root(root, run_fingerprint(params, paths, rows), log=console.print)
         if same_run and c.resume:
             ckpt = latest_good_checkpoint(root, warn=lambda m: console.print(f"[yellow]train: {m}[/]"))
             resume_from = str(ckpt) if ckpt else None
@@ -1025,7 +1031,7 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     gpu = gpu_preflight(paths.base, params)
     model = build_model(paths.base, p, params.seed)
     counts = trainable_parameter_counts(model)
-    resume_from, check = _resume_point(params, paths, sum(counts.values()))
+    resume_from, check = _resume_point(params, paths, sum(counts.values()), rows)
     console.print(
         f"train: {len(rows)} examples, trainable parameters {counts}"
         + (f", resuming from {resume_from}" if resume_from else ", starting fresh")
