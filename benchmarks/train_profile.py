@@ -177,7 +177,7 @@ def training_rows(params, data: Path, tasks: set[str] | None) -> tuple[list[dict
             sys.exit(f"train_profile: no rows of tasks {sorted(tasks)}; the mixture has {per_task}")
     rows = [
         {"input_ids": r["input_ids"], "labels": r["labels"], "decision_span": r.get("decision_span", [0, 0]),
-         "task": r.get("task"), "decision": r.get("decision")}
+         "task": r.get("task"), "decision": r.get("decision"), "choice_pos": r.get("choice_pos", -1)}
         for r in mixed
     ]
     return rows, per_task
@@ -258,6 +258,7 @@ def profile(args: argparse.Namespace) -> dict:
     from so8t.model.train import (
         DecisionWeightCollator,
         build_model,
+        choice_token_ids,
         label_token_ce_sum,
         resolve_precision,
         trainable_parameter_counts,
@@ -280,6 +281,7 @@ def profile(args: argparse.Namespace) -> dict:
 
     tokenizer = load_tokenizer(Path(args.base))
     collator = DecisionWeightCollator(tokenizer, p.decision_weight)
+    choice_ids = choice_token_ids(rows)  # the decision lines' label tokens, as the stage's trainer gets them
     precision = resolve_precision(p.precision)
     model = build_model(Path(args.base), p, params.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -332,7 +334,10 @@ def profile(args: argparse.Namespace) -> dict:
                 )
                 t1 = clock.now()
                 clock.add("forward", t1 - t0)
-                ce_sum, n = label_token_ce_sum(model, outputs.hidden_states[-1], inputs["labels"], inputs["label_weights"])
+                ce_sum, n = label_token_ce_sum(
+                    model, outputs.hidden_states[-1], inputs["labels"], inputs["label_weights"],
+                    inputs.get("choice_mask"), choice_ids,
+                )
                 t2 = clock.now()
                 clock.add("lm_head_ce", t2 - t1)
                 n_label += n

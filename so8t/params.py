@@ -183,14 +183,14 @@ class TrainParams(_Section):
     #: Phi-3), ``all-linear`` (PEFT: every linear layer but the LM head), or a list of module names
     #: (each must exist: a name that matches nothing is an error, never silently skipped).
     target_modules: list[str] | Literal["all-linear"] | None = None
-    learning_rate: PosFloat = 2.0e-4
+    learning_rate: PosFloat = 5.0e-4
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     warmup_ratio: Fraction = 0.05
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    per_device_train_batch_size: PosInt = 4
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    per_device_train_batch_size: PosInt = 12
     gradient_accumulation_steps: PosInt = 1
     #: Optimiser steps; the data is repeated as needed.
-    max_steps: PosInt = 150
+    max_steps: PosInt = 200
     max_grad_norm: PosFloat = 1.0
     quantization: Literal["none", "8bit", "4bit"] = "none"
     #: ``auto``: bf16 on a CUDA device that supports it, fp16 with loss scaling on one that does not,
@@ -202,13 +202,13 @@ class TrainParams(_Section):
     num_threads: PosInt | None = None
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
-    task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {}
+    task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5}
     #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
     #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).
     decision_weight: Annotated[float, Field(ge=1.0)] = 5.0
     #: Extra passes over the decision examples cut after their ``判定: X`` line (prompt -> decision
     #: only, a third of a full example's tokens): the decision gets most of the steps' loss (0 = off).
-    decision_line_passes: Annotated[float, Field(ge=0.0)] = 4.0
+    decision_line_passes: Annotated[float, Field(ge=0.0)] = 3.0
     #: ``balanced_decisions``: the cut decision lines in batches holding every label equally often,
     #: every batch of rows of similar length (``so8t.model.train.BalancedDecisionSampler``);
     #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference

@@ -138,3 +138,28 @@ def test_decision_line_copies_learn_the_label_not_the_shared_prefix():
     assert by_first[9]["labels"] == [-100] * 6 + [9]
     assert by_first[10]["labels"] == [-100] * 5 + [10, 11]  # every label token, neither 判定 nor :
     assert by_first[10]["input_ids"] == esc["input_ids"][:7]
+    assert by_first[9]["choice_pos"] == 6 and by_first[10]["choice_pos"] == 5
+
+
+def test_choice_positions_learn_among_the_label_tokens_only():
+    """Where ``choice_mask`` is set the softmax runs over ``choice_ids``; elsewhere over the vocabulary."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.randint(5, 60, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4], labels[0, 5] = 11, 12  # a decision line: choice at 4, continuation at 5
+    labels[1, 3] = 13  # a plain label
+    choice = torch.zeros_like(ids, dtype=torch.bool)
+    choice[0, 4] = True
+    out = model(input_ids=ids, output_hidden_states=True)
+    h = out.hidden_states[-1]
+    total, n = label_token_ce_sum(model, h, labels, None, choice, [11, 20, 30])
+    logits = output_logits(model, h)
+    want = (
+        torch.nn.functional.cross_entropy(logits[0, 3, [11, 20, 30]][None], torch.tensor([0]))
+        + torch.nn.functional.cross_entropy(logits[0, 4][None], torch.tensor([12]))
+        + torch.nn.functional.cross_entropy(logits[1, 2][None], torch.tensor([13]))
+    )
+    assert n == 3 and torch.allclose(total, want, atol=1e-5)
+    with pytest.raises(ValueError, match="choice_ids"):
+        label_token_ce_sum(model, h, labels, None, choice, [20, 30])
