@@ -33,7 +33,9 @@ def main() -> None:
         windows = perplexity_windows(
             tokenizer, [d["text"] for d in read_jsonl(HELDOUT)], m.perplexity_max_tokens, m.perplexity_window
         )
-        hook = decision_eval(tokenizer, read_jsonl(PATHS.val), p.eval_decisions, p.per_device_train_batch_size, windows)
+        hook = decision_eval(
+            tokenizer, read_jsonl(PATHS.val), p.eval_decisions, p.per_device_train_batch_size, windows, m
+        )
     summary = run_training(params, PATHS, decision_eval=hook)
     console.print(f"train: {summary}")
     if summary["exit_code"] is not None:

@@ -621,7 +621,9 @@ def evaluate_artifact(
     return ArtifactResult(a, flat, details, texts, {r["id"]: DECISIONS[r["pred"]] for r in scored})
 
 
-def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int, windows: list[list[int]] | None = None):
+def decision_eval(
+    tokenizer, val_rows: list[dict], n: int, batch_size: int, windows: list[list[int]] | None = None, m=None
+):
     """A ``decision_eval`` hook for :func:`so8t.model.train.run_training`: accuracy and macro-F1 of
     ``n`` val decisions (balanced, spread over templates), scored as the evaluate stage scores them,
     and the held-out perplexity of ``windows`` (:func:`so8t.eval.inference.perplexity_of`, the
@@ -630,10 +632,14 @@ def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int, wind
     Args:
         windows: token windows of held-out text (:func:`so8t.eval.inference.perplexity_windows`);
             ``None`` or empty: no perplexity.
+        m: the ``metrics`` params section (``confidence``, ``bootstrap_resamples``): with it the
+            macro-F1 gets its percentile bootstrap interval over the val decisions, as a test row's
+            (:func:`so8t.eval.metrics.bootstrap_interval`); ``None``: no interval.
 
     Returns:
         ``model -> {"eval_decision_accuracy", "eval_decision_macro_f1", "eval_decision_n"}`` plus
-        ``"eval_heldout_perplexity"`` with ``windows``; the model is put back in training mode afterwards.
+        ``"eval_decision_macro_f1_ci_low"`` / ``"_ci_high"`` with ``m`` and ``"eval_heldout_perplexity"``
+        with ``windows``; the model is put back in training mode afterwards.
     """
     import torch
 
@@ -659,6 +665,11 @@ def decision_eval(tokenizer, val_rows: list[dict], n: int, batch_size: int, wind
             "eval_decision_macro_f1": report["macro_f1"],
             "eval_decision_n": len(scored),
         }
+        if m is not None:
+            labels = np.array([r["label"] for r in scored])
+            preds = np.array([r["pred"] for r in scored])
+            lo, hi = bootstrap_interval(macro_f1_indices(labels, preds), len(scored), m.confidence, m.bootstrap_resamples)
+            out |= {"eval_decision_macro_f1_ci_low": lo, "eval_decision_macro_f1_ci_high": hi}
         return out | ({"eval_heldout_perplexity": ppl} if ppl is not None else {})
 
     return run
@@ -799,7 +810,7 @@ def probe_comparison(results: dict[str, ArtifactResult], probe: dict, m, path: P
         flat[keys.key(name, keys.DECISION_PROBE_GAIN_CI_LOW)] = g["ci_low"]
         flat[keys.key(name, keys.DECISION_PROBE_GAIN_CI_HIGH)] = g["ci_high"]
     details = {"source": str(path), "decision": dec} | {
-        k: probe.get(k) for k in ("layer", "pooling", "C", "val_macro_f1", "n_train", "n_val", "n_test")
+        k: probe.get(k) for k in ("layer", "pooling", "C", "C_at_bound", "val_macro_f1", "n_train", "n_val", "n_test")
     }
     return flat, details
 

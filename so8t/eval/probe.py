@@ -39,6 +39,8 @@ POOLINGS: tuple[str, ...] = ("last", "mean")
 #: lbfgs iterations per fit (standardised features converge in a few hundred; a fit that does not
 #: is marked ``converged: false`` in the grid).
 MAX_ITER = 5000
+#: Most ``C`` values :func:`select` tries beyond each end of ``probe.c_grid`` to bracket the best one.
+MAX_C_EXTENSIONS = 3
 
 #: Fields every decision row of ``data/formatted/*.jsonl`` needs here.
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "prompt_text", "decision", "group")
@@ -238,36 +240,65 @@ def select(
     val: dict[tuple[int, str], np.ndarray],
     y_val: np.ndarray,
     c_grid: Sequence[float],
+    max_extensions: int = MAX_C_EXTENSIONS,
 ) -> tuple[list[dict], dict]:
-    """Fit every ``(layer, pooling, C)`` on train and score it on val.
+    """Fit every ``(layer, pooling, C)`` on train and score it on val, then bracket the best ``C``.
+
+    A best ``C`` on the edge of the values tried is not a fit, only a bound: while the best
+    point's ``C`` is the smallest (largest) tried at its layer and pooling, ``C / 10`` (``C * 10``)
+    is fitted there too, at most ``max_extensions`` times per side. An extension replaces the
+    best only when its val macro-F1 is strictly higher (a tie keeps the ``C`` inside the bracket).
 
     Args:
         train, val: :func:`hidden_features` of the train / val decisions (same keys).
         y_train, y_val: ``(N,)`` int label indices into ``DECISIONS``.
-        c_grid: inverse regularisation strengths ``C`` (scikit-learn).
+        c_grid: inverse regularisation strengths ``C`` (scikit-learn), each > 0.
+        max_extensions: most extra ``C`` values fitted beyond each end of the grid.
 
     Returns:
         ``(grid, best)``: one row per point (``layer``, ``pooling``, ``C``, ``val_macro_f1``,
-        ``val_accuracy``, ``converged``) and the best row: the highest val macro-F1, ties going to
-        the smaller ``C``, then the earlier layer and pooling.
+        ``val_accuracy``, ``converged``, ``extension``: fitted to bracket the best ``C``) and the
+        best row: the highest val macro-F1, ties going to the smaller ``C``, then the earlier layer
+        and pooling; with ``C_at_bound``: its ``C`` is still the smallest or largest tried at its
+        layer and pooling after the extensions (the selection failed to bracket it).
+
+    Raises:
+        ValueError: an empty ``c_grid`` or a ``C`` that is not > 0.
     """
+    if not c_grid or min(c_grid) <= 0:
+        raise ValueError(f"probe.c_grid: needs values > 0, got {list(c_grid)}")
+
+    def point(layer: int, pooling: str, c: float, extension: bool) -> dict:
+        clf = _fit(train[(layer, pooling)], y_train, c)
+        pred = clf.predict(val[(layer, pooling)])
+        return {
+            "layer": layer,
+            "pooling": pooling,
+            "C": float(c),
+            "val_macro_f1": _macro_f1(y_val, pred),
+            "val_accuracy": float(np.mean(pred == y_val)),
+            "converged": int(np.max(clf[-1].n_iter_)) < MAX_ITER,
+            "extension": extension,
+        }
+
     grid, best = [], None
     for layer, pooling in sorted(train, key=lambda k: (k[0], POOLINGS.index(k[1]))):
         for c in sorted(c_grid):
-            clf = _fit(train[(layer, pooling)], y_train, c)
-            pred = clf.predict(val[(layer, pooling)])
-            n_iter = int(np.max(clf[-1].n_iter_))
-            row = {
-                "layer": layer,
-                "pooling": pooling,
-                "C": float(c),
-                "val_macro_f1": _macro_f1(y_val, pred),
-                "val_accuracy": float(np.mean(pred == y_val)),
-                "converged": n_iter < MAX_ITER,
-            }
+            row = point(layer, pooling, c, False)
             grid.append(row)
             if best is None or row["val_macro_f1"] > best["val_macro_f1"] + 1e-12:
                 best = row
+    tried = sorted(float(c) for c in c_grid)
+    for side, factor in ((0, 0.1), (-1, 10.0)):
+        for _ in range(max_extensions):
+            if best["C"] != tried[side]:
+                break
+            row = point(best["layer"], best["pooling"], tried[side] * factor, True)
+            grid.append(row)
+            tried = sorted(tried + [row["C"]])
+            if row["val_macro_f1"] > best["val_macro_f1"] + 1e-12:
+                best = row
+    best = dict(best, C_at_bound=best["C"] in (tried[0], tried[-1]))
     return grid, best
 
 
@@ -318,7 +349,8 @@ def run_probe(
     Returns:
         The content of ``reports/probe.json``: ``enabled``, ``probe.decision`` (test ``n``,
         ``macro_f1``, ``accuracy`` and their ``*_ci_low`` / ``*_ci_high``, per-class scores, the
-        confusion matrix), the chosen ``layer`` / ``pooling`` / ``C`` and its ``val_macro_f1``,
+        confusion matrix), the chosen ``layer`` / ``pooling`` / ``C`` and its ``val_macro_f1``, ``C_at_bound``
+        (:func:`select` could not bracket ``C``),
         ``n_train`` / ``n_val`` / ``n_test``, ``templates`` per split, ``layers``, the ``grid``
         and ``predictions``: one ``{"id", "label", "pred", "probs" (ALLOW, ESCALATION, DENY)}`` per test
         decision, by id (a list: ``dvc metrics show`` lists a file's numbers and strings but not its
@@ -359,6 +391,7 @@ def run_probe(
         "layer": best["layer"],
         "pooling": best["pooling"],
         "C": best["C"],
+        "C_at_bound": best["C_at_bound"],
         "val_macro_f1": best["val_macro_f1"],
         "n_train": len(splits["train"]),
         "n_val": len(splits["val"]),
@@ -388,7 +421,8 @@ def summary_line(result: dict) -> str:
     d = result["probe"]["decision"]
     fmt = lambda v: "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
     return (
-        f"probe: layer {result['layer']}, {result['pooling']} pooling, C={result['C']:g} (val macro-F1 "
+        f"probe: layer {result['layer']}, {result['pooling']} pooling, C={result['C']:g}"
+        f"{' (on the edge of the C values tried)' if result.get('C_at_bound') else ''} (val macro-F1 "
         f"{fmt(result['val_macro_f1'])}); test macro-F1 {fmt(d['macro_f1'])} [{fmt(d['macro_f1_ci_low'])}, "
         f"{fmt(d['macro_f1_ci_high'])}], accuracy {fmt(d['accuracy'])} (n={d['n']}; train {result['n_train']}, "
         f"val {result['n_val']})"
@@ -396,6 +430,7 @@ def summary_line(result: dict) -> str:
 
 
 __all__ = [
+    "MAX_C_EXTENSIONS",
     "MAX_ITER",
     "POOLINGS",
     "check_templates",

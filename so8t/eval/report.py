@@ -350,7 +350,8 @@ def probe_row(probe: dict | None) -> list | None:
     if not probe:
         return None
     dec = probe["decision"]
-    point = f"layer {probe.get('layer')}, {probe.get('pooling')}, C={probe.get('C')}"
+    edge = ", C on the edge of the values tried: not bracketed" if probe.get("C_at_bound") else ""
+    point = f"layer {probe.get('layer')}, {probe.get('pooling')}, C={probe.get('C')}{edge}"
     return [f"{keys.PROBE} (base, linear; {point})", dec["n"], _ci(dec, "macro_f1"), _ci(dec, "accuracy"),
             "—", "—", "—", "—", "—", "—", "—"]
 

@@ -6,6 +6,7 @@ import torch
 
 from so8t.data.think_format import render
 from so8t.eval.probe import (
+    MAX_C_EXTENSIONS,
     check_templates,
     decision_rows,
     hidden_features,
@@ -106,10 +107,12 @@ def test_the_probe_learns_a_separable_signal_and_scores_every_test_decision(tok,
     out = run_probe(model, tok, splits, P, M)
     dec = out["probe"]["decision"]
     assert out["n_train"] == 36 and out["n_val"] == 12 and out["n_test"] == dec["n"] == 12
-    assert out["layers"] == [1, 2] and len(out["grid"]) == 2 * 2 * 2
+    assert out["layers"] == [1, 2] and len([r for r in out["grid"] if not r["extension"]]) == 2 * 2 * 2
+    assert len(out["grid"]) <= 2 * 2 * 2 + 2 * 3  # and the extensions that bracket the best C
     best = max(out["grid"], key=lambda r: r["val_macro_f1"])
     assert out["val_macro_f1"] == best["val_macro_f1"]
-    assert (out["layer"], out["pooling"]) in {(r["layer"], r["pooling"]) for r in out["grid"]} and out["C"] in (0.1, 1.0)
+    assert (out["layer"], out["pooling"], out["C"]) in {(r["layer"], r["pooling"], r["C"]) for r in out["grid"]}
+    assert isinstance(out["C_at_bound"], bool)
     assert dec["macro_f1"] >= 0.9 and dec["macro_f1_ci_low"] <= dec["macro_f1"] <= dec["macro_f1_ci_high"]
     assert [p["id"] for p in out["predictions"]] == [r["id"] for r in splits["test"]]
     for r, p in zip(splits["test"], out["predictions"]):
@@ -124,8 +127,31 @@ def test_selection_prefers_the_higher_val_macro_f1_then_the_smaller_c():
     noise = rng.normal(0, 1, (30, 3))
     train = {(1, "last"): noise, (2, "last"): signal}
     grid, best = select(train, y, train, y, [10.0, 0.01])
-    assert [(r["layer"], r["C"]) for r in grid] == [(1, 0.01), (1, 10.0), (2, 0.01), (2, 10.0)]
-    assert (best["layer"], best["C"]) == (2, 0.01) and best["val_macro_f1"] == 1.0
+    # the best C is the grid's smallest: C / 10 is tried at its layer; a tie keeps 0.01, now bracketed
+    assert [(r["layer"], r["C"], r["extension"]) for r in grid] == [
+        (1, 0.01, False), (1, 10.0, False), (2, 0.01, False), (2, 10.0, False), (2, 0.001, True)
+    ]
+    assert (best["layer"], best["C"]) == (2, 0.01) and best["val_macro_f1"] == 1.0 and not best["C_at_bound"]
+
+
+def test_a_best_c_on_the_grid_edge_is_bracketed_or_flagged():
+    """Weak signal wants strong regularisation: the grid [1, 10] ends on its bound, so smaller C values are
+    tried (at most MAX_C_EXTENSIONS); with no extensions allowed the fit is flagged ``C_at_bound``."""
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 40)
+    x = np.eye(40)[y] * 0.4 + rng.normal(0, 1, (120, 40))
+    yv = np.repeat(np.arange(3), 40)
+    xv = np.eye(40)[yv] * 0.4 + rng.normal(0, 1, (120, 40))
+    grid, best = select({(0, "last"): x}, y, {(0, "last"): xv}, yv, [1.0, 10.0])
+    ext = [r["C"] for r in grid if r["extension"]]
+    assert ext and ext[0] == pytest.approx(0.1) and len(ext) <= 2 * MAX_C_EXTENSIONS
+    tried = sorted(r["C"] for r in grid)
+    assert best["C_at_bound"] == (best["C"] in (tried[0], tried[-1]))
+    assert best["val_macro_f1"] == max(r["val_macro_f1"] for r in grid)
+    _, flagged = select({(0, "last"): x}, y, {(0, "last"): xv}, yv, [1.0], max_extensions=0)
+    assert flagged["C_at_bound"] and flagged["C"] == 1.0
+    with pytest.raises(ValueError, match="probe.c_grid"):
+        select({(0, "last"): x}, y, {(0, "last"): xv}, yv, [0.0, 1.0])
 
 
 def test_no_test_template_is_in_the_probe_fit_data(tok):
@@ -174,3 +200,15 @@ def test_probe_params_are_validated():
     with pytest.raises(ValueError):
         ProbeParams(c_grid=[])
     assert ProbeParams().poolings == ["last", "mean"] and ProbeParams().layer_stride == 4
+
+
+def test_the_train_eval_hook_scores_val_decisions_with_an_interval(tok, model):
+    """train's ``decision_eval`` hook: the val macro-F1 a sweep reads, with its bootstrap interval."""
+    from so8t.eval.evaluation import decision_eval
+
+    val = _rows(tok, "val", 2)
+    metrics = decision_eval(tok, val, 6, 4, None, M)(model)
+    assert metrics["eval_decision_n"] == 6 and "eval_heldout_perplexity" not in metrics
+    lo, f1, hi = (metrics[f"eval_decision_macro_f1{s}"] for s in ("_ci_low", "", "_ci_high"))
+    assert 0.0 <= lo <= hi <= 1.0 and 0.0 <= f1 <= 1.0
+    assert set(decision_eval(tok, val, 6, 4)(model)) == {"eval_decision_accuracy", "eval_decision_macro_f1", "eval_decision_n"}
