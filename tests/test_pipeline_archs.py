@@ -1,17 +1,13 @@
-"""The whole pipeline on tiny random Llama, Mistral and Phi-3 models, not only Gemma.
+"""The whole pipeline on tiny random Qwen2, Llama 3, Phi-3 and Mistral models with their real tokenizers.
 
 Each runs `dvc repro` from the base stage to the report with only ``base_model.source`` changed:
 LoRA targets and the SO8T ``o_proj`` path from the architecture (Phi-3's fused ``qkv_proj``), stop
 tokens and the chat template from the tokenizer, the bake's checks, llama.cpp's converter (which
-reads the SentencePiece ``tokenizer.model`` these families ship), llama.cpp loading in quantize,
-calibrate and evaluate. The tokenizer is a real SentencePiece BPE (byte fallback, ChatML turns)
-trained on the synthesize stage's Japanese templates (:func:`tiny.sp_tokenizer_dir`): no model hub.
-
-Qwen2 is not in the list: its tokenizer is byte-level BPE, and transformers picks ``Qwen2Tokenizer``
-for ``model_type: qwen2`` whatever ``tokenizer_config.json`` names (with a SentencePiece vocabulary it
-drops every non-ASCII character), while llama.cpp's converter accepts a byte-level BPE only when it
-recognises the vocabulary by the hash of a known tokenizer, which cannot be built offline. Qwen2's
-LoRA targets, SO8T attachment and bake are covered on tiny configs in ``tests/model``.
+recognises a byte-level BPE by the hash of its pre-tokenizer, and reads the SentencePiece
+``tokenizer.model`` of Phi-3 and Mistral), llama.cpp loading with the same token ids on Japanese
+text in quantize, calibrate and evaluate. The tokenizers are the real ones: transformers builds them
+from llama.cpp's vocab-only GGUF test files (:data:`tiny.REAL_VOCABS`, which ``make install`` extracts
+from the llama-cpp-python source distribution); no model hub. Gemma 3 is ``tests/test_pipeline_e2e.py``.
 """
 
 from __future__ import annotations
@@ -23,38 +19,43 @@ from test_pipeline_e2e import _dvc, pipeline_workdir
 
 pytestmark = pytest.mark.slow
 
-#: Architecture -> LoRA target modules the default (``train.target_modules: null``) must pick.
-ARCHS = {
-    "llama": ["k_proj", "o_proj", "q_proj", "v_proj"],
-    "mistral": ["k_proj", "o_proj", "q_proj", "v_proj"],
-    "phi3": ["o_proj", "qkv_proj"],
+#: Row -> (architecture, vocabulary family of :data:`tiny.REAL_VOCABS`, LoRA target modules the default
+#: ``train.target_modules: null`` must pick, end-of-turn token (``None``: EOS ends the turn)).
+ROWS = {
+    "qwen2": ("qwen2", "qwen2", ["k_proj", "o_proj", "q_proj", "v_proj"], "<|im_end|>"),
+    "llama3": ("llama", "llama3", ["k_proj", "o_proj", "q_proj", "v_proj"], "<|eot_id|>"),
+    "phi3": ("phi3", "phi3", ["o_proj", "qkv_proj"], "<|end|>"),
+    "mistral": ("mistral", "mistral", ["k_proj", "o_proj", "q_proj", "v_proj"], None),
 }
 
 
 @pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
-    from tiny import sp_tokenizer_dir
-
-    return sp_tokenizer_dir(tmp_path_factory.getbasetemp() / "sp-tokenizer-cache")
+def vocab_cache(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "real-vocab-cache"
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_dvc_repro_end_to_end(arch, sp_dir, tmp_path):
-    from tiny import tiny_arch_dir
+@pytest.mark.parametrize("row", list(ROWS))
+def test_dvc_repro_end_to_end(row, vocab_cache, tmp_path):
+    from tiny import real_tokenizer_dir, tiny_arch_dir
+    from transformers import AutoTokenizer
 
-    work = pipeline_workdir(tmp_path / "work", tiny_arch_dir(tmp_path / f"tiny-{arch}", sp_dir, arch))
+    arch, family, targets, end_of_turn = ROWS[row]
+    tok_dir = real_tokenizer_dir(vocab_cache, family)
+    work = pipeline_workdir(tmp_path / "work", tiny_arch_dir(tmp_path / f"tiny-{row}", tok_dir, arch))
     proc = _dvc(work, "repro")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
     base = json.loads((work / "models/base/so8t_base.json").read_text())
-    assert base["model_type"] == arch and len(base["stop_token_ids"]) == 2  # </s> and <|im_end|>
-    assert (work / "models/baked/tokenizer.model").is_file()  # carried through for llama.cpp's converter
+    stops = [tok.eos_token_id] + ([tok.convert_tokens_to_ids(end_of_turn)] if end_of_turn else [])
+    assert base["model_type"] == arch and base["stop_token_ids"] == stops
+    assert (work / "models/baked/tokenizer.model").is_file() == (tok_dir / "tokenizer.model").is_file()
     adapter = json.loads((work / "models/adapter/adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == ARCHS[arch]
+    assert sorted(adapter["target_modules"]) == targets
     bake = json.loads((work / "models/baked/bake_report.json").read_text())
     assert bake["rotations_folded"] == 2 and bake["max_abs_diff"] < 1e-4
     assert bake["spot_check"]["max_abs_diff"] < 1e-4
     config = json.loads((work / "models/baked/config.json").read_text())
-    assert config["model_type"] == arch
+    assert config["model_type"] == arch and config["vocab_size"] == len(tok)
     quant = json.loads((work / "models/gguf/quantize_report.json").read_text())
     assert set(quant["files"]) == {"f16", "q8_0", "q4_k_m"}
     assert all(f["tokenizer_match"] and f["size_bytes"] > 0 for f in quant["files"].values()), quant

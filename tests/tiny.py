@@ -220,12 +220,15 @@ def sp_tokenizer_dir(cache_dir):
 
 def tiny_arch_dir(out, tokenizer_dir, arch: str, seed: int = 0):
     """A random tiny ``arch`` model (:data:`TINY_CONFIGS`) with the tokenizer of ``tokenizer_dir``, as a
-    user's HF folder: weights, config, generation config stopping at ``<|im_end|>``, and the tokenizer
-    files (``tokenizer.model`` included). Returns ``out``."""
+    user's HF folder: weights, config, a generation config stopping at EOS and at the end-of-turn tokens
+    the vocabulary has (``so8t.schema.END_OF_TURN_TOKENS``), and the tokenizer files (``tokenizer.model``
+    where the folder has one). Returns ``out``."""
     import shutil
     from pathlib import Path
 
     from transformers import AutoTokenizer
+
+    from so8t.schema import END_OF_TURN_TOKENS
 
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -235,8 +238,115 @@ def tiny_arch_dir(out, tokenizer_dir, arch: str, seed: int = 0):
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    vocab = tok.get_vocab()
+    model.generation_config.eos_token_id = [tok.eos_token_id] + [
+        vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] != tok.eos_token_id
+    ]
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    shutil.copy(Path(tokenizer_dir) / "tokenizer.model", out / "tokenizer.model")
+    if (Path(tokenizer_dir) / "tokenizer.model").is_file():
+        shutil.copy(Path(tokenizer_dir) / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+#: llama.cpp's vocab-only GGUF test files (real tokenizers: vocabulary, merges or scores, special tokens,
+#: some a chat template), which ``make test-vocab`` (run by ``make test``) extracts from the llama-cpp-python source distribution
+#: into this folder (``SO8T_VOCAB_DIR`` overrides). Family -> file.
+VOCAB_DIR_DEFAULT = ".cache/so8t-vocab"
+REAL_VOCABS: dict[str, str] = {
+    "qwen2": "ggml-vocab-qwen2.gguf",  # byte-level BPE, 151,936 ids, ChatML template in the file
+    "llama3": "ggml-vocab-llama-bpe.gguf",  # Llama 3 byte-level BPE, 128k ids, no template in the file
+    "phi3": "ggml-vocab-phi-3.gguf",  # SentencePiece (Llama 2 pieces + <|user|>/<|end|>...), template in the file
+    "mistral": "ggml-vocab-llama-spm.gguf",  # SentencePiece, Llama 2 / Mistral v0.1 vocabulary, no template
+}
+
+#: Templates of the families whose vocab file carries none: as those models ship them (Llama 3
+#: Instruct; Mistral Instruct v0.1, whose end of turn is EOS).
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def vocab_dir():
+    """The folder of :data:`REAL_VOCABS` (``SO8T_VOCAB_DIR`` or ``<repo>/.cache/so8t-vocab``)."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("SO8T_VOCAB_DIR") or Path(__file__).resolve().parents[1] / VOCAB_DIR_DEFAULT)
+
+
+def sentencepiece_model_from_gguf(gguf_path) -> bytes:
+    """A SentencePiece ``ModelProto`` (the bytes of a ``tokenizer.model``) rebuilt from a Llama-2-style
+    (``tokenizer.ggml.model: llama``) vocab GGUF: its pieces and scores up to the last normal or byte piece
+    (the SentencePiece part; later ids such as Phi-3's ``<|user|>`` are the tokenizer's added tokens),
+    ``<unk>`` / ``<s>`` / ``</s>`` at 0 / 1 / 2, BPE with byte fallback and Llama's normaliser (a dummy
+    prefix, spaces as U+2581). llama.cpp wrote the GGUF from exactly these fields
+    (``_set_vocab_sentencepiece`` in ``convert_hf_to_gguf.py``); its Phi-3 converter reads the file.
+
+    Raises:
+        ValueError: the GGUF is not a Llama-2-style SentencePiece vocabulary.
+    """
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    reader = GGUFReader(str(gguf_path))
+    if reader.fields["tokenizer.ggml.model"].contents() != "llama":
+        raise ValueError(f"{gguf_path}: tokenizer.ggml.model is not 'llama' (SentencePiece)")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    types = [int(k) for k in reader.fields["tokenizer.ggml.token_type"].contents()]
+    if tokens[:3] != ["<unk>", "<s>", "</s>"]:
+        raise ValueError(f"{gguf_path}: ids 0-2 are {tokens[:3]}, not <unk> <s> </s>")
+    n = 1 + max(i for i, k in enumerate(types) if k in (1, 6))  # LLAMA_TOKEN_TYPE_NORMAL / _BYTE
+    piece = spm_pb2.ModelProto.SentencePiece
+    kinds = {1: piece.NORMAL, 2: piece.UNKNOWN, 3: piece.CONTROL, 4: piece.USER_DEFINED, 5: piece.UNUSED, 6: piece.BYTE}
+    proto = spm_pb2.ModelProto()
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = spm_pb2.TrainerSpec.BPE, n, True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, False, True
+    for i in range(n):
+        sp = proto.pieces.add()
+        sp.piece, sp.score = tokens[i], float(scores[i])
+        sp.type = (piece.UNKNOWN, piece.CONTROL, piece.CONTROL)[i] if i < 3 else kinds[types[i]]
+    return proto.SerializeToString()
+
+
+def real_tokenizer_dir(cache_dir, family: str):
+    """A tokenizer folder of ``family`` (:data:`REAL_VOCABS`) built by transformers from the real vocab
+    GGUF (``gguf_file=``), with its chat template (the file's, or :data:`LLAMA3_TEMPLATE` /
+    :data:`MISTRAL_TEMPLATE`) and, for SentencePiece families, ``tokenizer.model``
+    (:func:`sentencepiece_model_from_gguf`). Built once per ``cache_dir``.
+
+    Raises:
+        pytest.skip.Exception: the vocab file is absent (``make test-vocab`` extracts it).
+    """
+    from pathlib import Path
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    src = vocab_dir() / REAL_VOCABS[family]
+    if not src.is_file():
+        pytest.skip(f"{src} is absent: `make test-vocab` (run by `make test`) extracts llama.cpp's vocab files from the llama-cpp-python sdist")
+    out = Path(cache_dir) / f"vocab-{family}"
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    if family == "llama3":
+        tok.chat_template = LLAMA3_TEMPLATE
+    elif family == "mistral":
+        tok.chat_template = MISTRAL_TEMPLATE
+    tmp = out.with_name(out.name + ".tmp")
+    tok.save_pretrained(tmp)
+    if family in ("phi3", "mistral"):
+        (tmp / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(src))
+    tmp.rename(out)
     return out
