@@ -228,7 +228,7 @@ def tiny_arch_dir(out, tokenizer_dir, arch: str, seed: int = 0):
 
     from transformers import AutoTokenizer
 
-    from so8t.schema import END_OF_TURN_TOKENS
+    from so8t.model.base_model import _stop_token_ids
 
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -238,10 +238,7 @@ def tiny_arch_dir(out, tokenizer_dir, arch: str, seed: int = 0):
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    vocab = tok.get_vocab()
-    model.generation_config.eos_token_id = [tok.eos_token_id] + [
-        vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] != tok.eos_token_id
-    ]
+    model.generation_config.eos_token_id = _stop_token_ids(tok)  # EOS and the end-of-turn tokens, as the base stage sets them
     model.save_pretrained(out)
     tok.save_pretrained(out)
     if (Path(tokenizer_dir) / "tokenizer.model").is_file():
