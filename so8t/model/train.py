@@ -980,7 +980,11 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
         eval_dataset = {task: Dataset.from_list(items) for task, items in sets.items() if items}
     # Never dvclive's own resume: a resumed run rebuilds the curves from the checkpoint's history
     # (steps logged after the checkpoint and before a crash are trained and logged again).
-    live = Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=False)
+    # Rank 0 alone owns the folder: ``Live(resume=False)`` empties it, so a second rank's Live
+    # would delete rank 0's files while it writes them.
+    logging = []
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.append(_dvclive_callback(Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, resume=False)))
     stopper = GracefulStopCallback()
     trainer = SO8TTrainer(
         model=model,
@@ -991,7 +995,7 @@ def _make_trainer(params, paths: TrainPaths, model, tokenizer, rows: list[dict],
         train_sampler=train_sampler(params, rows),
         choice_ids=choice_token_ids(rows),
         data_collator=DecisionWeightCollator(tokenizer, p.decision_weight),
-        callbacks=[_dvclive_callback(live), RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
+        callbacks=[*logging, RichProgressCallback(), TimeCheckpointCallback(c.minutes), stopper],
         pet_schedule=PETSchedule(p.pet.phase_boundaries, p.pet.lambdas) if p.pet.enabled else None,
         pet_hidden_state_index=p.pet.hidden_state_index,
         pet_reduction=p.pet.reduction,

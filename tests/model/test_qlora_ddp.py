@@ -103,7 +103,17 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ckpts = sorted(p.name for p in (work / "ckpt").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-3"]  # written once (rank 0), rotated to keep=2
     assert (work / "out" / "so8t_rotations.safetensors").is_file()
+    _assert_curves(work / "live", steps=3)
     # resume after the run: a rerun resumes from checkpoint-3 and does no new steps
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resuming from" in proc.stdout + proc.stderr
+    # one Live, on rank 0: another rank's Live(resume=False) would empty the folder under it
+    _assert_curves(work / "live", steps=3)
+
+
+def _assert_curves(live: Path, steps: int) -> None:
+    """dvclive's folder holds the loss at every step (rank 0 wrote it, nothing removed it)."""
+    loss = (live / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in loss[1:]] == list(range(1, steps + 1))
+    assert json.loads((live / "metrics.json").read_text())["step"] == steps
