@@ -188,11 +188,52 @@ def detach_rotations(model: nn.Module) -> dict[int, SO8Rotation]:
     return removed
 
 
-def save_rotations(model: nn.Module, path: str | Path) -> Path:
+def gather_generators(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``{layer: (d/8, 28) float32 CPU tensor}`` of the attached rotations, whole.
+
+    Under FSDP2 each generator is sharded across ranks; this gathers them
+    (:meth:`SO8Rotation.full_generator`, a collective), so every rank must call it, in the
+    same order. Unsharded models return the parameters' values.
+    """
+    with torch.no_grad():
+        return {i: r.full_generator().detach().cpu().contiguous() for i, r in attached_rotations(model).items()}
+
+
+def set_generators(model: nn.Module, generators: dict[int, torch.Tensor]) -> None:
+    """Copy whole ``(d/8, 28)`` generators into the attached rotations, in place.
+
+    A sharded (FSDP2 ``DTensor``) generator takes its own shard of the value
+    (``torch.distributed.tensor.distribute_tensor`` over the parameter's mesh and placements).
+
+    Raises:
+        SO8TError: when a rotated layer has no value in ``generators``.
+    """
+    rotations = attached_rotations(model)
+    missing = sorted(set(rotations) - set(generators))
+    if missing:
+        raise SO8TError(f"set_generators: no generator for rotated layers {missing}")
+    with torch.no_grad():
+        for i, rot in rotations.items():
+            param = rot.generator
+            value = generators[i].to(dtype=param.dtype)
+            mesh = getattr(param, "device_mesh", None)
+            if mesh is not None:
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(mesh.device_type), mesh, param.placements)
+            param.copy_(value)
+
+
+def save_rotations(model: nn.Module, path: str | Path, generators: dict[int, torch.Tensor] | None = None) -> Path:
     """Write the attached rotations' generators to a safetensors file, atomically.
 
     The file maps ``layers.{i}.generator`` to ``(d/8, 28)`` float32 tensors; its
     metadata records the format, parameterisation and layer list.
+
+    Args:
+        generators: the values to write, from :func:`gather_generators` (default: gathered
+            here). A sharded (FSDP2) model gathers on every rank and writes on one, so it
+            passes what every rank gathered.
 
     Raises:
         SO8TError: when no rotation is attached.
@@ -203,7 +244,8 @@ def save_rotations(model: nn.Module, path: str | Path) -> Path:
     kinds = {r.parameterization for r in rotations.values()}
     if len(kinds) != 1:
         raise SO8TError(f"save_rotations: mixed parameterisations {sorted(kinds)}")
-    tensors = {f"layers.{i}.generator": r.generator.detach().cpu().contiguous() for i, r in rotations.items()}
+    generators = gather_generators(model) if generators is None else generators
+    tensors = {f"layers.{i}.generator": generators[i].detach().cpu().float().contiguous() for i in rotations}
     metadata = {
         "format": _FORMAT,
         "parameterization": kinds.pop(),

@@ -90,9 +90,26 @@ class SO8Rotation(nn.Module):
     def extra_repr(self) -> str:
         return f"width={self.width}, blocks={self.num_blocks}, parameterization={self.parameterization}"
 
+    def full_generator(self) -> torch.Tensor:
+        """The ``(d/8, 28)`` generator as a plain tensor, on every rank.
+
+        Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the parameter is a ``DTensor``
+        sharded along its first dimension outside the forward pass; this gathers it
+        (``DTensor.full_tensor``, a collective: every rank of the mesh must call it). Elsewhere
+        it is the parameter itself.
+        """
+        g = self.generator
+        full = getattr(g, "full_tensor", None)
+        return full() if callable(full) else g
+
     def skew(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The generators ``A_i`` as ``(d/8, 8, 8)`` skew-symmetric matrices."""
-        g = self.generator if dtype is None else self.generator.to(dtype)
+        """The generators ``A_i`` as ``(d/8, 8, 8)`` skew-symmetric matrices.
+
+        Outside the forward pass of an FSDP2-sharded model this gathers the generator
+        (:meth:`full_generator`), so every rank must call it.
+        """
+        g = self.full_generator()
+        g = g if dtype is None else g.to(dtype)
         upper = _scatter_upper(g.new_zeros(self.num_blocks, BLOCK, BLOCK), g, self._rows, self._cols)
         return upper - upper.transpose(-1, -2)
 

@@ -31,7 +31,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from so8t.model.attach import ROTATION_ATTR, ROTATIONS_FILE, attach_rotations, attached_rotations, save_rotations
+from so8t.model.attach import (
+    ROTATION_ATTR,
+    ROTATIONS_FILE,
+    attach_rotations,
+    attached_rotations,
+    gather_generators,
+    save_rotations,
+)
 from so8t.model.checkpoint import (
     PREFIX,
     STAGING,
@@ -395,38 +402,78 @@ class SO8TTrainer(Trainer):
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Gather the rotations on every rank first: under FSDP2 they are sharded and gathering
+        # is a collective, while ``_save`` runs on the saving rank only.
+        self._rotations_to_save = gather_generators(self.model) if attached_rotations(self.model) else None
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._rotations_to_save = None
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if attached_rotations(self.model) and self.args.should_save:
-            save_rotations(self.model, Path(output_dir or self.args.output_dir) / ROTATIONS_FILE)
+            save_rotations(self.model, Path(output_dir or self.args.output_dir) / ROTATIONS_FILE,
+                           getattr(self, "_rotations_to_save", None))
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
+    def export(self, output_dir: str) -> None:
+        """Write the trained adapter and ``so8t_rotations.safetensors`` to ``output_dir``; every rank calls it.
+
+        Unsharded runs (one process, DDP) use :meth:`save_model`. Under FSDP the parameters are
+        sharded and Trainer's ``save_model`` writes nothing for ``SHARDED_STATE_DICT``: the
+        trainable tensors and the rotations are gathered whole on every rank, and the main
+        process writes a standard PEFT adapter from them.
+        """
+        if not self.is_fsdp_enabled:
+            self.save_model(output_dir)
+            return
+        # The trainable tensors (PEFT picks the adapter's keys, as in an unsharded save), each gathered whole
+        # (``DTensor.full_tensor``, a collective in the same order on every rank).
+        with torch.no_grad():
+            state_dict = {
+                name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+                for name, p in self.model.named_parameters()
+                if p.requires_grad
+            }
+        self._rotations_to_save = gather_generators(self.model) if attached_rotations(self.model) else None
+        try:
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
+        finally:
+            self._rotations_to_save = None
+
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a staging folder, then publish it atomically with a manifest."""
+        """Write the checkpoint into a staging folder, then publish it atomically with a manifest.
+
+        The rotations file is in every checkpoint; FSDP's sharded checkpoints
+        (``pytorch_model_fsdp_0``) do not call ``save_model``, so it is gathered and written here.
+        """
         root = Path(self.args.output_dir)
         self._staging = root / STAGING
+        staged = root / STAGING / f"{PREFIX}{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            if self.is_fsdp_enabled and attached_rotations(self.model):
+                generators = gather_generators(self.model)
+                if self.args.should_save and not (staged / ROTATIONS_FILE).is_file():
+                    save_rotations(self.model, staged / ROTATIONS_FILE, generators)
         finally:
             self._staging = None
         if self.args.should_save:
-            staged = root / STAGING / f"{PREFIX}{self.state.global_step}"
             publish(staged, root)
             rotate(root, self.keep_checkpoints)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / ROTATIONS_FILE
-        rotations = attached_rotations(self.model)
-        if rotations:
-            from so8t.model.attach import read_rotations
+        if attached_rotations(self.model):
+            from so8t.model.attach import read_rotations, set_generators
 
-            generators, _ = read_rotations(path)
-            with torch.no_grad():
-                for i, rot in rotations.items():
-                    rot.generator.copy_(generators[i])
+            set_generators(self.model, read_rotations(path)[0])
 
 
 class RichProgressCallback(TrainerCallback):
@@ -1025,6 +1072,23 @@ def _train_or_restore(trainer: SO8TTrainer, resume_from: str | None, max_steps: 
     return _last_loss(trainer.state)
 
 
+def _warn_unsharded(trainer: SO8TTrainer) -> None:
+    """Say so when an FSDP launch (``configs/accelerate_fsdp.yaml``) trains unsharded.
+
+    accelerate enables FSDP only on accelerator devices (CUDA, XPU, NPU, ...); on CPU the same
+    launch runs DDP, every rank holding the whole model.
+    """
+    from so8t.console import console
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled and trainer.is_world_process_zero():
+        console.print(
+            f"[yellow]train: FSDP is not active: accelerate shards only on accelerator devices, and this run is "
+            f"{trainer.accelerator.distributed_type.value} on {trainer.args.device.type}; every rank holds the "
+            "whole model (DDP)[/]"
+        )
+
+
 def _canonical_adapter_config(path: Path) -> None:
     """PEFT writes ``target_modules`` from a set, in an order that changes run to run: sort it."""
     from so8t.io import read_json, write_json
@@ -1091,6 +1155,7 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     trainer, stopper = _make_trainer(
         params, paths, model, tokenizer, rows, decision_eval=decision_eval
     )
+    _warn_unsharded(trainer)
     resumed_step = int(Path(resume_from).name[len(PREFIX) :]) if resume_from else 0
     stopper.install()
     start = time.perf_counter()
@@ -1123,8 +1188,9 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
         "threads": torch.get_num_threads(),
         "preflight": check | ({"gpu": gpu} if gpu else {}),
     }
+    if stopper.exit_code is None:
+        trainer.export(str(paths.out))  # adapter + so8t_rotations.safetensors (every rank gathers)
     if stopper.exit_code is None and trainer.args.should_save:
-        trainer.save_model(str(paths.out))  # adapter + so8t_rotations.safetensors
         # Trainer pickles its arguments beside the adapter; they hold run-specific values (a logging
         # folder named by the time) and are not needed to use the adapter: same inputs, same bytes.
         (paths.out / "training_args.bin").unlink(missing_ok=True)

@@ -8,8 +8,10 @@ from so8t.model.attach import (
     SO8TError,
     attach_rotations,
     attached_rotations,
+    gather_generators,
     load_rotations,
     save_rotations,
+    set_generators,
 )
 from so8t.model.bake import BakeError, bake_model, compare_logits, model_logits
 from so8t.model.rotation import random_generator
@@ -100,6 +102,18 @@ def test_saved_then_loaded_rotations_reproduce(tmp_path):
         assert torch.equal(loaded[i].generator, rots[i].generator)
         assert torch.equal(loaded[i].matrix(), rots[i].matrix())
     assert compare_logits(ref, model_logits(fresh, ids, mask)).max_abs_diff == 0.0
+
+
+def test_set_generators_copies_gathered_values_and_names_missing_layers():
+    source = tiny_model("llama")
+    _far_rotations(source, seed=3)
+    values = gather_generators(source)
+    target = tiny_model("llama")
+    attach_rotations(target)
+    set_generators(target, values)
+    assert all(torch.equal(g, values[i]) for i, g in gather_generators(target).items())
+    with pytest.raises(SO8TError, match=r"no generator for rotated layers \[1\]"):
+        set_generators(target, {0: values[0]})
 
 
 def test_layer_indices_select_layers_and_are_validated():
