@@ -183,7 +183,7 @@ class TrainParams(_Section):
     #: Phi-3), ``all-linear`` (PEFT: every linear layer but the LM head), or a list of module names
     #: (each must exist: a name that matches nothing is an error, never silently skipped).
     target_modules: list[str] | Literal["all-linear"] | None = None
-    learning_rate: PosFloat = 5.0e-4
+    learning_rate: PosFloat = 1.0e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     warmup_ratio: Fraction = 0.05
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
