@@ -98,9 +98,7 @@ class SO8Rotation(nn.Module):
         (``DTensor.full_tensor``, a collective: every rank of the mesh must call it). Elsewhere
         it is the parameter itself.
         """
-        g = self.generator
-        full = getattr(g, "full_tensor", None)
-        return full() if callable(full) else g
+        return whole(self.generator)
 
     def skew(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The generators ``A_i`` as ``(d/8, 8, 8)`` skew-symmetric matrices.
@@ -165,6 +163,16 @@ def _scatter_upper(
     return flat.reshape_as(out)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor of a sharded ``DTensor`` (FSDP2 parameters outside the forward).
+
+    ``DTensor.full_tensor`` is a collective: under FSDP2 every rank of the mesh must call it, in
+    the same order.
+    """
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
 def random_generator(num_blocks: int, max_angle: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random ``(num_blocks, 28)`` generator whose blocks rotate by up to ``max_angle`` radians.
 
@@ -180,4 +188,4 @@ def random_generator(num_blocks: int, max_angle: float, generator: torch.Generat
     return (g * (target / angles.clamp_min(1e-12)).unsqueeze(-1)).float()
 
 
-__all__ = ["SO8Rotation", "BLOCK", "GENERATOR_SIZE", "random_generator", "Parameterization"]
+__all__ = ["SO8Rotation", "BLOCK", "GENERATOR_SIZE", "random_generator", "whole", "Parameterization"]

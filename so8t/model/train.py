@@ -55,6 +55,7 @@ from so8t.io import DataError
 from so8t.params import TrainParams
 from so8t.model.base_model import output_logits
 from so8t.model.pet import PETSchedule, pet_penalty
+from so8t.model.rotation import whole
 from so8t.schema import IGNORE_INDEX
 
 
@@ -281,6 +282,8 @@ class SO8TTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.keep_checkpoints = keep_checkpoints
         self._staging: Path | None = None
+        # Rotations gathered on every rank by save_model / export, written by the saving rank's _save.
+        self._rotations_to_save: dict[int, torch.Tensor] | None = None
         self.pet_schedule = pet_schedule
         self.pet_hidden_state_index = pet_hidden_state_index
         self.pet_reduction = pet_reduction
@@ -415,7 +418,7 @@ class SO8TTrainer(Trainer):
         super()._save(output_dir, state_dict)
         if attached_rotations(self.model) and self.args.should_save:
             save_rotations(self.model, Path(output_dir or self.args.output_dir) / ROTATIONS_FILE,
-                           getattr(self, "_rotations_to_save", None))
+                           self._rotations_to_save)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -431,13 +434,11 @@ class SO8TTrainer(Trainer):
         if not self.is_fsdp_enabled:
             self.save_model(output_dir)
             return
-        # The trainable tensors (PEFT picks the adapter's keys, as in an unsharded save), each gathered whole
-        # (``DTensor.full_tensor``, a collective in the same order on every rank).
+        # The trainable tensors (PEFT picks the adapter's keys, as in an unsharded save), each gathered
+        # whole on every rank, in the same order.
         with torch.no_grad():
             state_dict = {
-                name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
-                for name, p in self.model.named_parameters()
-                if p.requires_grad
+                name: whole(p).detach().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad
             }
         self._rotations_to_save = gather_generators(self.model) if attached_rotations(self.model) else None
         try:

@@ -152,7 +152,7 @@ def test_the_fsdp_config_on_cpu_runs_ddp_and_says_so(tmp_path):
     base = tiny_base_dir(tmp_path / "base", "llama")
     data = tmp_path / "train.jsonl"
     tiny_train_jsonl(data, n=8)
-    work = _workdir(tmp_path, "ddp", _params(batch=2, accumulation=1) | {})
+    work = _workdir(tmp_path, "ddp", _params(batch=2, accumulation=1))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
               "--num_processes", "2", "--main_process_port", "29542", "drive.py", str(base), str(data), "params.json"]
     proc = _run(launch, work)
