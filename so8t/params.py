@@ -76,6 +76,10 @@ class SynthesizeParams(_Section):
     #: Reference documents held out of training (whole sections, chosen first) and
     #: written to data/synth/heldout_reference.jsonl for held-out perplexity.
     heldout_reference_docs: Annotated[int, Field(ge=20)] = 32
+    #: Held-in documents (reference pieces outside the held-out sections, the user's document
+    #: sections) written to data/synth/lm_text.jsonl for the ``lm_text`` task, plain next-token
+    #: prediction that keeps general Japanese (null = all, 0 = none).
+    lm_text_docs: NonNegInt | None = 96
     #: New GSM variants generated per template (originals are always kept).
     math_variants_per_template: NonNegInt = 2
     #: GSM templates used (by ``id_shuffled``), null = all 100.
@@ -108,6 +112,9 @@ class ThinkFormatParams(_Section):
     style: ThinkStyle = "markdown"
     #: Maximum tokens per rendered example (prompt with passages + reasoning + answer).
     max_length: PosInt = 448
+    #: Tokens per ``lm_text`` training window: each document is tokenised with BOS and cut into
+    #: windows of this many tokens, as the held-out perplexity is measured.
+    lm_window: Annotated[int, Field(ge=16)] = 256
     train_fraction: Fraction = 0.8
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.1
@@ -202,7 +209,9 @@ class TrainParams(_Section):
     num_threads: PosInt | None = None
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
-    task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5}
+    task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {
+        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5, Task.LM_TEXT: 1.0
+    }
     #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
     #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).
     decision_weight: Annotated[float, Field(ge=1.0)] = 5.0

@@ -60,6 +60,9 @@ class Task(str, Enum):
     QA_USER = "qa_user"
     #: Template (or teacher) questions about sections of the user's documents.
     QA_DOCUMENT = "qa_document"
+    #: Plain next-token prediction on held-in documents (no chat template, loss on every token);
+    #: written by think-format from data/synth/lm_text.jsonl, never a synthesized record.
+    LM_TEXT = "lm_text"
 
 
 TASKS: tuple[str, ...] = tuple(t.value for t in Task)

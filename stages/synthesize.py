@@ -1,4 +1,4 @@
-"""Stage synthesize: data/collected/*.jsonl -> data/synth/records.jsonl (+ held-out reference text, stats).
+"""Stage synthesize: data/collected/*.jsonl -> data/synth/records.jsonl (+ held-out reference text, lm_text documents, stats).
 
 Fails before writing anything when a decision class is missing or below
 synthesize.min_class_share once the user's data is merged.
@@ -35,6 +35,7 @@ def main() -> None:
 
     write_jsonl(OUT / "records.jsonl", result.records)
     write_jsonl(OUT / "heldout_reference.jsonl", result.heldout_reference)
+    write_jsonl(OUT / "lm_text.jsonl", result.lm_text)
     write_json(OUT / "stats.json", result.stats)
 
     stats = result.stats
@@ -65,7 +66,7 @@ def main() -> None:
         f"synthesize: decisions {stats['by_decision']}, domains {stats['by_domain']}; "
         f"math {math['originals']} originals + {math['variants']} variants "
         f"(templates short of variants: {math['templates_short_of_variants'] or 'none'}); "
-        f"held-out reference docs {stats['reference']['heldout_docs']}; synthesis took {seconds:.1f} s"
+        f"held-out reference docs {stats['reference']['heldout_docs']}; lm_text docs {stats['lm_text']['docs']}; synthesis took {seconds:.1f} s"
     )
 
 

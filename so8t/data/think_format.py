@@ -313,8 +313,47 @@ def choose_grounding(record: Record, grounder, rag_share: float, unrelated_share
     return "relevant", grounder.relevant(record.prompt, exclude_text=record.response)
 
 
+def lm_text_windows(docs: list[dict], tokenizer, window: int, allowed_groups) -> tuple[list[dict], dict]:
+    """``lm_text`` train examples: each document tokenised with BOS, cut into ``window``-token windows.
+
+    The windows are those of held-out perplexity (:func:`so8t.eval.inference.perplexity_windows`:
+    the tokenizer's own special tokens, then consecutive pieces), so the task trains exactly what
+    that metric measures, on other text. Every token is a label (position 0 predicts nothing);
+    pieces under 16 tokens are dropped.
+
+    Args:
+        docs: ``{"id", "text", "group", "source"}`` (:func:`so8t.data.synthesize.build_lm_text`).
+        window: tokens per window (``think_format.lm_window``).
+        allowed_groups: called with a document's ``group``: ``False`` skips it (its QA records are
+            in val or test).
+
+    Returns:
+        ``(examples, stats)``: stats ``{"docs", "skipped_docs", "windows", "tokens"}``.
+    """
+    out: list[dict] = []
+    skipped = 0
+    for d in docs:
+        if not allowed_groups(d["group"]):
+            skipped += 1
+            continue
+        ids = tokenizer(d["text"])["input_ids"]
+        for k, start in enumerate(range(0, len(ids), window)):
+            piece = ids[start : start + window]
+            if len(piece) < 16:
+                continue
+            out.append({
+                "id": f"{d['id']}#{k}", "task": Task.LM_TEXT.value, "decision": None, "domain": None,
+                "category": None, "group": d["group"], "source": d["source"], "input_ids": piece,
+                "labels": list(piece), "decision_span": [0, 0], "rag": None, "passages": [],
+                "n_tokens": len(piece), "shortened": False,
+            })
+    stats = {"docs": len(docs) - skipped, "skipped_docs": skipped, "windows": len(out),
+             "tokens": sum(len(e["input_ids"]) for e in out)}
+    return out, stats
+
+
 def format_and_split(
-    records: list[Record], tokenizer, params, seed: int, progress=None, grounder=None
+    records: list[Record], tokenizer, params, seed: int, progress=None, grounder=None, lm_docs: list[dict] | None = None
 ) -> tuple[dict, dict]:
     """Render, tokenise and split ``records`` (``params``: the ``think_format`` section).
 
@@ -325,6 +364,8 @@ def format_and_split(
     Args:
         progress: wraps the record iterator (e.g. :func:`so8t.console.track`), or ``None``.
         grounder: a :class:`so8t.data.grounding.Grounder` (``None``: no passages anywhere).
+        lm_docs: documents of the ``lm_text`` task (:func:`lm_text_windows`), added to the train
+            split only, and only where their ``group`` has no records outside train.
 
     Returns:
         (``{split: [example, ...]}``, the summary written to ``data/formatted/stats.json``).
@@ -345,6 +386,11 @@ def format_and_split(
         if ex is not None:
             formatted.append(ex)
     by_split = {s: [ex for ex in formatted if assignment[ex["group"]] == s] for s in SPLITS}
+    lm, lm_stats = lm_text_windows(lm_docs or [], tokenizer, params.lm_window,
+                                   lambda g: assignment.get(g, "train") == "train")
+    by_split["train"] += lm
+    if lm:
+        stats.lengths[Task.LM_TEXT.value] += [e["n_tokens"] for e in lm]
     summary = {
         "style": params.style,
         "max_length": params.max_length,
@@ -354,6 +400,7 @@ def format_and_split(
         "dropped": dict(stats.dropped),
         "token_lengths": length_summary(stats.lengths),
         "grounded": dict(Counter(f"{e['task']}:{e['rag']}" for e in formatted if e["rag"])),
+        "lm_text": lm_stats | {"window": params.lm_window},
         "splits": {
             s: {
                 "examples": len(ex),

@@ -228,3 +228,28 @@ def test_math_records(collected):
         Record.model_validate(r)
     with pytest.raises(ValueError, match=r"synthesize.math_templates: unknown template id\(s\) \[1000\]"):
         build_math_records(collected["gsm"], 1, [1000], seed=42)
+
+
+def test_lm_text_is_held_in_and_keyed_to_its_qa_group(collected):
+    params = SynthesizeParams(decisions_per_template=1, reference_qa_docs=60, math_variants_per_template=0,
+                              lm_text_docs=None)
+    result = synthesize(collected, params, seed=42)
+    docs = result.lm_text
+    heldout_sections = {d["section"] for d in result.heldout_reference}
+    reference = {d["id"]: d for d in collected["reference"]}
+    assert docs and set(docs[0]) == {"id", "text", "group", "source"}
+    # Every held-in piece, none of a held-out section (the perplexity text is never trained on).
+    held_in = [d for d in collected["reference"] if d["section"] not in heldout_sections]
+    assert len(docs) == len(held_in) == result.stats["lm_text"]["docs"]
+    assert all(reference[d["id"][len("lm-"):]]["section"] not in heldout_sections for d in docs)
+    # A piece of a section with a QA record carries that record's group (think-format drops it
+    # when the QA record is in val or test); other pieces are their own group.
+    qa_groups = {r["group"] for r in result.records if r["task"] == "qa_reference"}
+    section_of_qa = {reference[g]["section"]: g for g in qa_groups}
+    for d in docs:
+        section = reference[d["id"][len("lm-"):]]["section"]
+        assert d["group"] == section_of_qa.get(section, d["id"][len("lm-"):])
+    assert any(d["group"] in qa_groups for d in docs)
+    few = synthesize(collected, params.model_copy(update={"lm_text_docs": 10}), seed=42).lm_text
+    assert len(few) == 10 and all(d in docs for d in few)
+    assert synthesize(collected, params.model_copy(update={"lm_text_docs": 0}), seed=42).lm_text == []

@@ -101,3 +101,31 @@ def test_decision_split_is_stratified_by_domain_with_its_own_fractions():
         for label in ("ALLOW", "ESCALATION", "DENY"):
             splits = [assign[f"{domain}-{label}-{g}"] for g in range(20)]
             assert (splits.count("train"), splits.count("val"), splits.count("test")) == (14, 3, 3)
+
+
+def test_lm_text_windows_train_every_token_and_skip_val_and_test_groups(tokenizer):
+    from so8t.data.think_format import format_and_split
+    from so8t.params import ThinkFormatParams
+
+    text = "日本語の文章です。" * 40
+    docs = [{"id": "lm-a", "text": text, "group": "ga", "source": "s"}] + [
+        {"id": f"lm-{g}", "text": "短い。" * 30, "group": g, "source": "s"} for g in ("g0", "g1", "g2", "g3", "g4", "g5", "gb")]
+    records = [_rec(id=f"q{i}", task="qa_reference", decision=None, domain=None, reason=None, group=f"g{i}")
+               for i in range(6)] + [_rec(id="qb", task="qa_reference", decision=None, domain=None, reason=None,
+                                          group="gb")]
+    params = ThinkFormatParams(lm_window=32)
+    by_split, summary = format_and_split(records, tokenizer, params, seed=0, lm_docs=docs)
+    split_of = {ex["group"]: s for s, exs in by_split.items() for ex in exs if ex["task"] != "lm_text"}
+    lm = [ex for s in by_split for ex in by_split[s] if ex["task"] == "lm_text"]
+    assert lm and all(ex in by_split["train"] for ex in lm)
+    assert all(split_of.get(ex["group"], "train") == "train" for ex in lm)
+    ids = tokenizer(text)["input_ids"]
+    mine = [ex for ex in lm if ex["id"].startswith("lm-a#")]
+    assert [t for ex in mine for t in ex["input_ids"]] == [t for k in range(0, len(ids), 32)
+                                                             for t in ids[k:k + 32] if len(ids[k:k + 32]) >= 16]
+    assert all(ex["labels"] == ex["input_ids"] and len(ex["input_ids"]) <= 32 for ex in lm)
+    assert summary["lm_text"]["windows"] == len(lm)
+    # ga has no records (train only); of the QA groups, those in val or test are skipped (>= 1 each).
+    outside = {g for g, s in split_of.items() if s != "train"}
+    assert len(outside) >= 2 and summary["lm_text"]["skipped_docs"] == len(outside)
+    assert {ex["group"] for ex in lm} == {"ga", "g0", "g1", "g2", "g3", "g4", "g5", "gb"} - outside
