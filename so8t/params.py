@@ -468,6 +468,9 @@ class AuditParams(_Section):
     #: Append-only anchor of every row's hash (null: ``<db>.anchor``); keep it where the
     #: database's writers cannot rewrite it (another volume or host).
     anchor: str | None = None
+    #: How long a request waits for the database's write lock (held by another process) before it
+    #: fails with 503 (seconds).
+    lock_timeout_s: PosFloat = 10.0
 
 
 class ServerParams(_Section):
@@ -481,6 +484,11 @@ class ServerParams(_Section):
     #: Token bucket per API key: sustained requests per minute and burst size.
     rate_per_minute: PosFloat = 60.0
     burst: PosInt = 10
+    #: Requests inside the model at once per server process (waiting for it or being answered;
+    #: answers decode ``generation.batch_size`` at a time). Beyond it: 503 with ``Retry-After``.
+    max_queue: PosInt = 16
+    #: A request not answered within this many seconds is stopped, its slot freed, and gets 503.
+    request_timeout_s: PosFloat = 60.0
     #: Accept ``system`` turns from HTTP callers (they can steer the decision; off by default).
     allow_system_turns: bool = False
 

@@ -39,6 +39,7 @@ at every position, computed in chunks of :data:`CHUNK` tokens so at most
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import time
@@ -197,6 +198,140 @@ class _Sequence:
         new = self.text[self.emitted : max(end, self.emitted)]
         self.emitted = max(end, self.emitted)
         return new
+
+
+class GreedyBatch:
+    """Greedy decoding of sequences that join and leave between steps (continuous batching).
+
+    Made by :meth:`LlamaCppBackend.greedy_batch`. Each :meth:`step` is one ``llama_decode`` pass
+    (or a few, when prompts exceed ``n_batch`` tokens) with one token of every running sequence,
+    plus the whole prompt of each waiting sequence that found a free slot: a sequence that ends
+    (end-of-generation token, stop string, its budget, a full context, :meth:`cancel`) frees its
+    cells, and the next waiting prompt is prefilled into its slot in the same call, so the batch
+    stays full and no sequence is decoded past its end. While nothing waits, the last sequences
+    move down to the lowest free slots (a cross-stream copy of the cache), since llama.cpp
+    evaluates sequences with non-consecutive ids in separate passes over the weights. This is the
+    scheme of llama.cpp's own server (``tools/server``: slots, one batch per step).
+
+    Not thread-safe: one thread owns the batch (and its backend) and calls :meth:`add`,
+    :meth:`cancel` and :meth:`step`.
+    """
+
+    def __init__(self, backend, ctx, n_slots: int, n_ctx_seq: int, stops: Sequence[str], repetition_penalty: float):
+        self.backend, self.ctx, self.n_ctx_seq = backend, ctx, n_ctx_seq
+        self.stops, self.repetition_penalty = tuple(stops), repetition_penalty
+        self.slots: list[object | None] = [None] * n_slots
+        self.waiting: collections.deque = collections.deque()  # (key, prompt, max_new_tokens), first in first out
+        self.states: dict[object, _Sequence] = {}
+        self.pending: dict[int, int] = {}  # slot -> token to feed next
+        self._ready: list[tuple[object, str, _Sequence]] = []  # ended without a decode (zero budget, cancelled)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits, runs or has an event to report."""
+        return not self.waiting and not self.pending and not self._ready
+
+    @property
+    def free_slots(self) -> int:
+        """Slots not running a sequence, less the prompts already waiting for one."""
+        return self.slots.count(None) - len(self.waiting)
+
+    def add(self, key, prompt: list[int], max_new_tokens: int) -> None:
+        """Queue ``prompt`` (token ids) under ``key`` (any hashable, unique among running ones).
+
+        Raises:
+            InferenceError: an empty prompt, or one that does not fit the context.
+        """
+        self.backend.check_prompt(prompt)
+        if len(prompt) >= self.n_ctx_seq:
+            raise InferenceError(f"prompt of {len(prompt)} tokens does not fit the batch's {self.n_ctx_seq} tokens")
+        self.waiting.append((key, prompt, max_new_tokens))
+
+    def cancel(self, key) -> bool:
+        """Stop ``key`` now (waiting or running); its state is reported by the next :meth:`step` with
+        ``stop`` set to ``"cancelled"``. Returns whether it was found."""
+        for item in list(self.waiting):
+            if item[0] == key:
+                self.waiting.remove(item)
+                st = self.states[key] = _Sequence(item[1], self.stops, 0)
+                st.stop = "cancelled"
+                self._ready.append((key, "", st))
+                return True
+        for slot, k in enumerate(self.slots):
+            if k == key:
+                st = self.states[key]
+                st.done, st.stop = True, "cancelled"
+                self._free(slot)
+                self._ready.append((key, "", st))
+                return True
+        return False
+
+    def _free(self, slot: int) -> None:
+        self.backend._llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot, -1, -1)
+        self.slots[slot] = None
+        self.pending.pop(slot, None)
+
+    def step(self) -> list[tuple[object, str, _Sequence]]:
+        """Admit waiting prompts into free slots, decode one token of every running sequence.
+
+        Returns:
+            ``(key, new text, state)`` of every sequence with new final text or that ended
+            (``state.done``); an ended key is forgotten.
+
+        Raises:
+            InferenceError: a failed decode.
+        """
+        b = self.backend
+        events, self._ready = self._ready, []
+        items: list[tuple[int, int, int, bool]] = []
+        for slot in range(len(self.slots)):
+            if self.slots[slot] is None and self.waiting:
+                key, p, budget = self.waiting.popleft()
+                st = self.states[key] = _Sequence(p, self.stops, budget)
+                if st.done:  # a zero budget
+                    events.append((key, "", st))
+                    continue
+                self.slots[slot] = key
+                items += [(t, j, slot, j == len(p) - 1) for j, t in enumerate(p)]
+            elif slot in self.pending:
+                st = self.states[self.slots[slot]]
+                items.append((self.pending.pop(slot), st.prompt_len + len(st.tokens) - 1, slot, True))
+        for s0 in range(0, len(items), b.n_batch):
+            part = items[s0 : s0 + b.n_batch]
+            b._decode(part, self.ctx)
+            for j, (_, _, slot, wants) in enumerate(part):
+                if not wants:
+                    continue
+                key = self.slots[slot]
+                st = self.states[key]
+                row = b._row(j, self.ctx).astype(np.float32)
+                tok = int(np.argmax(penalize(row, st.seen, self.repetition_penalty)))
+                new = st.push(tok, b._piece_bytes(tok), b._is_eog(tok))
+                if not st.done and st.prompt_len + len(st.tokens) >= self.n_ctx_seq:
+                    st.done = True  # the context is full: it ends like a generation that hit its budget
+                    new += st._flush()
+                if new or st.done:
+                    events.append((key, new, st))
+                if st.done:
+                    self._free(slot)
+                else:
+                    self.pending[slot] = tok
+        if not self.waiting:  # compact: the highest busy slots move into the lowest free ones
+            while True:
+                busy = [k for k in range(len(self.slots)) if self.slots[k] is not None]
+                idle = [k for k in range(len(self.slots)) if self.slots[k] is None]
+                if not busy or not idle or idle[0] > busy[-1]:
+                    break
+                src, dst = busy[-1], idle[0]
+                b._llama_cpp.llama_memory_seq_cp(self.ctx.memory, src, dst, -1, -1)
+                self.slots[dst] = self.slots[src]
+                if src in self.pending:
+                    self.pending[dst] = self.pending.pop(src)
+                self._free(src)
+        for key, _, st in events:
+            if st.done:
+                self.states.pop(key, None)
+        return events
 
 
 # --------------------------------------------------------------------------- llama.cpp
@@ -387,96 +522,58 @@ class LlamaCppBackend:
         self._gen = (n_seq, n_ctx_seq, ctx)
         return ctx, n_ctx_seq
 
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise :class:`InferenceError` for a prompt that cannot be generated from (empty, or ``>= n_ctx`` tokens)."""
+        if not prompt:
+            raise InferenceError("empty prompt")
+        if len(prompt) >= self.n_ctx:
+            raise InferenceError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+
+    def greedy_batch(
+        self, n_slots: int, n_ctx_seq: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0
+    ) -> "GreedyBatch":
+        """A :class:`GreedyBatch` of ``n_slots`` sequences of up to ``n_ctx_seq`` tokens (prompt + answer).
+
+        One slot decodes in the scoring context; more get the generation context (one KV stream per
+        sequence, :meth:`_generation_context`). Scoring between two :meth:`GreedyBatch.step` calls is
+        safe with several slots only (the contexts are then separate).
+        """
+        n_slots = max(1, n_slots)
+        if n_slots == 1:
+            ctx, n_ctx_seq = self.ctx, self.n_ctx
+        else:
+            ctx, n_ctx_seq = self._generation_context(n_slots, min(self.n_ctx, n_ctx_seq))
+            n_ctx_seq = min(n_ctx_seq, self.n_ctx)
+        self._clear(ctx)
+        return GreedyBatch(self, ctx, n_slots, n_ctx_seq, stops, repetition_penalty)
+
     def _greedy(
         self, prompts: list[list[int]], max_new_tokens: int, stops: Sequence[str], repetition_penalty: float
     ) -> Iterator[tuple[int, str, _Sequence]]:
         """Greedy decoding of ``prompts`` with continuous batching; yields ``(index, new text, state)``.
 
-        Up to ``batch_size`` sequences decode together, one token each per ``llama_decode``. A
-        sequence leaves the batch at its own end (end-of-generation token, stop string, budget or
-        full context): its cells are freed and the next prompt is prefilled into its slot in the same
-        call as the other sequences' next tokens, so the batch stays full and no sequence is decoded
-        past its end. Prompts start longest first (the longest-processing-time rule), which shortens
-        the tail where the batch runs part-empty; once no prompt waits, the last sequences move down
-        to the lowest free slots (a cross-stream copy of the cache), since llama.cpp evaluates
-        sequences with non-consecutive ids in separate passes over the weights. Every sequence's
-        tokens depend only on its own prompt: the batch changes rounding, not the algorithm.
+        Up to ``batch_size`` sequences decode together (:class:`GreedyBatch`). Prompts start longest
+        first (the longest-processing-time rule), which shortens the tail where the batch runs
+        part-empty. Every sequence's tokens depend only on its own prompt: the batch changes
+        rounding, not the algorithm.
 
         Raises:
             InferenceError: an empty prompt, one that does not fit ``n_ctx``, or a failed decode.
         """
         for p in prompts:
-            if not p:
-                raise InferenceError("empty prompt")
-            if len(p) >= self.n_ctx:
-                raise InferenceError(f"prompt of {len(p)} tokens does not fit the context of {self.n_ctx}")
+            self.check_prompt(p)
         if not prompts:
             return
-        lc = self._llama_cpp
         n_slots = max(1, min(self.batch_size, len(prompts)))
-        if n_slots == 1:
-            ctx, n_ctx_seq = self.ctx, self.n_ctx
-        else:
-            ctx, n_ctx_seq = self._generation_context(n_slots, min(self.n_ctx, max(map(len, prompts)) + max_new_tokens + 1))
-            n_ctx_seq = min(n_ctx_seq, self.n_ctx)
-        self._clear(ctx)
-        waiting = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))[::-1]  # pop() = longest first
-        slots: list[int | None] = [None] * n_slots
-        states: dict[int, _Sequence] = {}
-        pending: dict[int, int] = {}  # slot -> token to feed next
+        batch = self.greedy_batch(n_slots, max(map(len, prompts)) + max_new_tokens + 1, stops, repetition_penalty)
+        for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
+            batch.add(i, prompts[i], max_new_tokens)
         t0 = time.perf_counter()
-
-        def free(slot: int) -> None:
-            lc.llama_memory_seq_rm(ctx.memory, slot, -1, -1)
-            slots[slot] = None
-            pending.pop(slot, None)
-
-        while waiting or pending:
-            items: list[tuple[int, int, int, bool]] = []
-            for slot in range(n_slots):
-                if slots[slot] is None and waiting:
-                    i = waiting.pop()
-                    st = states[i] = _Sequence(prompts[i], stops, max_new_tokens)
-                    if st.done:  # a zero budget
-                        yield i, "", st
-                        continue
-                    slots[slot] = i
-                    p = prompts[i]
-                    items += [(t, j, slot, j == len(p) - 1) for j, t in enumerate(p)]
-                elif slot in pending:
-                    st = states[slots[slot]]
-                    items.append((pending.pop(slot), st.prompt_len + len(st.tokens) - 1, slot, True))
-            for s0 in range(0, len(items), self.n_batch):
-                part = items[s0 : s0 + self.n_batch]
-                self._decode(part, ctx)
-                for j, (_, _, slot, wants) in enumerate(part):
-                    if not wants:
-                        continue
-                    i = slots[slot]
-                    st = states[i]
-                    tok = int(np.argmax(penalize(self._row(j, ctx).astype(np.float32), st.seen, repetition_penalty)))
-                    new = st.push(tok, self._piece_bytes(tok), self._is_eog(tok))
-                    if not st.done and st.prompt_len + len(st.tokens) >= n_ctx_seq:
-                        st.done = True  # the context is full: it ends like a generation that hit its budget
-                        new += st._flush()
-                    if new or st.done:
-                        yield i, new, st
-                    if st.done:
-                        free(slot)
-                    else:
-                        pending[slot] = tok
-            if not waiting:  # compact: the highest busy slots move into the lowest free ones
-                while True:
-                    busy = [k for k in range(n_slots) if slots[k] is not None]
-                    idle = [k for k in range(n_slots) if slots[k] is None]
-                    if not busy or not idle or idle[0] > busy[-1]:
-                        break
-                    src, dst = busy[-1], idle[0]
-                    lc.llama_memory_seq_cp(ctx.memory, src, dst, -1, -1)
-                    slots[dst] = slots[src]
-                    if src in pending:
-                        pending[dst] = pending.pop(src)
-                    free(src)
+        states: dict[int, _Sequence] = {}
+        while not batch.idle:
+            for i, new, st in batch.step():
+                states[i] = st
+                yield i, new, st
         self.stats.generated_tokens += sum(len(s.tokens) for s in states.values())
         self.stats.generation_seconds += time.perf_counter() - t0
 

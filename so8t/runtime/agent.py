@@ -30,6 +30,7 @@ refuse.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -46,6 +47,7 @@ from so8t.eval.calibration import apply_temperature
 from so8t.eval.inference import answer_context
 from so8t.model.quantize import artifact_of
 from so8t.runtime.audit import AuditEntry, AuditLog
+from so8t.runtime.engine import Cancellation
 from so8t.runtime.guard import separate
 from so8t.runtime.model import ChatModel
 from so8t.data.retrieval import Passage, Retriever
@@ -257,12 +259,22 @@ class Agent:
 
     # ------------------------------------------------------------ model
 
-    def _generate(self, prompt: str, max_new_tokens: int) -> str:
-        """Greedy answer after ``判定: ALLOW`` up to the end of the turn or the budget."""
+    def _generate(self, prompt: str, max_new_tokens: int, cancel: Cancellation | None = None) -> str:
+        """Greedy answer after ``判定: ALLOW`` up to the end of the turn or the budget.
+
+        Raises:
+            RequestCancelled: ``cancel`` fired (the generation stops at once).
+        """
         text = ""
-        pieces = self.model.generate(answer_context(prompt), max_new_tokens)
+        context = answer_context(prompt)
+        concurrent = getattr(self.model, "concurrent", False)
+        pieces = self.model.generate(context, max_new_tokens, cancel) if concurrent else self.model.generate(
+            context, max_new_tokens
+        )
         try:
             for piece in pieces:
+                if cancel is not None:
+                    cancel.check()
                 text += piece
                 ends = [j for j in (text.find(s) for s in END_OF_TURN_TOKENS) if j >= 0]
                 if ends:
@@ -274,10 +286,15 @@ class Agent:
                 close()
         return text
 
-    def _decide(self, prompt: str) -> np.ndarray:
+    def _decide(self, prompt: str, cancel: Cancellation | None = None) -> np.ndarray:
         """Calibrated label probabilities ``softmax(z / T)`` of the logits the calibrate stage fitted T on
         (:func:`so8t.eval.inference.score_labels` after the rendered prompt)."""
-        logits = self.model.decision_logits(prompt)
+        if cancel is not None:
+            cancel.check()
+        if getattr(self.model, "concurrent", False):
+            logits = self.model.decision_logits(prompt, cancel)
+        else:
+            logits = self.model.decision_logits(prompt)
         return apply_temperature(np.asarray([logits], dtype=np.float64), self.temperature)[0]
 
     def _policy(self, probs: np.ndarray) -> tuple[str, str, float, str | None]:
@@ -297,6 +314,7 @@ class Agent:
         channel: str = "api",
         max_new_tokens: int | None = None,
         untrusted: bool = False,
+        cancel: Cancellation | None = None,
     ) -> Answer:
         """Answer a conversation ending in a user turn (see the module docstring for the steps).
 
@@ -304,9 +322,11 @@ class Agent:
             channel: where the request came from (``cli``, ``chat``, ``http:/v1/decide``...), for the audit.
             max_new_tokens: lower generation budget for this request (capped at ``runtime.max_new_tokens``).
             untrusted: the turns come from a remote caller (see :meth:`check_messages`).
+            cancel: the request's deadline and cancel switch (a server's timeout, a client that left).
 
         Raises:
             AgentInputError: unusable request (an ``ERROR`` audit row is still written).
+            so8t.runtime.engine.RequestCancelled: ``cancel`` fired (an ``ERROR`` audit row is written).
             so8t.runtime.model.ModelError: the prompt does not fit the context window.
         """
         t0 = time.perf_counter()
@@ -322,11 +342,12 @@ class Agent:
                 prompt = self.model.render(self._prompt_messages(messages, passages))
             except ValueError as e:
                 raise AgentInputError(f"messages: the chat template rejected the conversation: {e}") from None
-            with self._lock:
-                probs = self._decide(prompt)
+            # A batching model is shared by concurrent requests; any other runs one request at a time.
+            with contextlib.nullcontext() if getattr(self.model, "concurrent", False) else self._lock:
+                probs = self._decide(prompt, cancel)
                 decision, model_decision, confidence, override = self._policy(probs)
                 # Only an allowed request is answered: nothing is generated for ESCALATION or DENY.
-                text = self._generate(prompt, budget) if decision == Decision.ALLOW.value else ""
+                text = self._generate(prompt, budget, cancel) if decision == Decision.ALLOW.value else ""
                 n_prompt = self.model.count_tokens(prompt)
         except Exception as e:
             self._audit(request_id, channel, principal, t0, raw_input, passages, output=f"{type(e).__name__}: {e}")
@@ -456,10 +477,13 @@ def audit_log(params, base_dir: str | Path = ".") -> AuditLog:
         a.store_plaintext,
         key_file=resolve(base_dir, a.key_file) if a.key_file else None,
         anchor=resolve(base_dir, a.anchor) if a.anchor else None,
+        timeout_s=a.lock_timeout_s,
     )
 
 
-def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = None, warn=print, info=None) -> Agent:
+def build_agent(
+    params, base_dir: str | Path = ".", model: ChatModel | None = None, warn=print, info=None, batching: bool = False
+) -> Agent:
     """An :class:`Agent` configured by ``params`` (a :class:`so8t.params.Params`).
 
     Args:
@@ -468,6 +492,8 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         warn: called with a message when the model has no fitted temperature, or ``runtime.model:
             auto`` falls back for want of metrics.
         info: called with one line naming the served file and why (:mod:`so8t.runtime.select`).
+        batching: serve concurrent requests from one batch (:class:`so8t.runtime.engine.BatchingModel`,
+            ``generation.batch_size`` sequences; the server's choice), rather than one at a time.
 
     Raises:
         so8t.runtime.select.SelectionError: ``runtime.model: auto`` finds no GGUF to serve.
@@ -485,7 +511,8 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
             info(served.reason)
         model_path = served.path
         g = params.generation
-        model = load_model(model_path, rt.n_ctx, rt.n_threads, g.repetition_penalty, rt.model_id, g.n_gpu_layers)
+        model = load_model(model_path, rt.n_ctx, rt.n_threads, g.repetition_penalty, rt.model_id, g.n_gpu_layers,
+                           batch_size=g.batch_size if batching else 1)
     else:  # a model given in memory: only its calibration key comes from runtime.model
         try:
             model_path = served_model(rt.model, base_dir, rt.metrics).path
@@ -509,6 +536,10 @@ def build_agent(params, base_dir: str | Path = ".", model: ChatModel | None = No
         )
         for line in retriever.refused:
             warn(f"retrieval refused {line}")
+    if batching and hasattr(model, "backend"):
+        from so8t.runtime.engine import BatchingModel
+
+        model = BatchingModel(model, params.generation.batch_size, rt.n_ctx)
     return Agent(
         model,
         style=params.think_format.style,

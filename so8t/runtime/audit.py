@@ -43,6 +43,7 @@ database and key are created 0600 in a 0700 folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -55,6 +56,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from so8t.errors import So8tError
 
 #: ``prev_hash`` of the first row.
 GENESIS = "0" * 64
@@ -197,6 +200,11 @@ def anchor_mac(key: bytes, row_id: int, digest: str) -> str:
     return hmac.new(key, f"{row_id}:{digest}".encode(), hashlib.sha256).hexdigest()
 
 
+class AuditError(So8tError, RuntimeError):
+    """A row could not be written (the database locked by another process too long, a full disk);
+    the message names the file."""
+
+
 class AuditLog:
     """Append-only, HMAC-chained audit log in one SQLite file, anchored in an append-only file.
 
@@ -252,10 +260,19 @@ class AuditLog:
         return self._local.conn
 
     def _anchor_line(self, line: dict) -> None:
+        """Append one line to the anchor, or nothing: a failed write (a full disk) is cut off again."""
+        data = (json.dumps(line, separators=(",", ":")) + "\n").encode("ascii")
         fd = os.open(self.anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (json.dumps(line, separators=(",", ":")) + "\n").encode("ascii"))
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write", str(self.anchor))
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
 
@@ -263,8 +280,16 @@ class AuditLog:
         """Append one row, chained to the current head and anchored; returns ``(id, row_hash)``.
 
         Raises:
-            sqlite3.OperationalError: the write lock was not obtained within ``timeout_s``.
+            AuditError: the write lock was not obtained within ``timeout_s``, or the database or the
+                anchor could not be written (a full disk); nothing of the row is kept.
         """
+        try:
+            return self._append(entry)
+        except (sqlite3.Error, OSError) as e:
+            where = self.anchor if isinstance(e, OSError) else self.path
+            raise AuditError(f"audit log {where}: {e} (the row was not written)") from e
+
+    def _append(self, entry: AuditEntry) -> tuple[int, str]:
         plain = self.store_plaintext
         fields = {
             "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -304,9 +329,11 @@ class AuditLog:
             anchored = row_id
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             if "anchored" in locals():
-                self._anchor_line({"rollback": anchored, "mac": anchor_mac(self._key, anchored, "rollback")})
+                with contextlib.suppress(OSError):
+                    self._anchor_line({"rollback": anchored, "mac": anchor_mac(self._key, anchored, "rollback")})
             raise
         return row_id, fields["row_hash"]
 

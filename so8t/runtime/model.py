@@ -194,6 +194,7 @@ def load_model(
     repetition_penalty: float,
     model_id: str | None = None,
     n_gpu_layers: int = -1,
+    batch_size: int = 1,
 ) -> BackendChatModel:
     """A chat model for a ``.gguf`` file (llama.cpp) or a Hugging Face folder with ``config.json``.
 
@@ -201,13 +202,14 @@ def load_model(
         n_ctx: context window (tokens).
         n_threads: llama.cpp threads; ``None`` = the cores idle right now.
         n_gpu_layers: llama.cpp layers on the GPU (``generation.n_gpu_layers``; -1 = all when supported).
+        batch_size: sequences per batch (1: one request at a time; the server's batching model: more).
 
     Raises:
         ModelError: the path is neither, or the model has no chat template.
     """
     path = Path(path)
     try:
-        backend = open_backend(path, n_ctx=n_ctx, n_threads=n_threads, batch_size=1, n_gpu_layers=n_gpu_layers)
+        backend = open_backend(path, n_ctx=n_ctx, n_threads=n_threads, batch_size=batch_size, n_gpu_layers=n_gpu_layers)
     except InferenceError as e:
         raise ModelError(f"runtime.model: {e}") from None
     if backend.kind == "gguf":

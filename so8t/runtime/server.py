@@ -25,10 +25,21 @@ token bucket (``rate_per_minute``, ``burst``) and gets 429 with
 a body of the wrong shape 422, each with a message naming the problem (the
 OpenAI error shape ``{"error": {"message", "type"}}``); 500 is left for
 faults of the server itself. A stream starts only after the answer is
-decided, so the status code of a failed request is still an error code.
+decided (the answer is checked for leaked reasoning before any of it is
+shown), so the status code of a failed request is still an error code.
 
-Requests answered by the agent, failed or not, leave one audit row; requests
-refused before (authentication, rate, size, malformed body) do not.
+Load: concurrent requests share the model through one batch
+(:class:`so8t.runtime.engine.BatchingModel`: decisions scored together, answers
+continuously batched). At most ``max_queue`` requests are inside the model at
+once; one more gets 503 with ``Retry-After`` at once (backpressure: a queue
+that cannot grow without bound). A request not answered within
+``request_timeout_s`` is stopped, its slot freed, and gets 503; a client that
+disconnects stops its own request the same way. The audit log locked by
+another process beyond ``runtime.audit.lock_timeout_s``, or a full disk, gives
+503 naming the file: an answer that cannot be audited is not returned.
+
+Every request leaves exactly one audit row, refused ones included (401, 413,
+429, 503, bad JSON, a wrong shape: decision ``ERROR``, the reason as output).
 """
 
 import contextlib
@@ -45,7 +56,10 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from so8t.access import AccessLevel
 from so8t.runtime.agent import Agent, AgentInputError, Answer, Principal
+from so8t.runtime.audit import AuditError
+from so8t.runtime.engine import Cancellation, RequestCancelled
 from so8t.runtime.guard import sentences
 from so8t.runtime.model import ModelError
 from so8t.errors import So8tError
@@ -154,6 +168,41 @@ class Limits:
     max_request_bytes: int = 65536
     rate_per_minute: float = 60.0
     burst: int = 10
+    max_queue: int = 16
+    request_timeout_s: float = 60.0
+
+
+#: The audit row's user of a request without a valid API key.
+ANONYMOUS = Principal.of("anonymous", AccessLevel.PUBLIC)
+
+
+class Admission:
+    """At most ``limit`` requests inside the model at once (thread-safe); the rest are refused.
+
+    ``retry_after()`` estimates when a slot frees: the mean service time of recent requests
+    (an exponentially weighted mean, weight 0.2), at least 1 s.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._mean_s = 1.0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.in_flight >= self.limit:
+                return False
+            self.in_flight += 1
+            return True
+
+    def leave(self, seconds: float) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._mean_s))
 
 
 # ---------------------------------------------------------------- request bodies
@@ -214,9 +263,10 @@ class _BodyTooLarge(Exception):
 class BodyLimit:
     """ASGI middleware: 413 for a body over ``max_bytes`` (by Content-Length, or counted while reading)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, on_reject=None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject  # called with (scope, message): the refused request's audit row
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -224,7 +274,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._reject(send)
+            return await self._reject(send, scope)
         seen = 0
         started = False
 
@@ -246,15 +296,16 @@ class BodyLimit:
             await self.app(scope, counted_receive, tracked_send)
         except _BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, scope)
 
-    async def _reject(self, send) -> None:
-        body = json.dumps(
-            _error(
-                f"request body larger than {self.max_bytes} bytes (runtime.server.max_request_bytes)",
-                "invalid_request_error",
-            )
-        ).encode()
+    async def _reject(self, send, scope=None) -> None:
+        message = f"request body larger than {self.max_bytes} bytes (runtime.server.max_request_bytes)"
+        if self.on_reject is not None and scope is not None:
+            import anyio
+
+            with contextlib.suppress(AuditError):
+                await anyio.to_thread.run_sync(self.on_reject, scope, message)
+        body = json.dumps(_error(message, "invalid_request_error")).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -269,7 +320,7 @@ def _error(message: str, kind: str) -> dict:
     return {"error": {"message": message, "type": kind, "code": None}}
 
 
-_ERROR_TYPES = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
 
 def _install_error_handlers(app) -> None:
@@ -296,43 +347,64 @@ def _install_error_handlers(app) -> None:
     async def _model_error(request: Request, exc: ModelError):
         return JSONResponse(_error(str(exc), "invalid_request_error"), status_code=400)
 
+    @app.exception_handler(RequestCancelled)
+    async def _cancelled(request: Request, exc: RequestCancelled):
+        # A timeout is the server's load; a disconnected client never reads this.
+        return JSONResponse(_error(str(exc), "server_error"), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(AuditError)
+    async def _audit_error(request: Request, exc: AuditError):
+        return JSONResponse(_error(f"{exc}; the request was not answered", "server_error"), status_code=503,
+                            headers={"Retry-After": "5"})
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
         return JSONResponse(_error("internal server error (see the server log)", "server_error"), status_code=500)
 
 
-def _authenticator(keys: ApiKeys, limits: Limits):
-    """A FastAPI dependency: the caller of a request's API key, rate-limited per key (401 / 429)."""
+def _authenticator(keys: ApiKeys, limits: Limits, on_refuse=None):
+    """A FastAPI dependency: the caller of a request's API key, rate-limited per key (401 / 429).
+
+    Args:
+        on_refuse: called (in a worker thread) with ``(principal, path, message)`` for every
+            refusal: its audit row (``principal`` is :data:`ANONYMOUS` without a valid key).
+    """
+    import anyio
     from fastapi import Request
     from starlette.exceptions import HTTPException
 
     limiter = RateLimiter(limits.rate_per_minute, limits.burst)
     failures = RateLimiter(limits.rate_per_minute, limits.burst)
 
-    def refuse(request: Request, message: str) -> None:
+    async def refused(request: Request, who: Principal, status: int, message: str, wait: float = 0.0):
+        if on_refuse is not None:
+            await anyio.to_thread.run_sync(on_refuse, who, request.url.path, f"{status}: {message}")
+        headers = {"Retry-After": str(math.ceil(wait))} if wait > 0 else None
+        return HTTPException(status, message, headers=headers)
+
+    async def refuse(request: Request, message: str):
         """401, or 429 once a client address keeps failing (no free key guessing)."""
         client = request.client.host if request.client else "unknown"
         wait = failures.take(f"fail:{client}")
         if wait > 0:
-            raise HTTPException(429, f"too many failed authentications; retry in {wait:.1f} s",
-                                headers={"Retry-After": str(math.ceil(wait))})
-        raise HTTPException(401, message)
+            raise await refused(request, ANONYMOUS, 429, f"too many failed authentications; retry in {wait:.1f} s", wait)
+        raise await refused(request, ANONYMOUS, 401, message)
 
     async def authenticate(request: Request) -> Principal:
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         if not key:
-            refuse(request, "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+            await refuse(request, "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
         who = keys.lookup(key)
         if who is None:
-            refuse(request, "invalid API key")
+            await refuse(request, "invalid API key")
         wait = limiter.take(key_digest(key))
         if wait > 0:
-            raise HTTPException(
-                429,
+            raise await refused(
+                request, who, 429,
                 f"rate limit: {limits.rate_per_minute:g} requests per minute "
                 f"(burst {limits.burst}); retry in {wait:.1f} s",
-                headers={"Retry-After": str(math.ceil(wait))},
+                wait,
             )
         return who
 
@@ -441,13 +513,57 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
             agent.close()
 
     app = FastAPI(title="so8t", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
-    _install_error_handlers(app)
-    Caller = Annotated[Principal, Depends(_authenticator(keys, limits))]
 
-    async def run(messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
-        # Callers are untrusted: their system turns and unsigned assistant turns are refused (400).
-        return await anyio.to_thread.run_sync(agent.answer, messages, who, channel, max_tokens, True)
+    def refusal(who: Principal, path: str, message: str) -> None:
+        """The audit row of a request refused before the agent (no valid key, rate, size, queue)."""
+        agent.reject(who, f"http:{path}", "", message)
+
+    app.add_middleware(
+        BodyLimit, max_bytes=limits.max_request_bytes,
+        on_reject=lambda scope, message: refusal(ANONYMOUS, scope.get("path", ""), f"413: {message}"),
+    )
+    _install_error_handlers(app)
+    Caller = Annotated[Principal, Depends(_authenticator(keys, limits, refusal))]
+    admission = Admission(limits.max_queue)
+    app.state.admission = admission
+
+    async def run(request: Request, messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
+        """The agent's answer, within the queue bound, the request timeout and the client's patience."""
+        from starlette.exceptions import HTTPException
+
+        if not admission.enter():
+            wait = admission.retry_after()
+            message = (f"server busy: {admission.limit} requests are being answered "
+                       f"(runtime.server.max_queue); retry in {wait} s")
+            await anyio.to_thread.run_sync(refusal, who, request.url.path, f"503: {message}")
+            raise HTTPException(503, message, headers={"Retry-After": str(wait)})
+        t0 = time.monotonic()
+        cancel = Cancellation(limits.request_timeout_s)
+        outcome: list = []
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def watch() -> None:  # a client that goes away stops its request
+                    while not cancel.cancelled:
+                        if await request.is_disconnected():
+                            cancel.cancel("disconnected")
+                            return
+                        await anyio.sleep(0.2)
+
+                tasks.start_soon(watch)
+                try:
+                    # Callers are untrusted: their system turns and unsigned assistant turns are refused (400).
+                    outcome.append(await anyio.to_thread.run_sync(
+                        agent.answer, messages, who, channel, max_tokens, True, cancel
+                    ))
+                except Exception as e:  # raised below, outside the task group (which would wrap it in a group)
+                    outcome.append(e)
+                tasks.cancel_scope.cancel()
+        finally:
+            admission.leave(time.monotonic() - t0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
 
     @app.get("/healthz")
     async def healthz():
@@ -464,14 +580,14 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
     @app.post("/v1/decide")
     async def decide(request: Request, who: Caller):
         req = await _parse(request, DecideRequest, audited(who, "http:/v1/decide"))
-        ans = await run(req.as_messages(), who, "http:/v1/decide", req.max_tokens)
+        ans = await run(request, req.as_messages(), who, "http:/v1/decide", req.max_tokens)
         return ans.to_dict()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, who: Caller):
         req = await _parse(request, ChatCompletionRequest, audited(who, "http:/v1/chat/completions"))
         messages = [m.as_dict() for m in req.messages]
-        ans = await run(messages, who, "http:/v1/chat/completions", req.max_completion_tokens or req.max_tokens)
+        ans = await run(request, messages, who, "http:/v1/chat/completions", req.max_completion_tokens or req.max_tokens)
         return _completion(ans, req.stream)
 
     return app
@@ -503,8 +619,9 @@ def app_from_params(params_path: str | Path, model=None):
         raise ServerConfigError(
             f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
         )
-    agent = build_agent(params, base, model=model, warn=_warn, info=_info)
-    return create_app(agent, keys, Limits(srv.max_request_bytes, srv.rate_per_minute, srv.burst), close_agent=True)
+    agent = build_agent(params, base, model=model, warn=_warn, info=_info, batching=True)
+    limits = Limits(srv.max_request_bytes, srv.rate_per_minute, srv.burst, srv.max_queue, srv.request_timeout_s)
+    return create_app(agent, keys, limits, close_agent=True)
 
 
 def _warn(message: str) -> None:

@@ -156,7 +156,10 @@ def test_authentication(served, headers, status):
     assert r.json()["error"]["type"] == "authentication_error" and r.json()["error"]["message"]
     assert client.get("/v1/models", headers=headers).status_code == 401
     assert client.get("/healthz").status_code == 200
-    assert agent.audit.count() == 0
+    # Each refused request leaves one row: no valid key, so the anonymous user, and the reason.
+    rows = list(agent.audit.rows())
+    assert [(r["user_id"], r["decision"], r["channel"]) for r in rows] == [
+        ("anonymous", "ERROR", "http:/v1/decide"), ("anonymous", "ERROR", "http:/v1/models")]
 
 
 @pytest.mark.parametrize(
@@ -217,16 +220,20 @@ def test_body_size_limit(served):
 
     r = client.post("/v1/chat/completions", headers=AUTH, content=chunks())
     assert r.status_code == 413
-    assert agent.audit.count() == 0
+    rows = list(agent.audit.rows())  # one row each, before the key is even read
+    assert [(r["user_id"], r["decision"]) for r in rows] == [("anonymous", "ERROR")] * 2
 
 
 def test_rate_limit(tmp_path):
-    client = TestClient(create_app(make_agent(tmp_path), keys(), Limits(rate_per_minute=60, burst=3)))
+    agent = make_agent(tmp_path)
+    client = TestClient(create_app(agent, keys(), Limits(rate_per_minute=60, burst=3)))
     codes = [client.post("/v1/decide", headers=AUTH, json={"prompt": "q"}).status_code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
     r = client.post("/v1/decide", headers=AUTH, json={"prompt": "q"})
     assert r.json()["error"]["type"] == "rate_limit_error" and int(r.headers["Retry-After"]) >= 1
     assert client.post("/v1/decide", headers={"X-API-Key": BOSS_KEY}, json={"prompt": "q"}).status_code == 200
+    rows = list(agent.audit.rows())  # 7 requests, 7 rows: the 3 refused ones say why
+    assert len(rows) == 7 and sum(r["decision"] == "ERROR" for r in rows) == 3
 
 
 def test_token_bucket_refills():
@@ -278,7 +285,7 @@ def test_200_concurrent_requests_on_loopback_lose_no_audit_rows(tmp_path):
     import uvicorn
 
     agent = make_agent(tmp_path, FakeModel(piece=7), plaintext=False)
-    app = create_app(agent, keys(), Limits(rate_per_minute=1e6, burst=1000))
+    app = create_app(agent, keys(), Limits(rate_per_minute=1e6, burst=1000, max_queue=256))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", backlog=1024))
     thread = threading.Thread(target=server.run, daemon=True)
