@@ -158,11 +158,11 @@ class BatchingModel:
         finished = False
         try:
             while True:
+                if cancel is not None:
+                    cancel.check()
                 try:
                     item = job.pieces.get(timeout=POLL_S)
                 except queue.Empty:
-                    if cancel is not None and cancel.cancelled:
-                        cancel.check()
                     continue
                 if item is None:
                     finished = True
