@@ -24,6 +24,18 @@ class DataError(So8tError, ValueError):
     """Bad input data; the message names the file, line and field."""
 
 
+class WriteError(So8tError, OSError):
+    """An artifact could not be written (a full disk, a quota, a file-size limit); the message names
+    it, and the previous version of it, if any, is unchanged. ``errno`` is the failed call's."""
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    """``e`` (a failed write of ``path``) as a :class:`WriteError` naming ``path``."""
+    err = WriteError(e.errno, f"cannot write {path}: {e.strerror or e} (the previous {path.name}, if any, is unchanged)")
+    err.filename = str(path)
+    return err
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -57,6 +69,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place on success.
 
     On an exception the temporary file is removed and ``path`` is untouched.
+
+    Raises:
+        WriteError: writing failed (e.g. ``ENOSPC``, a full disk), naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,10 +80,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would leak into the artifact
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
+        except WriteError:
+            raise
+        except OSError as e:
+            raise write_error(path, e) from e
         fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -80,13 +100,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; replace ``path`` with it on success.
 
     An existing ``path`` is removed only after the new folder is complete.
+
+    Raises:
+        WriteError: writing failed (e.g. ``ENOSPC``, a full disk), naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
+        try:
+            yield tmp
+        except WriteError:
+            raise
+        except OSError as e:
+            raise write_error(path, e) from e
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
