@@ -214,3 +214,39 @@ def test_rerun_after_a_finished_run_restores_without_extra_steps(tiny_run, tmp_p
     assert max(float((again[k] - out_before[k]).abs().max()) for k in again) == 0.0
     assert "resuming from" in out and "checkpoint-8" in out
     assert _curve(ref_work / "live") == curve_before and [s for s, _ in curve_before] == list(range(1, 9))
+
+
+DRIVER_FULL_DISK = DRIVER.replace(
+    "from so8t.model.train import TrainPaths, run_training",
+    textwrap.dedent(
+        """
+        import resource, signal
+        from so8t.model.train import SO8TTrainer, TrainPaths, run_training
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        save = SO8TTrainer._save_checkpoint
+        def full_after_three(self, model, trial):
+            if self.state.global_step > 3:  # the disk is full from the 4th checkpoint on
+                resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+            save(self, model, trial)
+        SO8TTrainer._save_checkpoint = full_after_three
+        """
+    ),
+)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_keeps_the_published_checkpoints(tiny_run):
+    root, base, data, _ = tiny_run
+    work = _workdir(root, "full", base, data, steps=8, ckpt_steps=1)
+    (work / "drive.py").write_text(
+        DRIVER_FULL_DISK.format(tests=str(Path(__file__).parent), base=str(base), data=str(data))
+    )
+    proc = _start(work)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "cannot write" in out and "ckpt/.staging/checkpoint-4" in out, out[-3000:]
+    ckpts = list_checkpoints(work / "ckpt")
+    assert [c.name for c in ckpts] == ["checkpoint-3", "checkpoint-2", "checkpoint-1"]
+    assert all(verify_checkpoint(c) is None for c in ckpts)
+    assert not (work / "ckpt" / ".staging" / "checkpoint-4").exists()  # no half checkpoint left
+    assert latest_good_checkpoint(work / "ckpt") == ckpts[0]  # the next run resumes from it

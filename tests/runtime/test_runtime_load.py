@@ -283,3 +283,27 @@ def test_a_model_file_replaced_while_serving_is_named_by_the_audit_rows(tiny, tm
     assert report.ok and len(rows) == 4
     # The process keeps the file it loaded (mapped into memory): every row names that one.
     assert {r["model_sha256"] for r in rows} == {first}
+
+
+def test_the_load_benchmark_runs_and_accounts_for_every_request(tiny, tmp_path):
+    import json
+
+    params = _params(tmp_path, tiny[1], max_queue=2, burst=1000, rate_per_minute=1e6)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"task": "decision", "prompt": p, "decision": d}, ensure_ascii=False) + "\n"
+                            for p, d in zip(PROMPTS, ["ALLOW", "ALLOW", "DENY", "ALLOW", "ESCALATION", "ALLOW",
+                                                      "ESCALATION", "DENY"])), encoding="utf-8")
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "load.py"), "--params", str(params), "--test", str(test),
+         "--clients", "1", "6", "--per-client", "2", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [lv["clients"] for lv in result["levels"]] == [1, 6]
+    assert [lv["requests"] for lv in result["levels"]] == [2, 12]
+    for lv in result["levels"]:
+        assert set(lv["statuses"]) <= {"200", "503"} and lv["refusals_without_retry_after"] == 0
+        assert lv["peak_rss_bytes"] > 0
+    assert result["audit"] == {"requests": 1 + 2 + 12, "rows": 15, "verify_ok": True}
