@@ -10,7 +10,7 @@ Per N it prints requests/s, latency p50 / p95 / p99 of the answered requests, p9
 DENY requests, time to first token of the streamed ones, statuses, peak RSS of the server's
 processes, and checks that the audit log holds one row per request and verifies.
 
-    python benchmarks/load.py [--clients 1 4 16 64] [--per-client 2] [--workers 1] [--out F.json]
+    python benchmarks/load.py [--clients 1 4 16 64] [--per-client 2] [--workers 1] [--max-queue Q] [--out F.json]
 
 Run after `dvc repro` (it serves `runtime.model`, `auto` by default). The audit rows go to a
 temporary database. A 2-core machine serves ~2-3 decisions per second: most of 64 clients are
@@ -68,8 +68,9 @@ def tree_rss_peak(pid: int) -> int:
 class Server:
     """`so8t serve` with ``workers`` processes, its audit log in ``tmp``; ``peak_rss`` sampled every 0.2 s."""
 
-    def __init__(self, params_path: Path, tmp: Path, workers: int, keys: list[str]) -> None:
+    def __init__(self, params_path: Path, tmp: Path, workers: int, keys: list[str], server: dict | None = None) -> None:
         params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+        params["runtime"]["server"].update(server or {})
         base = params_path.resolve().parent
         rt = params["runtime"]
         from so8t.runtime.select import served_model
@@ -198,6 +199,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--per-client", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--max-queue", type=int, help="runtime.server.max_queue for this run (default: the params')")
     ap.add_argument("--test", default="data/formatted/test.jsonl")
     ap.add_argument("--out", help="also write the table as JSON here")
     args = ap.parse_args()
@@ -210,7 +212,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="so8t-load-") as tmp:
         tmp = Path(tmp)
-        server = Server(Path(args.params), tmp, args.workers, keys)
+        override = {"max_queue": args.max_queue} if args.max_queue else {}
+        server = Server(Path(args.params), tmp, args.workers, keys, override)
         url = f"http://127.0.0.1:{server.port}"
         sent = 0
         try:
@@ -226,7 +229,8 @@ def main() -> None:
         log = AuditLog(tmp / "audit.sqlite3")
         report = verify_chain(log.path, load_or_create_key(log.key_file), log.anchor)
         audit = {"requests": sent, "rows": report.rows, "verify_ok": report.ok}
-    table = Table(title=f"so8t serve --workers {args.workers}: {args.per_client} requests per client")
+    queue = args.max_queue or yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))["runtime"]["server"]["max_queue"]
+    table = Table(title=f"so8t serve --workers {args.workers}, max_queue {queue}: {args.per_client} requests per client")
     for col in ("clients", "requests", "answered/s", "p50 s", "p95 s", "p99 s", "DENY p95 s (n)",
                 "TTFT p50 s (n)", "statuses", "peak RSS GB"):
         table.add_column(col, justify="right")
@@ -238,7 +242,8 @@ def main() -> None:
     console.print(table)
     console.print(f"audit: {audit['rows']} rows for {audit['requests']} requests, chain verifies: {audit['verify_ok']}")
     if args.out:
-        write_json(args.out, {"workers": args.workers, "per_client": args.per_client, "levels": rows, "audit": audit})
+        write_json(args.out, {"workers": args.workers, "max_queue": queue, "per_client": args.per_client,
+                              "levels": rows, "audit": audit})
 
 
 if __name__ == "__main__":
