@@ -9,6 +9,7 @@ file that looks whole. Readers report bad input with the file and line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +28,10 @@ class DataError(So8tError, ValueError):
 class WriteError(So8tError, OSError):
     """An artifact could not be written (a full disk, a quota, a file-size limit); the message names
     it, and the previous version of it, if any, is unchanged. ``errno`` is the failed call's."""
+
+
+#: errnos of a write that failed for want of room or a writable device (others pass through as they are).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 def write_error(path: Path, e: OSError) -> WriteError:
@@ -71,7 +76,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is untouched.
 
     Raises:
-        WriteError: writing failed (e.g. ``ENOSPC``, a full disk), naming ``path``.
+        WriteError: writing failed for want of room or a writable device (:data:`WRITE_ERRNOS`:
+            a full disk, a quota, a file-size limit, a read-only or failing device), naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,9 +91,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp_path, path)
-        except WriteError:
-            raise
         except OSError as e:
+            if isinstance(e, WriteError) or e.errno not in WRITE_ERRNOS:
+                raise
             raise write_error(path, e) from e
         fsync_dir(path.parent)
     finally:
@@ -111,9 +117,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
-        except WriteError:
-            raise
         except OSError as e:
+            if isinstance(e, WriteError) or e.errno not in WRITE_ERRNOS:
+                raise
             raise write_error(path, e) from e
         old = None
         if path.exists():

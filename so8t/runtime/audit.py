@@ -314,6 +314,7 @@ class AuditLog:
         }
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
+        anchor_size = self.anchor.stat().st_size if self.anchor.exists() else 0
         try:
             head = conn.execute("SELECT row_hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
             fields["prev_hash"] = head[0] if head else GENESIS
@@ -329,11 +330,17 @@ class AuditLog:
             anchored = row_id
             conn.execute("COMMIT")
         except BaseException:
+            if "anchored" in locals():
+                # Still under the write lock (before the ROLLBACK): no other writer has appended since,
+                # so the row's anchor line is cut off again; where the anchor cannot be truncated (an
+                # append-only file), a signed rollback line says the row never was.
+                try:
+                    os.truncate(self.anchor, anchor_size)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        self._anchor_line({"rollback": anchored, "mac": anchor_mac(self._key, anchored, "rollback")})
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            if "anchored" in locals():
-                with contextlib.suppress(OSError):
-                    self._anchor_line({"rollback": anchored, "mac": anchor_mac(self._key, anchored, "rollback")})
             raise
         return row_id, fields["row_hash"]
 

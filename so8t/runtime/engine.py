@@ -36,6 +36,10 @@ from so8t.runtime.model import ModelError
 POLL_S = 0.05
 
 
+class EngineError(So8tError, RuntimeError):
+    """The server's model failed or is shutting down (not the request's fault: a 503 over HTTP)."""
+
+
 class RequestCancelled(So8tError, RuntimeError):
     """The request was stopped before it finished: ``reason`` is ``"timeout"`` or ``"disconnected"``."""
 
@@ -141,6 +145,8 @@ class BatchingModel:
                 if cancel is not None and cancel.cancelled:
                     self._inbox.put(("cancel", job))
                     cancel.check()
+                if not self._thread.is_alive():
+                    raise EngineError("the model's scheduler stopped") from None
 
     def generate(self, prompt: str, max_new_tokens: int, cancel: Cancellation | None = None) -> Iterator[str]:
         """Greedy continuation pieces of ``prompt``, decoded in the shared batch.
@@ -163,6 +169,8 @@ class BatchingModel:
                 try:
                     item = job.pieces.get(timeout=POLL_S)
                 except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise EngineError("the model's scheduler stopped") from None
                     continue
                 if item is None:
                     finished = True
@@ -176,15 +184,22 @@ class BatchingModel:
                 self._inbox.put(("cancel", job))
 
     def close(self) -> None:
-        """Stop the scheduler (requests still waiting get a :class:`ModelError`) and free the model."""
+        """Stop the scheduler (requests still waiting get an :class:`EngineError`) and free the model
+        (only once the scheduler has left its last ``llama_decode``)."""
         self._stop.set()
         self._inbox.put(("wake", None))
-        self._thread.join(timeout=30)
-        self.inner.close()
+        self._thread.join(timeout=60)
+        if not self._thread.is_alive():
+            self.inner.close()
+
+    @property
+    def alive(self) -> bool:
+        """The scheduler thread runs (``/healthz`` reports it)."""
+        return self._thread.is_alive() and not self._stop.is_set()
 
     def _submit(self, job: _Job) -> _Job:
-        if self._stop.is_set():
-            raise ModelError("the model is shut down")
+        if not self.alive:
+            raise EngineError("the model is shut down")
         if job.cancel is not None:
             job.cancel.check()
         self._inbox.put(("job", job))
@@ -194,14 +209,29 @@ class BatchingModel:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            busy = bool(self._scores) or (self._batch is not None and not self._batch.idle)
-            self._drain(block=not busy)
-            if self._scores:
-                self._score_chunk()
-            if self._batch is not None and not self._batch.idle:
-                self._step()
+            try:
+                busy = bool(self._scores) or (self._batch is not None and not self._batch.idle)
+                self._drain(block=not busy)
+                if self._scores:
+                    self._score_chunk()
+                if self._batch is not None and not self._batch.idle:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any one failure
+                self._fail_all(EngineError(f"the model failed: {type(e).__name__}: {e}"))
+        self._fail_all(EngineError("the server is shutting down"))
+        while True:  # jobs that arrived meanwhile
+            try:
+                kind, job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "job":
+                self._fail(job, EngineError("the server is shutting down"))
+
+    def _fail_all(self, error: Exception) -> None:
+        """Fail every waiting and running job; the next answer starts a new batch."""
         for job in self._scores + list(self._running.values()):
-            self._fail(job, ModelError("the server is shutting down"))
+            self._fail(job, error)
+        self._scores, self._running, self._batch = [], {}, None
 
     def _drain(self, block: bool) -> None:
         """Take every message of the inbox (waiting for the first one when ``block``)."""
@@ -227,13 +257,18 @@ class BatchingModel:
     def _score_chunk(self) -> None:
         chunk, self._scores = self._scores[: self.batch_size], self._scores[self.batch_size :]
         try:
-            rows = score_labels(self.backend, [j.context for j in chunk])
-        except InferenceError:  # find the request at fault: each alone
+            try:
+                rows = score_labels(self.backend, [j.context for j in chunk])
+            except InferenceError:  # find the request at fault: each alone
+                for j in chunk:
+                    try:
+                        j.future.set_result(score_labels(self.backend, [j.context])[0])
+                    except InferenceError as e:
+                        j.future.set_exception(ModelError(f"decision context: {e}"))
+                return
+        except Exception as e:  # noqa: BLE001 - the chunk's requests get the error, the thread goes on
             for j in chunk:
-                try:
-                    j.future.set_result(score_labels(self.backend, [j.context])[0])
-                except InferenceError as e:
-                    j.future.set_exception(ModelError(f"decision context: {e}"))
+                self._fail(j, EngineError(f"the model failed: {type(e).__name__}: {e}"))
             return
         self.stats["decisions"] += len(chunk)
         self.stats["decision_batches"] += 1
@@ -251,17 +286,22 @@ class BatchingModel:
                 job.pieces.put(None)
             except InferenceError as e:
                 job.pieces.put(ModelError(str(e)))
+            except Exception as e:  # noqa: BLE001
+                job.pieces.put(EngineError(f"the model failed: {type(e).__name__}: {e}"))
             return
-        if self._batch is None:
-            # At least two slots: the answers then decode in their own context, and decisions can
-            # be scored between two steps.
-            self._batch = self.backend.greedy_batch(
-                max(2, self.batch_size), self.n_ctx_seq, inner._stops, inner.repetition_penalty
-            )
         try:
+            if self._batch is None:
+                # At least two slots: the answers then decode in their own context, and decisions can
+                # be scored between two steps.
+                self._batch = self.backend.greedy_batch(
+                    max(2, self.batch_size), self.n_ctx_seq, inner._stops, inner.repetition_penalty
+                )
             self._batch.add(id(job), job.ids, job.budget)
-        except InferenceError as e:
+        except InferenceError as e:  # the prompt does not fit
             job.pieces.put(ModelError(str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. no memory for the generation context
+            job.pieces.put(EngineError(f"the model cannot start an answer: {type(e).__name__}: {e}"))
             return
         self._running[id(job)] = job
         self.stats["generations"] += 1
@@ -271,7 +311,7 @@ class BatchingModel:
             events = self._batch.step()
         except InferenceError as e:  # a failed decode: every running answer fails, the batch starts over
             for job in self._running.values():
-                self._fail(job, ModelError(str(e)))
+                self._fail(job, EngineError(f"the model failed: {e}"))
             self._running.clear()
             self._batch = None
             return

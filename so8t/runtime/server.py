@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from so8t.access import AccessLevel
 from so8t.runtime.agent import Agent, AgentInputError, Answer, Principal
 from so8t.runtime.audit import AuditError
-from so8t.runtime.engine import Cancellation, RequestCancelled
+from so8t.runtime.engine import Cancellation, EngineError, RequestCancelled
 from so8t.runtime.guard import sentences
 from so8t.runtime.model import ModelError
 from so8t.errors import So8tError
@@ -352,6 +352,10 @@ def _install_error_handlers(app) -> None:
         # A timeout is the server's load; a disconnected client never reads this.
         return JSONResponse(_error(str(exc), "server_error"), status_code=503, headers={"Retry-After": "1"})
 
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        return JSONResponse(_error(str(exc), "server_error"), status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(AuditError)
     async def _audit_error(request: Request, exc: AuditError):
         return JSONResponse(_error(f"{exc}; the request was not answered", "server_error"), status_code=503,
@@ -362,12 +366,13 @@ def _install_error_handlers(app) -> None:
         return JSONResponse(_error("internal server error (see the server log)", "server_error"), status_code=500)
 
 
-def _authenticator(keys: ApiKeys, limits: Limits, on_refuse=None):
+def _authenticator(keys: ApiKeys, limits: Limits, on_refuse=None, audit_threads=lambda: None):
     """A FastAPI dependency: the caller of a request's API key, rate-limited per key (401 / 429).
 
     Args:
         on_refuse: called (in a worker thread) with ``(principal, path, message)`` for every
             refusal: its audit row (``principal`` is :data:`ANONYMOUS` without a valid key).
+        audit_threads: returns the ``anyio.CapacityLimiter`` of those threads (``None``: anyio's default).
     """
     import anyio
     from fastapi import Request
@@ -378,7 +383,7 @@ def _authenticator(keys: ApiKeys, limits: Limits, on_refuse=None):
 
     async def refused(request: Request, who: Principal, status: int, message: str, wait: float = 0.0):
         if on_refuse is not None:
-            await anyio.to_thread.run_sync(on_refuse, who, request.url.path, f"{status}: {message}")
+            await anyio.to_thread.run_sync(on_refuse, who, request.url.path, f"{status}: {message}", limiter=audit_threads())
         headers = {"Retry-After": str(math.ceil(wait))} if wait > 0 else None
         return HTTPException(status, message, headers=headers)
 
@@ -420,29 +425,34 @@ async def _parse(request, model: type[BaseModel], on_error=None):
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
+    import anyio
+
     raw = await request.body()
 
-    def reject(status: int, message: str):
-        if on_error is not None:
-            on_error(raw, message)
+    async def reject(status: int, message: str):
+        if on_error is not None:  # off the event loop: the audit write may wait for the db's lock
+            await anyio.to_thread.run_sync(on_error, raw, message)
         return HTTPException(status, message)
 
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise reject(400, f"request body is not valid JSON: {e}") from None
+        message = f"request body is not valid JSON: {e}"
     except RecursionError:
-        raise reject(400, "request body is nested too deeply") from None
+        message = "request body is nested too deeply"
     except ValueError as e:  # e.g. an integer of thousands of digits
-        raise reject(400, f"request body has a value that cannot be read: {e}") from None
-    if not isinstance(data, dict):
-        raise reject(400, f"request body must be a JSON object, got {type(data).__name__}")
+        message = f"request body has a value that cannot be read: {e}"
+    else:
+        message = None if isinstance(data, dict) else f"request body must be a JSON object, got {type(data).__name__}"
+    if message is not None:
+        raise await reject(400, message)
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        if on_error is not None:
-            on_error(raw, _describe(e.errors()))
-        raise RequestValidationError(e.errors()) from None
+        errors = e.errors()
+    if on_error is not None:
+        await anyio.to_thread.run_sync(on_error, raw, _describe(errors))
+    raise RequestValidationError(errors)
 
 
 def _completion(ans: Answer, stream: bool):
@@ -523,7 +533,15 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
         on_reject=lambda scope, message: refusal(ANONYMOUS, scope.get("path", ""), f"413: {message}"),
     )
     _install_error_handlers(app)
-    Caller = Annotated[Principal, Depends(_authenticator(keys, limits, refusal))]
+    _limiters: list = []
+
+    def limiters():
+        """Threads for answers (one per admitted request, whatever anyio's default of 40) and for
+        refusals' audit rows (a few: a flood of refusals must not wait behind the answers)."""
+        if not _limiters:  # made in the event loop (anyio needs one)
+            _limiters.extend([anyio.CapacityLimiter(limits.max_queue), anyio.CapacityLimiter(4)])
+        return _limiters
+    Caller = Annotated[Principal, Depends(_authenticator(keys, limits, refusal, lambda: limiters()[1]))]
     admission = Admission(limits.max_queue)
     app.state.admission = admission
 
@@ -535,7 +553,7 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
             wait = admission.retry_after()
             message = (f"server busy: {admission.limit} requests are being answered "
                        f"(runtime.server.max_queue); retry in {wait} s")
-            await anyio.to_thread.run_sync(refusal, who, request.url.path, f"503: {message}")
+            await anyio.to_thread.run_sync(refusal, who, request.url.path, f"503: {message}", limiter=limiters()[1])
             raise HTTPException(503, message, headers={"Retry-After": str(wait)})
         t0 = time.monotonic()
         cancel = Cancellation(limits.request_timeout_s)
@@ -544,17 +562,20 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
             async with anyio.create_task_group() as tasks:
 
                 async def watch() -> None:  # a client that goes away stops its request
-                    while not cancel.cancelled:
-                        if await request.is_disconnected():
-                            cancel.cancel("disconnected")
-                            return
-                        await anyio.sleep(0.2)
+                    try:
+                        while not cancel.cancelled:
+                            if await request.is_disconnected():
+                                cancel.cancel("disconnected")
+                                return
+                            await anyio.sleep(0.2)
+                    except Exception:  # noqa: BLE001 - the connection is unusable: treat it as gone
+                        cancel.cancel("disconnected")
 
                 tasks.start_soon(watch)
                 try:
                     # Callers are untrusted: their system turns and unsigned assistant turns are refused (400).
                     outcome.append(await anyio.to_thread.run_sync(
-                        agent.answer, messages, who, channel, max_tokens, True, cancel
+                        agent.answer, messages, who, channel, max_tokens, True, cancel, limiter=limiters()[0]
                     ))
                 except Exception as e:  # raised below, outside the task group (which would wrap it in a group)
                     outcome.append(e)
@@ -567,7 +588,11 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": agent.model.model_id}
+        from fastapi.responses import JSONResponse
+
+        if not getattr(agent.model, "alive", True):
+            return JSONResponse({"status": "model stopped", "model": agent.model.model_id}, status_code=503)
+        return {"status": "ok", "model": agent.model.model_id, "in_flight": admission.in_flight}
 
     @app.get("/v1/models")
     async def models(who: Caller):

@@ -307,3 +307,30 @@ def test_the_load_benchmark_runs_and_accounts_for_every_request(tiny, tmp_path):
         assert set(lv["statuses"]) <= {"200", "503"} and lv["refusals_without_retry_after"] == 0
         assert lv["peak_rss_bytes"] > 0
     assert result["audit"] == {"requests": 1 + 2 + 12, "rows": 15, "verify_ok": True}
+
+
+def test_the_scheduler_outlives_a_failure_and_reports_it_as_the_servers(tiny, monkeypatch):
+    from so8t.runtime import engine
+    from so8t.runtime.engine import EngineError
+
+    real = engine.score_labels
+    calls = {"n": 0}
+
+    def flaky(backend, contexts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated fault in the model")
+        return real(backend, contexts)
+
+    monkeypatch.setattr(engine, "score_labels", flaky)
+    shared = BatchingModel(_model(tiny[1], 2), batch_size=2, n_ctx_seq=512)
+    try:
+        context = _prompt(shared, PROMPTS[0])
+        with pytest.raises(EngineError, match="simulated fault"):
+            shared.decision_logits(context)
+        assert shared.alive and shared.decision_logits(context).shape == (3,)  # the next request is served
+    finally:
+        shared.close()
+    assert not shared.alive
+    with pytest.raises(EngineError, match="shut down"):
+        shared.decision_logits(context)
