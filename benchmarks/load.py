@@ -3,8 +3,8 @@
 Starts `so8t serve` (the params file's runtime model, `--workers W`), then runs N concurrent
 client sessions of the official `openai` package (async), each with its own API key, each sending
 `--per-client` requests one after another: the test decisions of data/formatted/test.jsonl in
-order (ALLOW questions that generate an answer, ESCALATION / DENY ones that do not), every third
-one streamed. The clients do not retry (`max_retries=0`): a 429 or 503 is counted, not hidden.
+turn by label (ALLOW questions that generate an answer, ESCALATION / DENY ones that do not), every
+third one streamed. The clients do not retry (`max_retries=0`): a 429 or 503 is counted, not hidden.
 
 Per N it prints requests/s, latency p50 / p95 / p99 of the answered requests, p95 of the answered
 DENY requests, time to first token of the streamed ones, statuses, peak RSS of the server's
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -206,7 +207,12 @@ def main() -> None:
     from so8t.io import read_jsonl, write_json
     from so8t.runtime.audit import AuditLog, load_or_create_key, verify_chain
 
-    pool = [{"prompt": r["prompt"], "label": r["decision"]} for r in read_jsonl(args.test) if r["task"] == "decision"]
+    by_label: dict[str, list[dict]] = {}
+    for r in read_jsonl(args.test):
+        if r["task"] == "decision":
+            by_label.setdefault(r["decision"], []).append({"prompt": r["prompt"], "label": r["decision"]})
+    # The labels in turn (the file groups them by template): every level sees ALLOW, ESCALATION and DENY.
+    pool = [q for group in itertools.zip_longest(*by_label.values()) for q in group if q is not None]
     keys = [f"k-load-{i:03d}" for i in range(max(args.clients))]
     console = Console()
     rows = []

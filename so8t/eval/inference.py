@@ -217,8 +217,12 @@ class GreedyBatch:
     :meth:`cancel` and :meth:`step`.
     """
 
-    def __init__(self, backend, ctx, n_slots: int, n_ctx_seq: int, stops: Sequence[str], repetition_penalty: float):
+    def __init__(self, backend, ctx, n_slots: int, n_ctx_seq: int, stops: Sequence[str], repetition_penalty: float,
+                 prefill_tokens: int | None = None):
         self.backend, self.ctx, self.n_ctx_seq = backend, ctx, n_ctx_seq
+        #: Prompt tokens admitted per step (at least one prompt; ``None``: every waiting prompt that
+        #: finds a slot). A server caps it so one step never holds other work up for long.
+        self.prefill_tokens = prefill_tokens
         self.stops, self.repetition_penalty = tuple(stops), repetition_penalty
         self.slots: list[object | None] = [None] * n_slots
         self.waiting: collections.deque = collections.deque()  # (key, prompt, max_new_tokens), first in first out
@@ -284,9 +288,13 @@ class GreedyBatch:
         b = self.backend
         events, self._ready = self._ready, []
         items: list[tuple[int, int, int, bool]] = []
+        admitted = 0
         for slot in range(len(self.slots)):
-            if self.slots[slot] is None and self.waiting:
+            budget_left = self.prefill_tokens is None or admitted == 0 or (
+                self.waiting and admitted + len(self.waiting[0][1]) <= self.prefill_tokens)
+            if self.slots[slot] is None and self.waiting and budget_left:
                 key, p, budget = self.waiting.popleft()
+                admitted += len(p)
                 st = self.states[key] = _Sequence(p, self.stops, budget)
                 if st.done:  # a zero budget
                     events.append((key, "", st))
@@ -530,7 +538,8 @@ class LlamaCppBackend:
             raise InferenceError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
 
     def greedy_batch(
-        self, n_slots: int, n_ctx_seq: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0
+        self, n_slots: int, n_ctx_seq: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0,
+        prefill_tokens: int | None = None,
     ) -> "GreedyBatch":
         """A :class:`GreedyBatch` of ``n_slots`` sequences of up to ``n_ctx_seq`` tokens (prompt + answer).
 
@@ -545,7 +554,7 @@ class LlamaCppBackend:
             ctx, n_ctx_seq = self._generation_context(n_slots, min(self.n_ctx, n_ctx_seq))
             n_ctx_seq = min(n_ctx_seq, self.n_ctx)
         self._clear(ctx)
-        return GreedyBatch(self, ctx, n_slots, n_ctx_seq, stops, repetition_penalty)
+        return GreedyBatch(self, ctx, n_slots, n_ctx_seq, stops, repetition_penalty, prefill_tokens)
 
     def _greedy(
         self, prompts: list[list[int]], max_new_tokens: int, stops: Sequence[str], repetition_penalty: float

@@ -4,11 +4,13 @@ llama.cpp runs one ``llama_decode`` at a time per model, so concurrent requests 
 it. :class:`BatchingModel` wraps a :class:`so8t.runtime.model.BackendChatModel` and hands every
 decision and every generation to one scheduler thread, which
 
-* scores the decisions of all waiting requests together (:func:`so8t.eval.inference.score_labels`,
-  several sequences per ``llama_decode``), a chunk of at most ``batch_size`` at a time;
+* scores the decisions of waiting requests together (:func:`so8t.eval.inference.score_labels`,
+  several sequences per ``llama_decode``), first come first scored, a chunk of at most
+  ``batch_size`` requests and :data:`PREFILL_TOKENS` prompt tokens at a time;
 * runs the answers of all allowed requests in one :class:`so8t.eval.inference.GreedyBatch`
-  (continuous batching, as llama.cpp's own server does): a new answer joins at the next step,
-  a finished or cancelled one leaves and frees its slot;
+  (continuous batching, as llama.cpp's own server does): a new answer joins at the next step
+  (at most :data:`PREFILL_TOKENS` prompt tokens admitted per step), a finished or cancelled one
+  leaves and frees its slot;
 * alternates the two, a chunk of decisions then one generation step, so a DENY (scoring only)
   never waits for a long answer to finish, and answers keep moving while decisions arrive.
 
@@ -34,6 +36,9 @@ from so8t.runtime.model import ModelError
 
 #: How often a waiting request thread looks at its cancellation (seconds).
 POLL_S = 0.05
+#: Prompt tokens a generation step admits (at least one prompt): a step that prefilled 8 new answers
+#: at once (~2,000 tokens, ~6 s on 2 cores) held every waiting decision up that long.
+PREFILL_TOKENS = 512
 
 
 class EngineError(So8tError, RuntimeError):
@@ -137,7 +142,8 @@ class BatchingModel:
         Raises:
             ModelError: the context does not fit; RequestCancelled: ``cancel`` fired first.
         """
-        job = self._submit(_Job("decide", cancel, context=context))
+        self._check_alive()  # before tokenising: a closed model's vocabulary is freed
+        job = self._submit(_Job("decide", cancel, context=context, n_tokens=self.inner.count_tokens(context)))
         while True:
             try:
                 return job.future.result(timeout=POLL_S)
@@ -156,6 +162,7 @@ class BatchingModel:
         Raises:
             ModelError: the prompt does not fit the context; RequestCancelled: ``cancel`` fired.
         """
+        self._check_alive()
         ids = self.backend.tokenize(prompt)
         if len(ids) + 8 > self.n_ctx_seq:
             raise ModelError(f"prompt of {len(ids)} tokens does not fit runtime.n_ctx={self.n_ctx_seq}")
@@ -197,9 +204,12 @@ class BatchingModel:
         """The scheduler thread runs (``/healthz`` reports it)."""
         return self._thread.is_alive() and not self._stop.is_set()
 
-    def _submit(self, job: _Job) -> _Job:
+    def _check_alive(self) -> None:
         if not self.alive:
             raise EngineError("the model is shut down")
+
+    def _submit(self, job: _Job) -> _Job:
+        self._check_alive()
         if job.cancel is not None:
             job.cancel.check()
         self._inbox.put(("job", job))
@@ -255,7 +265,13 @@ class BatchingModel:
             self._batch.cancel(id(job))
 
     def _score_chunk(self) -> None:
-        chunk, self._scores = self._scores[: self.batch_size], self._scores[self.batch_size :]
+        # First come, first scored: up to batch_size contexts of at most PREFILL_TOKENS together (at
+        # least one), so a decision that arrives meanwhile waits for one short pass, not a long one.
+        k, tokens = 0, 0
+        while k < min(self.batch_size, len(self._scores)) and (k == 0 or tokens + self._scores[k].n_tokens <= PREFILL_TOKENS):
+            tokens += self._scores[k].n_tokens
+            k += 1
+        chunk, self._scores = self._scores[:k], self._scores[k:]
         try:
             try:
                 rows = score_labels(self.backend, [j.context for j in chunk])
@@ -294,7 +310,7 @@ class BatchingModel:
                 # At least two slots: the answers then decode in their own context, and decisions can
                 # be scored between two steps.
                 self._batch = self.backend.greedy_batch(
-                    max(2, self.batch_size), self.n_ctx_seq, inner._stops, inner.repetition_penalty
+                    max(2, self.batch_size), self.n_ctx_seq, inner._stops, inner.repetition_penalty, PREFILL_TOKENS
                 )
             self._batch.add(id(job), job.ids, job.budget)
         except InferenceError as e:  # the prompt does not fit
