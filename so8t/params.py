@@ -210,7 +210,7 @@ class TrainParams(_Section):
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
     task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {
-        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5, Task.LM_TEXT: 1.0
+        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5, Task.LM_TEXT: 0.0
     }
     #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
     #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).
@@ -486,7 +486,7 @@ class ServerParams(_Section):
     burst: PosInt = 10
     #: Requests inside the model at once per server process (waiting for it or being answered;
     #: answers decode ``generation.batch_size`` at a time). Beyond it: 503 with ``Retry-After``.
-    max_queue: PosInt = 16
+    max_queue: PosInt = 4
     #: A request not answered within this many seconds is stopped, its slot freed, and gets 503.
     request_timeout_s: PosFloat = 60.0
     #: Accept ``system`` turns from HTTP callers (they can steer the decision; off by default).

@@ -275,8 +275,9 @@ class GreedyBatch:
         self.slots[slot] = None
         self.pending.pop(slot, None)
 
-    def step(self) -> list[tuple[object, str, _Sequence]]:
-        """Admit waiting prompts into free slots, decode one token of every running sequence.
+    def step(self, admit: bool = True) -> list[tuple[object, str, _Sequence]]:
+        """Admit waiting prompts into free slots (unless ``admit`` is false), decode one token of every
+        running sequence.
 
         Returns:
             ``(key, new text, state)`` of every sequence with new final text or that ended
@@ -292,7 +293,7 @@ class GreedyBatch:
         for slot in range(len(self.slots)):
             budget_left = self.prefill_tokens is None or admitted == 0 or (
                 self.waiting and admitted + len(self.waiting[0][1]) <= self.prefill_tokens)
-            if self.slots[slot] is None and self.waiting and budget_left:
+            if admit and self.slots[slot] is None and self.waiting and budget_left:
                 key, p, budget = self.waiting.popleft()
                 admitted += len(p)
                 st = self.states[key] = _Sequence(p, self.stops, budget)

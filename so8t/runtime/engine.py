@@ -12,7 +12,8 @@ decision and every generation to one scheduler thread, which
   (at most :data:`PREFILL_TOKENS` prompt tokens admitted per step), a finished or cancelled one
   leaves and frees its slot;
 * alternates the two, a chunk of decisions then one generation step, so a DENY (scoring only)
-  never waits for a long answer to finish, and answers keep moving while decisions arrive.
+  never waits for a long answer to finish, and answers keep moving while decisions arrive; a new
+  answer's prompt pass waits until no decision does (decisions first).
 
 Every wait of a request thread honours its :class:`Cancellation` (a deadline, or a client that
 went away): the request's sequence is removed from the batch and :class:`RequestCancelled` is
@@ -225,7 +226,9 @@ class BatchingModel:
                 if self._scores:
                     self._score_chunk()
                 if self._batch is not None and not self._batch.idle:
-                    self._step()
+                    # Decisions first: a new answer's prompt pass waits until no decision does (a
+                    # DENY is scored and done; running answers still get their next token).
+                    self._step(admit=not self._scores)
             except Exception as e:  # noqa: BLE001 - the thread must outlive any one failure
                 self._fail_all(EngineError(f"the model failed: {type(e).__name__}: {e}"))
         self._fail_all(EngineError("the server is shutting down"))
@@ -322,9 +325,9 @@ class BatchingModel:
         self._running[id(job)] = job
         self.stats["generations"] += 1
 
-    def _step(self) -> None:
+    def _step(self, admit: bool = True) -> None:
         try:
-            events = self._batch.step()
+            events = self._batch.step(admit)
         except InferenceError as e:  # a failed decode: every running answer fails, the batch starts over
             for job in self._running.values():
                 self._fail(job, EngineError(f"the model failed: {e}"))

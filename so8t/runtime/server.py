@@ -168,7 +168,7 @@ class Limits:
     max_request_bytes: int = 65536
     rate_per_minute: float = 60.0
     burst: int = 10
-    max_queue: int = 16
+    max_queue: int = 4
     request_timeout_s: float = 60.0
 
 
