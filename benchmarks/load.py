@@ -4,17 +4,19 @@ Starts `so8t serve` (the params file's runtime model, `--workers W`), then runs 
 client sessions of the official `openai` package (async), each with its own API key, each sending
 `--per-client` requests one after another: the test decisions of data/formatted/test.jsonl in
 turn by label (ALLOW questions that generate an answer, ESCALATION / DENY ones that do not), every
-third one streamed. The clients do not retry (`max_retries=0`): a 429 or 503 is counted, not hidden.
+third one streamed. A 429 or 503 is counted, not hidden: with `--retries R` the client waits the
+`Retry-After` the server sent and tries again, up to R times (each try is a row of the table).
 
 Per N it prints requests/s, latency p50 / p95 / p99 of the answered requests, p95 of the answered
 DENY requests, time to first token of the streamed ones, statuses, peak RSS of the server's
 processes, and checks that the audit log holds one row per request and verifies.
 
-    python benchmarks/load.py [--clients 1 4 16 64] [--per-client 2] [--workers 1] [--max-queue Q] [--out F.json]
+    python benchmarks/load.py [--clients 1 4 16 64] [--per-client 2] [--workers 1] [--max-queue Q]
+                              [--retries R] [--out F.json]
 
 Run after `dvc repro` (it serves `runtime.model`, `auto` by default). The audit rows go to a
-temporary database. A 2-core machine serves ~2-3 decisions per second: most of 64 clients are
-refused with 503 by design (`runtime.server.max_queue`).
+temporary database. A 2-core machine serves ~0.5 requests per second (a DENY alone: 0.6 s): most of
+64 clients are refused with 503 by design (`runtime.server.max_queue`).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class Server:
         self.params.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
         self.port = free_port()
         env = dict(os.environ, SO8T_API_KEYS=",".join(f"{k}=client{i}:公開" for i, k in enumerate(keys)))
-        self.log = open(tmp / "serve.log", "w")
+        self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - open for the server's life, closed in stop()
         self.proc = subprocess.Popen(
             [str(BIN / "so8t"), "serve", "--params", str(self.params), "--port", str(self.port),
              "--workers", str(workers)],
@@ -129,43 +131,56 @@ class Server:
         self.log.close()
 
 
-async def client_session(url: str, key: str, requests: list[dict], results: list[dict]) -> None:
+async def client_session(url: str, key: str, requests: list[dict], results: list[dict], retries: int = 0) -> None:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
     for r in requests:
-        row = {"label": r["label"], "stream": r["stream"], "status": 200, "ttft": None}
-        t0 = time.perf_counter()
-        try:
-            messages = [{"role": "user", "content": r["prompt"]}]
-            if r["stream"]:
-                stream = await client.chat.completions.create(model="so8t", messages=messages, stream=True)
-                async for chunk in stream:
-                    if row["ttft"] is None and chunk.choices and chunk.choices[0].delta.content:
-                        row["ttft"] = time.perf_counter() - t0
-                    extra = (chunk.model_extra or {}).get("so8t")
-                    if extra:
-                        row["decision"] = extra["decision"]
-            else:
-                resp = await client.chat.completions.create(model="so8t", messages=messages)
-                row["decision"] = (resp.model_extra or {})["so8t"]["decision"]
-        except openai.APIStatusError as e:
-            row["status"] = e.status_code
-            row["retry_after"] = e.response.headers.get("retry-after")
-        except openai.APIConnectionError as e:
-            row["status"] = f"connection: {type(e).__name__}"
-        row["latency"] = time.perf_counter() - t0
-        results.append(row)
+        for attempt in range(retries + 1):
+            row = await one_request(client, r)
+            row["attempt"] = attempt
+            results.append(row)
+            if row["status"] not in (429, 503) or attempt == retries:
+                break
+            await asyncio.sleep(float(row.get("retry_after") or 1))  # as the server asks
     await client.close()
 
 
-def run_level(url: str, keys: list[str], pool: list[dict], n: int, per_client: int) -> tuple[list[dict], float]:
+async def one_request(client, r: dict) -> dict:
+    """One chat completion: its status, latency (s), time to first token (streamed) and decision."""
+    import openai
+
+    row = {"label": r["label"], "stream": r["stream"], "status": 200, "ttft": None}
+    t0 = time.perf_counter()
+    try:
+        messages = [{"role": "user", "content": r["prompt"]}]
+        if r["stream"]:
+            stream = await client.chat.completions.create(model="so8t", messages=messages, stream=True)
+            async for chunk in stream:
+                if row["ttft"] is None and chunk.choices and chunk.choices[0].delta.content:
+                    row["ttft"] = time.perf_counter() - t0
+                extra = (chunk.model_extra or {}).get("so8t")
+                if extra:
+                    row["decision"] = extra["decision"]
+        else:
+            resp = await client.chat.completions.create(model="so8t", messages=messages)
+            row["decision"] = (resp.model_extra or {})["so8t"]["decision"]
+    except openai.APIStatusError as e:
+        row["status"] = e.status_code
+        row["retry_after"] = e.response.headers.get("retry-after")
+    except openai.APIConnectionError as e:
+        row["status"] = f"connection: {type(e).__name__}"
+    row["latency"] = time.perf_counter() - t0
+    return row
+
+
+def run_level(url: str, keys: list[str], pool: list[dict], n: int, per_client: int, retries: int = 0):
     results: list[dict] = []
     work = [[pool[(i * per_client + j) % len(pool)] | {"stream": (i * per_client + j) % 3 == 0}
              for j in range(per_client)] for i in range(n)]
 
     async def main():
-        await asyncio.gather(*(client_session(url, keys[i], work[i], results) for i in range(n)))
+        await asyncio.gather(*(client_session(url, keys[i], work[i], results, retries) for i in range(n)))
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -201,6 +216,9 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-queue", type=int, help="runtime.server.max_queue for this run (default: the params')")
+    ap.add_argument("--retries", type=int, default=0,
+                    help="resend a request refused with 429/503 after its Retry-After, up to this many times "
+                         "(each try is counted; default 0: no retry)")
     ap.add_argument("--test", default="data/formatted/test.jsonl")
     ap.add_argument("--out", help="also write the table as JSON here")
     args = ap.parse_args()
@@ -226,7 +244,7 @@ def main() -> None:
             run_level(url, keys, pool, 1, 1)  # warm-up (first prompts, caches)
             sent += 1
             for n in args.clients:
-                results, seconds = run_level(url, keys, pool, n, args.per_client)
+                results, seconds = run_level(url, keys, pool, n, args.per_client, args.retries)
                 sent += len(results)
                 rows.append(summarise(n, results, seconds) | {"peak_rss_bytes": server.peak_rss})
                 console.print(rows[-1])
@@ -240,7 +258,8 @@ def main() -> None:
     for col in ("clients", "requests", "answered/s", "p50 s", "p95 s", "p99 s", "DENY p95 s (n)",
                 "TTFT p50 s (n)", "statuses", "peak RSS GB"):
         table.add_column(col, justify="right")
-    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
     for r in rows:
         table.add_row(str(r["clients"]), str(r["requests"]), f(r["answered_per_s"]), f(r["p50_s"]), f(r["p95_s"]),
                       f(r["p99_s"]), f"{f(r['deny_p95_s'])} ({r['deny_n']})", f"{f(r['ttft_p50_s'])} ({r['ttft_n']})",
@@ -249,6 +268,7 @@ def main() -> None:
     console.print(f"audit: {audit['rows']} rows for {audit['requests']} requests, chain verifies: {audit['verify_ok']}")
     if args.out:
         write_json(args.out, {"workers": args.workers, "max_queue": queue, "per_client": args.per_client,
+                              "retries": args.retries,
                               "levels": rows, "audit": audit})
 
 

@@ -486,7 +486,7 @@ class ServerParams(_Section):
     burst: PosInt = 10
     #: Requests inside the model at once per server process (waiting for it or being answered;
     #: answers decode ``generation.batch_size`` at a time). Beyond it: 503 with ``Retry-After``.
-    max_queue: PosInt = 4
+    max_queue: PosInt = 2
     #: A request not answered within this many seconds is stopped, its slot freed, and gets 503.
     request_timeout_s: PosFloat = 60.0
     #: Accept ``system`` turns from HTTP callers (they can steer the decision; off by default).

@@ -541,7 +541,7 @@ class LlamaCppBackend:
     def greedy_batch(
         self, n_slots: int, n_ctx_seq: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0,
         prefill_tokens: int | None = None,
-    ) -> "GreedyBatch":
+    ) -> GreedyBatch:
         """A :class:`GreedyBatch` of ``n_slots`` sequences of up to ``n_ctx_seq`` tokens (prompt + answer).
 
         One slot decodes in the scoring context; more get the generation context (one KV stream per

@@ -168,7 +168,7 @@ class Limits:
     max_request_bytes: int = 65536
     rate_per_minute: float = 60.0
     burst: int = 10
-    max_queue: int = 4
+    max_queue: int = 2
     request_timeout_s: float = 60.0
 
 
@@ -577,7 +577,7 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
                     outcome.append(await anyio.to_thread.run_sync(
                         agent.answer, messages, who, channel, max_tokens, True, cancel, limiter=limiters()[0]
                     ))
-                except Exception as e:  # raised below, outside the task group (which would wrap it in a group)
+                except Exception as e:  # noqa: BLE001 - raised below, outside the task group (which would wrap it)
                     outcome.append(e)
                 tasks.cancel_scope.cancel()
         finally:
