@@ -334,3 +334,14 @@ def test_a_number_too_long_to_read_is_a_400_with_an_audit_row(tmp_path):
     r = client.post("/v1/decide", headers={**AUTH, "Content-Type": "application/json"}, content=body)
     assert r.status_code == 400 and "cannot be read" in r.json()["error"]["message"]
     assert [row["decision"] for row in agent.audit.rows()] == ["ERROR"]
+
+
+def test_a_flood_of_bad_keys_does_not_starve_a_valid_key_from_the_same_address(tmp_path):
+    agent = make_agent(tmp_path)
+    client = TestClient(create_app(agent, keys(), Limits(rate_per_minute=60, burst=3)))
+    codes = [client.post("/v1/decide", headers={"Authorization": "Bearer guess"}, json={"prompt": "q"}).status_code
+             for _ in range(10)]
+    assert codes[:3] == [401] * 3 and set(codes[3:]) == {429}  # the guesser is slowed down
+    # The same address with a valid key is served: the failed-auth limiter counts failures only.
+    assert [client.post("/v1/decide", headers=AUTH, json={"prompt": "q"}).status_code for _ in range(3)] == [200] * 3
+    assert agent.audit.count() == 13
