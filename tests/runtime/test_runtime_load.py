@@ -234,7 +234,7 @@ def test_a_full_queue_refuses_with_503_and_every_request_leaves_one_audit_row(ti
 def test_sigkill_mid_generation_leaves_a_log_that_verifies(tiny, tmp_path):
     import httpx
 
-    served = Served(tmp_path, _params(tmp_path, tiny[1], burst=1000, rate_per_minute=1e6))
+    served = Served(tmp_path, _params(tmp_path, tiny[1], max_queue=8, burst=1000, rate_per_minute=1e6))
     try:
         done = _requests(served.url, 3)  # answered rows before the kill
         assert all(r.status_code == 200 for r in done)
@@ -266,7 +266,7 @@ def test_a_model_file_replaced_while_serving_is_named_by_the_audit_rows(tiny, tm
     gguf.parent.mkdir()
     shutil.copy(tiny[1], gguf)
     first = sha256_file(gguf)
-    served = Served(tmp_path, _params(tmp_path, gguf, burst=1000, rate_per_minute=1e6))
+    served = Served(tmp_path, _params(tmp_path, gguf, max_queue=8, burst=1000, rate_per_minute=1e6))
     try:
         assert [r.status_code for r in _requests(served.url, 2)] == [200, 200]
         # A new file replaces the old one under its name (as a deploy would: write, then rename).
