@@ -51,7 +51,7 @@ from so8t.model.checkpoint import (
     rotate,
 )
 from so8t.errors import So8tError
-from so8t.io import DataError, write_error
+from so8t.io import WRITE_ERRNOS, DataError, write_error
 from so8t.params import TrainParams
 from so8t.model.base_model import output_logits
 from so8t.model.pet import PETSchedule, pet_penalty
@@ -462,10 +462,12 @@ class SO8TTrainer(Trainer):
                 generators = gather_generators(self.model)
                 if self.args.should_save and not (staged / ROTATIONS_FILE).is_file():
                     save_rotations(self.model, staged / ROTATIONS_FILE, generators)
-        except OSError as e:  # a full disk: the half-written checkpoint goes, the published ones stay
+        except OSError as e:  # e.g. a full disk: the half-written checkpoint goes, the published ones stay
             if self.args.should_save:
                 shutil.rmtree(staged, ignore_errors=True)
-            raise write_error(staged, e) from e
+            if e.errno in WRITE_ERRNOS:
+                raise write_error(staged, e) from e
+            raise
         finally:
             self._staging = None
         if self.args.should_save:

@@ -199,6 +199,9 @@ class Agent:
         self.max_passage_tokens = max_passage_tokens
         self._control = _control_pattern(model.control_tokens)
         self._lock = threading.Lock()  # one generation at a time: models are not thread-safe
+        # A batching model (so8t.runtime.engine) is shared by concurrent requests and takes their
+        # cancellations; any other runs one request at a time under the lock.
+        self._shared = bool(getattr(model, "concurrent", False))
 
     # ------------------------------------------------------------ input
 
@@ -267,10 +270,10 @@ class Agent:
         """
         text = ""
         context = answer_context(prompt)
-        concurrent = getattr(self.model, "concurrent", False)
-        pieces = self.model.generate(context, max_new_tokens, cancel) if concurrent else self.model.generate(
-            context, max_new_tokens
-        )
+        if self._shared:
+            pieces = self.model.generate(context, max_new_tokens, cancel)
+        else:
+            pieces = self.model.generate(context, max_new_tokens)
         try:
             for piece in pieces:
                 if cancel is not None:
@@ -291,7 +294,7 @@ class Agent:
         (:func:`so8t.eval.inference.score_labels` after the rendered prompt)."""
         if cancel is not None:
             cancel.check()
-        if getattr(self.model, "concurrent", False):
+        if self._shared:
             logits = self.model.decision_logits(prompt, cancel)
         else:
             logits = self.model.decision_logits(prompt)
@@ -342,8 +345,7 @@ class Agent:
                 prompt = self.model.render(self._prompt_messages(messages, passages))
             except ValueError as e:
                 raise AgentInputError(f"messages: the chat template rejected the conversation: {e}") from None
-            # A batching model is shared by concurrent requests; any other runs one request at a time.
-            with contextlib.nullcontext() if getattr(self.model, "concurrent", False) else self._lock:
+            with contextlib.nullcontext() if self._shared else self._lock:
                 probs = self._decide(prompt, cancel)
                 decision, model_decision, confidence, override = self._policy(probs)
                 # Only an allowed request is answered: nothing is generated for ESCALATION or DENY.

@@ -141,7 +141,8 @@ class BatchingModel:
         scored in one batch with the other waiting requests.
 
         Raises:
-            ModelError: the context does not fit; RequestCancelled: ``cancel`` fired first.
+            ModelError: the context does not fit; RequestCancelled: ``cancel`` fired first;
+            EngineError: the model failed or is shut down.
         """
         self._check_alive()  # before tokenising: a closed model's vocabulary is freed
         job = self._submit(_Job("decide", cancel, context=context, n_tokens=self.inner.count_tokens(context)))
@@ -161,7 +162,8 @@ class BatchingModel:
         Closing the iterator early (or ``cancel`` firing) removes the sequence from the batch.
 
         Raises:
-            ModelError: the prompt does not fit the context; RequestCancelled: ``cancel`` fired.
+            ModelError: the prompt does not fit the context; RequestCancelled: ``cancel`` fired;
+            EngineError: the model failed or is shut down.
         """
         self._check_alive()
         ids = self.backend.tokenize(prompt)
