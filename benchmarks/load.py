@@ -7,9 +7,11 @@ turn by label (ALLOW questions that generate an answer, ESCALATION / DENY ones t
 third one streamed. A 429 or 503 is counted, not hidden: with `--retries R` the client waits the
 `Retry-After` the server sent and tries again, up to R times (each try is a row of the table).
 
-Per N it prints requests/s, latency p50 / p95 / p99 of the answered requests, p95 of the answered
-DENY requests, time to first token of the streamed ones, statuses, peak RSS of the server's
-processes, and checks that the audit log holds one row per request and verifies.
+Per N it prints requests/s, latency p50 / p95 / p99 of the answered requests, p95 of the requests
+the runtime refused with DENY (and, apart, of those labelled DENY: one the model lets through
+generates an answer), the decisions served, time to first token of the streamed ones, statuses, peak RSS of the server's
+processes, and checks that the audit log holds one row per request and verifies. `--out` also
+keeps every try (status, latency, label, decision).
 
     python benchmarks/load.py [--clients 1 4 16 64] [--per-client 2] [--workers 1] [--max-queue Q]
                               [--retries R] [--out F.json]
@@ -187,6 +189,19 @@ def run_level(url: str, keys: list[str], pool: list[dict], n: int, per_client: i
     return results, time.perf_counter() - t0
 
 
+DENY_GOAL_S = 2.0  # issue 25: p95 latency of a DENY under 2 s on 2 cores, one worker
+
+
+def _share_interval(k: int, n: int) -> list[float] | None:
+    """Exact binomial (Clopper-Pearson) 95 % interval of k / n (scipy.stats.binomtest)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return None
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return [round(float(ci.low), 4), round(float(ci.high), 4)]
+
+
 def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -194,7 +209,10 @@ def pct(values: list[float], q: float) -> float | None:
 def summarise(n: int, results: list[dict], seconds: float) -> dict:
     ok = [r for r in results if r["status"] == 200]
     lat = [r["latency"] for r in ok]
-    deny = [r["latency"] for r in ok if r["label"] == "DENY"]
+    # A DENY is a request the runtime refused with DENY (the served decision); a request labelled
+    # DENY that the model let through generates an answer and is timed as one (reported apart).
+    deny = [r["latency"] for r in ok if r.get("decision") == "DENY"]
+    deny_label = [r["latency"] for r in ok if r["label"] == "DENY"]
     ttft = [r["ttft"] for r in ok if r["stream"] and r["ttft"] is not None]
     return {
         "clients": n,
@@ -203,6 +221,12 @@ def summarise(n: int, results: list[dict], seconds: float) -> dict:
         "answered_per_s": round(len(ok) / seconds, 3),
         "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "p99_s": pct(lat, 99),
         "deny_p95_s": pct(deny, 95), "deny_n": len(deny),
+        "deny_label_p95_s": pct(deny_label, 95), "deny_label_n": len(deny_label),
+        # p95 < goal holds when fewer than 5 % of DENYs exceed it: the share over the goal with its exact
+        # (Clopper-Pearson) 95 % interval, whose upper end must be below 0.05 for the claim.
+        "deny_over_goal": sum(v > DENY_GOAL_S for v in deny),
+        "deny_over_goal_ci95": _share_interval(sum(v > DENY_GOAL_S for v in deny), len(deny)),
+        "decisions": dict(Counter(str(r.get("decision")) for r in ok)),
         "ttft_p50_s": pct(ttft, 50), "ttft_n": len(ttft),
         "statuses": dict(Counter(str(r["status"]) for r in results)),
         "refusals_without_retry_after": sum(r["status"] in (429, 503) and not r.get("retry_after") for r in results),
@@ -233,7 +257,7 @@ def main() -> None:
     pool = [q for group in itertools.zip_longest(*by_label.values()) for q in group if q is not None]
     keys = [f"k-load-{i:03d}" for i in range(max(args.clients))]
     console = Console()
-    rows = []
+    rows, tries = [], []
     with tempfile.TemporaryDirectory(prefix="so8t-load-") as tmp:
         tmp = Path(tmp)
         override = {"max_queue": args.max_queue} if args.max_queue else {}
@@ -248,6 +272,7 @@ def main() -> None:
                 sent += len(results)
                 rows.append(summarise(n, results, seconds) | {"peak_rss_bytes": server.peak_rss})
                 console.print(rows[-1])
+                tries.append({"clients": n, "results": results})
         finally:
             server.stop()
         log = AuditLog(tmp / "audit.sqlite3")
@@ -256,20 +281,24 @@ def main() -> None:
     queue = args.max_queue or yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))["runtime"]["server"]["max_queue"]
     table = Table(title=f"so8t serve --workers {args.workers}, max_queue {queue}: {args.per_client} requests per client")
     for col in ("clients", "requests", "answered/s", "p50 s", "p95 s", "p99 s", "DENY p95 s (n)",
-                "TTFT p50 s (n)", "statuses", "peak RSS GB"):
+                "labelled DENY p95 s (n)", "TTFT p50 s (n)", "statuses", "peak RSS GB"):
         table.add_column(col, justify="right")
     def f(v):
         return "-" if v is None else f"{v:.2f}"
     for r in rows:
         table.add_row(str(r["clients"]), str(r["requests"]), f(r["answered_per_s"]), f(r["p50_s"]), f(r["p95_s"]),
-                      f(r["p99_s"]), f"{f(r['deny_p95_s'])} ({r['deny_n']})", f"{f(r['ttft_p50_s'])} ({r['ttft_n']})",
+                      f(r["p99_s"]), f"{f(r['deny_p95_s'])} ({r['deny_n']})",
+                      f"{f(r['deny_label_p95_s'])} ({r['deny_label_n']})", f"{f(r['ttft_p50_s'])} ({r['ttft_n']})",
                       json.dumps(r["statuses"]), f"{r['peak_rss_bytes'] / 1e9:.2f}")
     console.print(table)
+    for r in rows:
+        console.print(f"{r['clients']} clients: {r['deny_over_goal']} of {r['deny_n']} DENYs over {DENY_GOAL_S} s, "
+                      f"share 95 % interval {r['deny_over_goal_ci95']}")
     console.print(f"audit: {audit['rows']} rows for {audit['requests']} requests, chain verifies: {audit['verify_ok']}")
     if args.out:
         write_json(args.out, {"workers": args.workers, "max_queue": queue, "per_client": args.per_client,
                               "retries": args.retries,
-                              "levels": rows, "audit": audit})
+                              "levels": rows, "audit": audit, "tries": tries})
 
 
 if __name__ == "__main__":

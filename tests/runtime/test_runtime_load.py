@@ -306,6 +306,12 @@ def test_the_load_benchmark_runs_and_accounts_for_every_request(tiny, tmp_path):
     for lv in result["levels"]:
         assert set(lv["statuses"]) <= {"200", "503"} and lv["refusals_without_retry_after"] == 0
         assert lv["peak_rss_bytes"] > 0
+        # DENY latency is of the requests the runtime refused with DENY, with the share over the goal.
+        assert lv["deny_n"] == lv["decisions"].get("DENY", 0)
+        assert 0 <= lv["deny_over_goal"] <= lv["deny_n"]
+        assert lv["deny_over_goal_ci95"] is None or 0.0 <= lv["deny_over_goal_ci95"][0] <= lv["deny_over_goal_ci95"][1] <= 1.0
+    tries = [len(t["results"]) for t in result["tries"]]
+    assert tries == [2, 12] and all({"status", "latency", "label"} <= set(r) for t in result["tries"] for r in t["results"])
     assert result["audit"] == {"requests": 1 + 2 + 12, "rows": 15, "verify_ok": True}
 
 
