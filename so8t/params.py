@@ -150,6 +150,17 @@ class SO8TParams(_Section):
     init_scale: Annotated[float, Field(ge=0.0)] = 0.01
     parameterization: Literal["expm", "cayley"] = "expm"
     learning_rate: PosFloat = 1.0e-3
+    #: ``learned`` (trained from near identity) or a fixed rotation, not trained, for the ablation:
+    #: ``random`` (Haar SO(8) blocks drawn from ``seed``) or ``hadamard`` (H_8 / sqrt(8) blocks).
+    rotation: Literal["learned", "random", "hadamard"] = "learned"
+
+    @model_validator(mode="after")
+    def _fixed_rotations_need_expm(self) -> SO8TParams:
+        if self.rotation != "learned" and self.parameterization != "expm":
+            # The Cayley map cannot reach a rotation with eigenvalue -1 (the Hadamard block has four).
+            raise ValueError(f"rotation {self.rotation!r} needs parameterization 'expm' "
+                             f"(got {self.parameterization!r}: the Cayley map cannot reach every rotation)")
+        return self
 
 
 class PETParams(_Section):

@@ -188,4 +188,94 @@ def random_generator(num_blocks: int, max_angle: float, generator: torch.Generat
     return (g * (target / angles.clamp_min(1e-12)).unsqueeze(-1)).float()
 
 
-__all__ = ["SO8Rotation", "BLOCK", "GENERATOR_SIZE", "random_generator", "whole", "Parameterization"]
+#: How the rotations are chosen: ``learned`` (trained from near identity, the SO8T default) or a
+#: fixed one that is not trained: ``random`` (Haar-random SO(8) blocks) or ``hadamard`` (the
+#: normalised 8x8 Sylvester-Hadamard matrix in every block), the untrained rotations of QuaRot
+#: (Ashkboos et al. 2024) and SpinQuant's random init (Liu et al. 2024), in SO8T's block layout.
+RotationKind = Literal["learned", "random", "hadamard"]
+
+
+def hadamard_block() -> torch.Tensor:
+    """The normalised Sylvester-Hadamard matrix ``H_8 / sqrt(8)``, ``(8, 8)`` float64.
+
+    ``H_8 = H_2 (x) H_2 (x) H_2`` with ``H_2 = [[1, 1], [1, -1]]`` (Sylvester 1867); divided by
+    ``sqrt(8)`` it is orthogonal and symmetric, with ``det = +1`` (``det H_2^{(x)3}`` is
+    ``(-2)^{12} > 0`` before scaling), so it lies in SO(8).
+    """
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(torch.kron(h2, h2), h2) / 8**0.5
+
+
+def haar_blocks(num_blocks: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``num_blocks`` independent Haar-random SO(8) matrices, ``(num_blocks, 8, 8)`` float64.
+
+    QR of a Gaussian matrix with the signs of ``diag(R)`` moved into ``Q`` (Mezzadri 2007, "How to
+    generate random matrices from the classical compact groups") gives Haar-random O(8); a
+    matrix with ``det = -1`` has its first column negated, a fixed right multiplication, which
+    carries Haar measure on that coset onto SO(8).
+    """
+    g = torch.randn(num_blocks, BLOCK, BLOCK, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    flip = torch.linalg.det(q) < 0
+    q[flip, :, 0] = -q[flip, :, 0]
+    return q
+
+
+def generator_of(blocks: torch.Tensor) -> torch.Tensor:
+    """The ``expm`` generator of given SO(8) blocks: ``(n, 8, 8)`` -> ``(n, 28)`` float32.
+
+    A real logarithm through the real Schur form ``R = Z T Z^T`` (``scipy.linalg.schur``; ``T``
+    is block diagonal for an orthogonal ``R``): each 2x2 block ``[[c, -s], [s, c]]`` becomes
+    ``[[0, -t], [t, 0]]`` with ``t = atan2(s, c)``; eigenvalues ``-1`` (an even number of them,
+    as ``det R = +1``) are paired into rotations by pi; ``+1`` gives 0. Then ``A = Z log(T) Z^T``
+    is skew-symmetric and ``expm(A) = R``. Unlike the principal ``logm`` this is real also for
+    eigenvalues ``-1``, which the Hadamard block has four of.
+
+    Raises:
+        ValueError: a block is not in SO(8), or ``expm(A)`` misses it by more than 1e-8.
+    """
+    import numpy as np
+    from scipy.linalg import expm, schur
+
+    out = []
+    for k, r in enumerate(blocks.detach().to(torch.float64).cpu().numpy()):
+        if np.abs(r.T @ r - np.eye(BLOCK)).max() > 1e-8 or np.linalg.det(r) < 0:
+            raise ValueError(f"generator_of: block {k} is not in SO(8)")
+        t, z = schur(r, output="real")
+        log_t, negative, i = np.zeros_like(t), [], 0
+        while i < BLOCK:
+            if i + 1 < BLOCK and abs(t[i + 1, i]) > 1e-12:
+                angle = np.arctan2(t[i + 1, i], t[i, i])
+                log_t[i + 1, i], log_t[i, i + 1] = angle, -angle
+                i += 2
+            else:
+                if t[i, i] < 0:
+                    negative.append(i)
+                i += 1
+        for a, b in zip(negative[::2], negative[1::2]):
+            log_t[b, a], log_t[a, b] = np.pi, -np.pi
+        a_k = z @ log_t @ z.T
+        a_k = 0.5 * (a_k - a_k.T)
+        if len(negative) % 2 or np.abs(expm(a_k) - r).max() > 1e-8:
+            raise ValueError(f"generator_of: no real logarithm found for block {k}")
+        rows, cols = np.triu_indices(BLOCK, k=1)
+        out.append(a_k[rows, cols])
+    return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def fixed_generator(kind: RotationKind, num_blocks: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ``(num_blocks, 28)`` generator of a fixed rotation: ``random`` (Haar) or ``hadamard``.
+
+    Raises:
+        ValueError: ``kind`` is ``learned`` or unknown.
+    """
+    if kind == "hadamard":
+        return generator_of(hadamard_block().expand(num_blocks, BLOCK, BLOCK))
+    if kind == "random":
+        return generator_of(haar_blocks(num_blocks, generator))
+    raise ValueError(f"fixed_generator: kind must be 'random' or 'hadamard', got {kind!r}")
+
+
+__all__ = ["SO8Rotation", "BLOCK", "GENERATOR_SIZE", "random_generator", "whole", "Parameterization",
+           "RotationKind", "hadamard_block", "haar_blocks", "generator_of", "fixed_generator"]

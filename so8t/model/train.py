@@ -38,6 +38,7 @@ from so8t.model.attach import (
     attached_rotations,
     gather_generators,
     save_rotations,
+    set_generators,
 )
 from so8t.model.checkpoint import (
     PREFIX,
@@ -478,7 +479,7 @@ class SO8TTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / ROTATIONS_FILE
         if attached_rotations(self.model):
-            from so8t.model.attach import read_rotations, set_generators
+            from so8t.model.attach import read_rotations
 
             set_generators(self.model, read_rotations(path)[0])
 
@@ -626,7 +627,25 @@ def build_model(base_dir: str | Path, params: TrainParams, seed: int):
             init_scale=params.so8t.init_scale,
             parameterization=params.so8t.parameterization,
         )
+        if params.so8t.rotation != "learned":
+            fix_rotations(model, params.so8t.rotation, seed)
     return model
+
+
+def fix_rotations(model: nn.Module, kind: str, seed: int) -> None:
+    """Set every attached rotation to a fixed ``random`` or ``hadamard`` one and stop training it.
+
+    ``random`` draws independent Haar SO(8) blocks for each layer from ``seed + 1``
+    (:func:`so8t.model.rotation.fixed_generator`). The generator keeps ``requires_grad=False``,
+    so the optimiser never sees it; it is saved, checkpointed and folded by bake as a trained one.
+    """
+    from so8t.model.rotation import fixed_generator
+
+    draw = torch.Generator().manual_seed(seed + 1)
+    rotations = attached_rotations(model)
+    set_generators(model, {i: fixed_generator(kind, r.num_blocks, draw) for i, r in sorted(rotations.items())})
+    for r in rotations.values():
+        r.generator.requires_grad_(False)
 
 
 def adapted_modules(model: nn.Module) -> list[str]:

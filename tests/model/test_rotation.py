@@ -72,3 +72,41 @@ def test_gradients_reach_generator():
 def test_width_not_divisible_by_8_is_an_error(width):
     with pytest.raises(ValueError, match=str(width)):
         SO8Rotation(width)
+
+
+def test_hadamard_block_is_in_so8_and_its_generator_reaches_it():
+    from so8t.model.rotation import generator_of, hadamard_block
+
+    h = hadamard_block()
+    assert torch.allclose(h.T @ h, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert torch.linalg.det(h).item() == pytest.approx(1.0, abs=1e-12)
+    assert (torch.linalg.eigvalsh(h) < 0).sum() == 4  # four eigenvalues -1: no principal real log
+    rot = SO8Rotation(16, generator=generator_of(h.expand(2, 8, 8)))
+    torch.testing.assert_close(rot.blocks(torch.float64), h.expand(2, 8, 8), rtol=0, atol=1e-6)
+
+
+def test_haar_blocks_are_rotations_reproducible_by_seed_and_their_generator_reaches_them():
+    from so8t.model.rotation import fixed_generator, generator_of, haar_blocks
+
+    q = haar_blocks(64, torch.Generator().manual_seed(3))
+    eye = torch.eye(8, dtype=torch.float64)
+    assert torch.allclose(q.transpose(-1, -2) @ q, eye.expand_as(q), atol=1e-12)
+    assert torch.allclose(torch.linalg.det(q), torch.ones(64, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, haar_blocks(64, torch.Generator().manual_seed(3)))
+    # Haar, not near identity: E[trace] = 0 for Haar SO(8); the mean over 64 blocks is near it.
+    assert abs(torch.diagonal(q, dim1=-2, dim2=-1).sum(-1).mean().item()) < 0.5
+    rot = SO8Rotation(64 * 8, generator=generator_of(q))
+    torch.testing.assert_close(rot.blocks(torch.float64), q, rtol=0, atol=1e-6)
+    g = fixed_generator("random", 4, torch.Generator().manual_seed(3))
+    assert g.shape == (4, GENERATOR_SIZE) and g.dtype == torch.float32
+
+
+def test_generator_of_rejects_what_is_not_a_rotation():
+    from so8t.model.rotation import fixed_generator, generator_of
+
+    reflection = torch.eye(8, dtype=torch.float64)
+    reflection[0, 0] = -1.0
+    with pytest.raises(ValueError, match="block 1 is not in SO\\(8\\)"):
+        generator_of(torch.stack([torch.eye(8, dtype=torch.float64), reflection]))
+    with pytest.raises(ValueError, match="'random' or 'hadamard'"):
+        fixed_generator("learned", 2)

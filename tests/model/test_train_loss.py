@@ -163,3 +163,47 @@ def test_choice_positions_learn_among_the_label_tokens_only():
     assert n == 3 and torch.allclose(total, want, atol=1e-5)
     with pytest.raises(ValueError, match="choice_ids"):
         label_token_ce_sum(model, h, labels, None, choice, [20, 30])
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_fixed_rotations_are_set_frozen_and_left_alone_by_training(tmp_path, kind):
+    """The ablation's controls: a fixed rotation is the one asked for, and a step does not move it."""
+    from so8t.model.attach import attached_rotations
+    from so8t.model.rotation import hadamard_block
+    from so8t.model.train import build_model, trainable_parameter_counts
+    from so8t.params import TrainParams
+    from tiny import tiny_base_dir
+
+    base = tiny_base_dir(tmp_path / "base", "llama", seed=0)
+    p = TrainParams(lora_r=2, lora_alpha=4, lora_dropout=0.0, pet={"enabled": False}, so8t={"rotation": kind})
+    model = build_model(base, p, seed=5)
+    rotations = attached_rotations(model)
+    assert rotations and trainable_parameter_counts(model)["so8t"] == 0
+    blocks = {i: r.blocks(torch.float64) for i, r in rotations.items()}
+    if kind == "hadamard":
+        for b in blocks.values():
+            torch.testing.assert_close(b, hadamard_block().expand_as(b), rtol=0, atol=1e-6)
+    else:  # Haar draws differ between layers and are reproduced by the seed
+        first, second = list(blocks.values())[:2]
+        assert not torch.allclose(first, second)
+        again = attached_rotations(build_model(base, p, seed=5))
+        assert all(torch.equal(again[i].generator, r.generator) for i, r in rotations.items())
+    rows = [{"input_ids": list(range(6, 20)), "labels": [-100] * 4 + list(range(10, 20))}] * 2
+    before = {i: r.generator.detach().clone() for i, r in rotations.items()}
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    from so8t.model.train import SO8TTrainer, training_arguments
+    from tiny import tiny_tokenizer
+
+    args = training_arguments(p, output_dir=tmp_path / "out", max_steps=1, learning_rate=0.5, seed=0, optim="sgd")
+    SO8TTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                data_collator=DataCollatorForSeq2Seq(tiny_tokenizer(), padding="longest", label_pad_token_id=-100)).train()
+    assert all(torch.equal(before[i], r.generator) for i, r in rotations.items())
+
+
+def test_fixed_rotations_need_the_expm_parameterization():
+    from so8t.params import TrainParams
+
+    with pytest.raises(ValueError, match="needs parameterization 'expm'"):
+        TrainParams(so8t={"rotation": "hadamard", "parameterization": "cayley"})
