@@ -1226,7 +1226,7 @@ def run_training(params, paths: TrainPaths, decision_eval=None) -> dict:
     if trainer.args.world_size > 1:
         # Every rank leaves the process group together. Without this, gloo's worker threads are
         # still joinable when the interpreter exits and a rank can die with "terminate called
-        # without an active exception" (SIGABRT) after its work is done (seen in CI, 1 run of ~10).
+        # without an active exception" (SIGABRT) after its work is done (seen once in CI).
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
     return summary | performance
