@@ -43,7 +43,15 @@ def calibrated_probs(details: dict, artifact: str) -> tuple[np.ndarray, np.ndarr
 
 
 def ece_floor(probs: np.ndarray, draws: int, n_bins: int, seed: int = 0) -> np.ndarray:
-    """ECE of ``draws`` outcome sets drawn from a model calibrated by construction, ``(draws,)``."""
+    """ECE of ``draws`` outcome sets drawn from a model calibrated by construction.
+
+    Args:
+        probs: ``(n, K)`` float64 class probabilities, rows summing to 1.
+        draws: how many outcome sets to draw; n_bins: equal-width bins of the ECE.
+
+    Returns:
+        ``(draws,)`` float64 ECEs (unitless, in [0, 1]).
+    """
     rng = np.random.default_rng(seed)
     n, k = probs.shape
     pred, conf = probs.argmax(axis=1), probs.max(axis=1)

@@ -3,12 +3,12 @@ with its file, line and field, and nothing is written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from scripts import load_script
 
 from so8t.data import readers
 from so8t.data.readers import BadRecords, Document, InputError, TextPipeline
@@ -19,10 +19,7 @@ PAIR = {"prompt": "東京の人口は？", "response": "約1400万人です。"}
 
 
 def _stage():
-    spec = importlib.util.spec_from_file_location("collect_stage", REPO / "stages" / "collect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("stages/collect.py")
 
 
 def run_collect(tmp_path: Path, monkeypatch, files: dict[str, bytes | str], **params) -> Path:

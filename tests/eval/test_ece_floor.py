@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ece_floor.py"
+from scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("ece_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ece_floor.py")
 
 
 def _probs(n: int, rng) -> np.ndarray:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
+from scripts import load_script
 from tiny import tiny_base_dir
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_profile.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("train_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/train_profile.py")
 
 
 def _rows(n: int = 12, seed: int = 0) -> list[dict]:
