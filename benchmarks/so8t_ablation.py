@@ -21,7 +21,9 @@ each with ``seed=S`` for every seed asked for. Queue them, run them, then tabula
 Per variant the table gives the mean over seeds with a 95 % t interval (n = seeds) of: test
 decision macro-F1 of the baked model (``baked.decision.macro_f1``), its held-out perplexity
 (``baked.perplexity``), the quantisation loss of Q8_0 and Q4_K_M (GGUF perplexity minus the F16
-GGUF's, ``f16.parity.perplexity_hf * f16.parity.perplexity_ratio``) and the train wall time; then
+GGUF's, ``f16.parity.perplexity_hf * f16.parity.perplexity_ratio``), their decision agreement with
+the F16 GGUF (share of every test decision given the same label, ``<q>.parity.decision``) and the
+train wall time; then
 the paired difference of each variant against ``lora`` with the same seed (same data, same batches),
 mean and 95 % t interval over the seeds. A difference whose interval holds 0 is "no difference".
 """
@@ -51,6 +53,8 @@ COLUMNS = {
     "perplexity": lambda m: m.get("baked.perplexity"),
     "Q8_0 loss": lambda m: _quant_loss(m, "q8_0"),
     "Q4_K_M loss": lambda m: _quant_loss(m, "q4_k_m"),
+    "Q8_0 agreement": lambda m: m.get("q8_0.parity.decision"),
+    "Q4_K_M agreement": lambda m: m.get("q4_k_m.parity.decision"),
     "train s": lambda m: m.get("train_seconds"),
 }
 

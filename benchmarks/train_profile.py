@@ -167,7 +167,7 @@ def training_rows(params, data: Path, tasks: set[str] | None) -> tuple[list[dict
     if not examples:
         sys.exit(f"train_profile: {data}: no training examples")
     mixed = mix_tasks(examples, {t.value: w for t, w in p.task_weights.items()}, params.seed)
-    mixed += decision_line_copies(examples, p.decision_line_passes, params.seed)
+    mixed += decision_line_copies(examples, p.decision_line_passes, params.seed, p.decision_line_rag_passes)
     per_task: dict[str, int] = {}
     for r in mixed:
         per_task[r.get("task", "")] = per_task.get(r.get("task", ""), 0) + 1

@@ -208,7 +208,7 @@ class TrainParams(_Section):
     per_device_train_batch_size: PosInt = 12
     gradient_accumulation_steps: PosInt = 1
     #: Optimiser steps; the data is repeated as needed.
-    max_steps: PosInt = 200
+    max_steps: PosInt = 250
     max_grad_norm: PosFloat = 1.0
     quantization: Literal["none", "8bit", "4bit"] = "none"
     #: ``auto``: bf16 on a CUDA device that supports it, fp16 with loss scaling on one that does not,
@@ -221,7 +221,7 @@ class TrainParams(_Section):
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
     task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {
-        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5, Task.LM_TEXT: 0.0
+        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5, Task.LM_TEXT: 1.0
     }
     #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
     #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).
@@ -229,6 +229,9 @@ class TrainParams(_Section):
     #: Extra passes over the decision examples cut after their ``判定: X`` line (prompt -> decision
     #: only, a third of a full example's tokens): the decision gets most of the steps' loss (0 = off).
     decision_line_passes: Annotated[float, Field(ge=0.0)] = 3.0
+    #: Passes over the decision lines whose prompt carries retrieved passages (~7x a bare line's
+    #: tokens; ``think_format.rag_share`` of the decisions); null = ``decision_line_passes``.
+    decision_line_rag_passes: Annotated[float, Field(ge=0.0)] | None = 1.0
     #: ``balanced_decisions``: the cut decision lines in batches holding every label equally often,
     #: every batch of rows of similar length (``so8t.model.train.BalancedDecisionSampler``);
     #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference
@@ -236,7 +239,7 @@ class TrainParams(_Section):
     sampling: Literal["random", "group_by_length", "balanced_decisions"] = "balanced_decisions"
     #: Evaluate on the val split every this many steps (0 = never): per-task loss, and decision
     #: accuracy / macro-F1 of ``eval_decisions`` val decisions (the learning curve, in dvclive).
-    eval_steps: NonNegInt = 50
+    eval_steps: NonNegInt = 125
     eval_examples_per_task: PosInt = 8
     eval_decisions: NonNegInt = 120
     so8t: SO8TParams = SO8TParams()

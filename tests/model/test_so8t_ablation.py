@@ -50,7 +50,8 @@ def _exp_show(values: dict[tuple[str, int], tuple[float, float]]) -> list:
             "params": {}, "metrics": {
                 "reports/metrics.json": {"data": {"baked.decision.macro_f1": f1, "baked.perplexity": ppl,
                                                   "q8_0.perplexity": ppl + 0.2, "q4_k_m.perplexity": ppl + 1.5,
-                                                  "f16.parity.perplexity_hf": ppl, "f16.parity.perplexity_ratio": 1.0}},
+                                                  "f16.parity.perplexity_hf": ppl, "f16.parity.perplexity_ratio": 1.0,
+                                                  "q8_0.parity.decision": 1.0, "q4_k_m.parity.decision": f1}},
                 "reports/performance/train.json": {"data": {"train_seconds": 100.0, "tokens_per_s": 9.0}},
                 "dvclive/metrics.json": {"data": {"loss": 1.0}}}}}
     return [
@@ -75,6 +76,8 @@ def test_the_table_gives_means_with_intervals_and_paired_differences_against_lor
     # t interval, n = 3: mean +- t(0.975, 2) * sd / sqrt(3), sd = 0.05
     assert high - mean == pytest.approx(4.302653 * 0.05 / 3**0.5, rel=1e-5)
     assert result["lora"]["Q4_K_M loss"]["values"] == pytest.approx([1.5, 1.5, 1.5])
+    assert result["lora"]["Q8_0 agreement"]["values"] == [1.0, 1.0, 1.0]
+    assert result["so8t"]["Q4_K_M agreement"]["diff_vs_lora"]["mean_ci95"][0] == pytest.approx(0.01)
     # so8t is +0.01 on every seed: a consistent paired gain, whatever the spread between seeds
     d = result["so8t"]["test macro-F1"]["diff_vs_lora"]
     assert d["n"] == 3 and d["mean_ci95"][0] == pytest.approx(0.01) and d["verdict"] == "higher"

@@ -124,6 +124,24 @@ def test_decision_line_copies_end_at_the_decision_line_and_never_teach_a_stop():
     assert len(decision_line_copies([full] * 10, 0.5, seed=0)) == 5
 
 
+def test_decision_lines_with_passages_get_their_own_passes():
+    from so8t.model.train import decision_line_copies
+
+    bare = [_formatted("decision", 4, [7, 8, 9, 2, 5], [4, 7]) | {"rag": None, "id": f"b{i}"} for i in range(6)]
+    rag = [_formatted("decision", 30, [7, 8, 9, 2, 5], [30, 33]) | {"rag": kind, "id": f"r{i}"}
+           for i, kind in enumerate(["relevant", "unrelated", "relevant", "relevant"])]
+    rows = bare + rag
+    cut = decision_line_copies(rows, 3.0, seed=0, rag_passes=0.5)
+    ids = [r["id"] for r in cut]
+    assert sorted(ids[:18]) == sorted([r["id"] for r in bare] * 3)  # bare lines first, 3 passes
+    assert len(ids) == 18 + 2 and set(ids[18:]) <= {r["id"] for r in rag} and len(set(ids[18:])) == 2  # half a pass
+    assert all(len(r["input_ids"]) == 33 for r in cut[18:])  # the long lines are still cut after 判定: X
+    assert [r for r in decision_line_copies(rows, 3.0, seed=0, rag_passes=0.0) if r.get("rag")] == []
+    # None: every line alike, exactly the copies of a single pass count
+    assert decision_line_copies(rows, 2.0, seed=0, rag_passes=None) == decision_line_copies(rows, 2.0, seed=0)
+    assert len(decision_line_copies(rows, 2.0, seed=0)) == 20
+
+
 def test_decision_line_copies_learn_the_label_not_the_shared_prefix():
     from so8t.model.train import decision_line_copies
 
