@@ -16,7 +16,18 @@ each with ``seed=S`` for every seed asked for. Queue them, run them, then tabula
 
     python benchmarks/so8t_ablation.py queue --seeds 1 2 3     # dvc exp run --queue -n abl-<variant>-s<S> ...
     dvc queue start -j 1                                        # ~1 h per run on 2 CPU cores
-    python benchmarks/so8t_ablation.py table [--out F.json]    # reads `dvc exp show --json`
+    python benchmarks/so8t_ablation.py record                  # finished runs -> reports/ablation/*.json
+    python benchmarks/so8t_ablation.py table [--out F.json]    # the records and `dvc exp show --json`
+
+DVC keeps an experiment in local git refs (``refs/exps``) and its outputs in the local cache, so a
+grid that takes longer than one machine's session would be lost with the checkout. ``record`` writes
+each finished ``abl-<variant>-s<seed>`` run to ``reports/ablation/abl-<variant>-s<seed>.json``, a
+small file committed to git: its flat metrics, the params that name its variant, the revision it
+came from, the CPU it was recorded on (an experiment is recorded where it ran; a workspace run may
+have been made elsewhere), its train speed, and its test decisions (id, label, prediction of the baked
+F16 GGUF, Q8_0 and Q4_K_M). ``record --workspace`` records the workspace's own committed run (the
+default's ``dvc repro``) under the variant and seed its ``params.yaml`` names, once ``dvc status``
+says it is up to date.
 
 Per variant the table gives the mean over seeds with a 95 % t interval (n = seeds) of: test
 decision macro-F1 of the baked model (``baked.decision.macro_f1``), its held-out perplexity
@@ -26,17 +37,28 @@ the F16 GGUF (share of every test decision given the same label, ``<q>.parity.de
 train wall time; then
 the paired difference of each variant against ``lora`` with the same seed (same data, same batches),
 mean and 95 % t interval over the seeds. A difference whose interval holds 0 is "no difference".
+
+A t interval needs two seeds. Within one seed, where both runs have recorded decisions, the table
+also gives the paired difference of test macro-F1 against ``lora`` with a percentile bootstrap over
+the test decisions (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the
+noise of the test sample only, not the spread between seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
+import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import yaml
 
 VARIANTS: dict[str, list[str]] = {
     "lora": ["train.so8t.enabled=false", "train.pet.enabled=false"],
@@ -71,42 +93,259 @@ def queue_commands(seeds: list[int], variants: list[str]) -> list[list[str]]:
              *[a for o in VARIANTS[v] for a in ("-S", o)]] for s in seeds for v in variants]
 
 
+def experiments_from_exp_show(data: list) -> dict[str, dict]:
+    """Every ``abl-<variant>-s<seed>`` experiment of ``dvc exp show --json`` that has metrics.
+
+    Args:
+        data: the parsed output of ``dvc exp show --json`` (DVC 3: a list of baseline commits,
+            each with ``experiments: [{"name", "revs": [{"rev", "name", "data": {"params",
+            "metrics"}}]}]``).
+
+    An experiment whose ``executor.state`` is not ``success`` (queued, running, failed) is left
+    out: a running one shows the metrics its workspace copy started from, not its own.
+
+    Returns:
+        ``{name: {"rev", "baseline", "metrics", "performance", "params"}}``: ``metrics`` is the
+        flat ``reports/metrics.json``, ``performance`` is ``reports/performance/train.json`` and
+        ``params`` is the nested ``params.yaml`` of the run (``{}`` where DVC gave none).
+    """
+    found: dict[str, dict] = {}
+
+    def visit(node, baseline: str | None) -> None:
+        if isinstance(node, list):
+            for x in node:
+                visit(x, baseline)
+            return
+        if not isinstance(node, dict):
+            return
+        state = (node.get("executor") or {}).get("state")
+        if state not in (None, "success"):  # queued, running, failed: the metrics are not the run's
+            return
+        name = str(node.get("name") or "")
+        data = node.get("data")
+        if NAME.match(name) and not node.get("error") and isinstance(data, dict) and data.get("metrics"):
+            files = {path: (entry or {}).get("data") or {} for path, entry in data["metrics"].items()}
+            found[name] = {
+                "rev": node.get("rev"),
+                "baseline": baseline,
+                "metrics": next((v for k, v in files.items() if k.endswith("reports/metrics.json")), {}),
+                "performance": next((v for k, v in files.items() if k.endswith("performance/train.json")), {}),
+                "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
+            }
+        inner = node.get("rev") if node.get("experiments") else baseline
+        for key in ("experiments", "revs"):
+            visit(node.get(key), inner)
+
+    visit(data, None)
+    return found
+
+
+def flat_run(metrics: dict, performance: dict) -> dict:
+    """One run's flat metrics as the table reads them: ``reports/metrics.json`` plus ``train_seconds``."""
+    return {**metrics, "train_seconds": (performance or {}).get("train_seconds")}
+
+
 def runs_from_exp_show(data: list) -> dict[tuple[str, int], dict]:
     """``{(variant, seed): flat metrics}`` of the ``abl-<variant>-s<seed>`` experiments.
 
     Args:
-        data: the parsed output of ``dvc exp show --json`` (DVC 3: a list of baseline commits,
-            each with ``experiments: [{"name", "revs": [{"name", "data": {"metrics": ...}}]}]``).
-            The metrics of every metrics file are merged into one flat dict (the files' keys do
-            not collide: ``reports/metrics.json`` is flat, the performance files add
-            ``train_seconds`` from ``reports/performance/train.json``).
+        data: the parsed output of ``dvc exp show --json`` (see :func:`experiments_from_exp_show`).
+            The metrics files' keys do not collide: ``reports/metrics.json`` is flat, the
+            performance file adds ``train_seconds`` from ``reports/performance/train.json``.
     """
     runs: dict[tuple[str, int], dict] = {}
-
-    def visit(node) -> None:
-        if isinstance(node, list):
-            for x in node:
-                visit(x)
-            return
-        if not isinstance(node, dict):
-            return
-        match = NAME.match(str(node.get("name") or ""))
-        data = node.get("data")
-        if match and isinstance(data, dict) and data.get("metrics"):
-            flat: dict = {}
-            for path, entry in sorted(data["metrics"].items()):
-                values = (entry or {}).get("data") or {}
-                if path.endswith("performance/train.json"):
-                    values = {"train_seconds": values.get("train_seconds")}
-                elif not path.endswith("reports/metrics.json"):
-                    continue
-                flat.update(values)
-            runs[(match["variant"], int(match["seed"]))] = flat
-        for key in ("experiments", "revs"):
-            visit(node.get(key))
-
-    visit(data)
+    for name, exp in experiments_from_exp_show(data).items():
+        match = NAME.match(name)
+        runs[(match["variant"], int(match["seed"]))] = flat_run(exp["metrics"], exp["performance"])
     return runs
+
+
+# ---------------------------------------------------------------------------
+# Records: finished runs kept in git, so the grid can span machines and sessions
+# ---------------------------------------------------------------------------
+
+RECORDS = Path("reports/ablation")
+#: The params that tell the variants apart, at the values a variant that does not set them keeps.
+VARIANT_KEYS = {"train.so8t.enabled": True, "train.pet.enabled": True, "train.so8t.rotation": "learned"}
+#: The artifacts whose test decisions a record keeps (the F16 GGUF of the baked model, two quants).
+ARTIFACTS = ("baked", "q8_0", "q4_k_m")
+#: The fields of ``reports/performance/train.json`` a record keeps.
+PERFORMANCE_KEYS = ("train_seconds", "seconds_per_step", "tokens_per_s", "threads", "peak_rss_bytes",
+                    "steps_this_session", "resumed_from")
+
+
+class RecordError(ValueError):
+    """A run that cannot be recorded, or a record that cannot be read; the message names the run or file."""
+
+
+def _get(params: dict, dotted: str, where: str):
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise RecordError(f"{where}: params.yaml has no key {dotted}")
+        node = node[part]
+    return node
+
+
+def variant_setting(variant: str) -> dict:
+    """The ``VARIANT_KEYS`` values of ``variant``: its ``-S`` overrides over the default's."""
+    setting = dict(VARIANT_KEYS)
+    for override in VARIANTS[variant]:
+        key, value = override.split("=", 1)
+        setting[key] = yaml.safe_load(value)
+    return setting
+
+
+def variant_of(params: dict, where: str = "params.yaml") -> str:
+    """The variant whose setting the nested ``params`` (``params.yaml``'s shape) has.
+
+    The rotation kind counts only with ``train.so8t.enabled`` true (without rotations it has nothing
+    to choose).
+
+    Raises:
+        RecordError: a key is missing, or the values match no variant (both named, with ``where``).
+    """
+    def key(setting: dict) -> tuple:
+        on = bool(setting["train.so8t.enabled"])
+        return on, bool(setting["train.pet.enabled"]), setting["train.so8t.rotation"] if on else None
+
+    got = {k: _get(params, k, where) for k in VARIANT_KEYS}
+    for v in VARIANTS:
+        if key(variant_setting(v)) == key(got):
+            return v
+    raise RecordError(f"{where}: {got} is none of the ablation's variants ({', '.join(VARIANTS)})")
+
+
+def decision_rows(details: dict, where: str) -> dict[str, list[list]]:
+    """``{artifact: [[id, label, pred], ...]}`` of the test decisions in ``reports/eval/details.json``.
+
+    ``label`` and ``pred`` are int indices into ``so8t.schema.DECISIONS`` (ALLOW, ESCALATION, DENY),
+    one row per test decision, for each of ``ARTIFACTS``.
+
+    Raises:
+        RecordError: an artifact has no ``decision_rows`` (``where`` and the artifact named).
+    """
+    out = {}
+    for a in ARTIFACTS:
+        rows = ((details.get("artifacts") or {}).get(a) or {}).get("decision_rows")
+        if not rows:
+            raise RecordError(f"{where}: reports/eval/details.json has no artifacts.{a}.decision_rows")
+        out[a] = [[str(r["id"]), int(r["label"]), int(r["pred"])] for r in rows]
+    return out
+
+
+def machine() -> dict:
+    """The CPU model (``/proc/cpuinfo``'s ``model name``, else ``platform.processor()``) and its count."""
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "platform": platform.platform()}
+
+
+def make_record(name: str, metrics: dict, performance: dict, params: dict, details: dict, source: dict) -> dict:
+    """One finished run as ``reports/ablation/<name>.json`` keeps it.
+
+    Args:
+        name: ``abl-<variant>-s<seed>``.
+        metrics: the run's flat ``reports/metrics.json``.
+        performance: its ``reports/performance/train.json``.
+        params: its nested ``params.yaml``.
+        details: its ``reports/eval/details.json`` (for the test decisions).
+        source: where it came from, e.g. ``{"kind": "experiment", "rev": sha, "baseline": sha}``.
+
+    Raises:
+        RecordError: ``name`` is not ``abl-<variant>-s<seed>``, or the run's params name another
+            variant or seed than ``name`` does, or the details lack the test decisions.
+    """
+    match = NAME.match(name)
+    if not match or match["variant"] not in VARIANTS:
+        raise RecordError(f"{name}: not an ablation run name "
+                          f"(abl-<variant>-s<seed>, variant one of {', '.join(VARIANTS)})")
+    variant, seed = match["variant"], int(match["seed"])
+    got_variant, got_seed = variant_of(params, name), _get(params, "seed", name)
+    if (got_variant, got_seed) != (variant, seed):
+        raise RecordError(f"{name}: its params.yaml is variant {got_variant} with seed {got_seed}")
+    if not metrics.get("baked.decision.macro_f1"):
+        raise RecordError(f"{name}: reports/metrics.json has no baked.decision.macro_f1 (did evaluate run?)")
+    return {
+        "name": name,
+        "variant": variant,
+        "seed": seed,
+        "params": {k: _get(params, k, name) for k in ("seed", *VARIANT_KEYS)},
+        "source": source,
+        "recorded_on": machine(),
+        "recorded": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "performance": {k: (performance or {}).get(k) for k in PERFORMANCE_KEYS},
+        "metrics": metrics,
+        "decisions": decision_rows(details, name),
+    }
+
+
+def read_records(directory: Path) -> dict[tuple[str, int], dict]:
+    """``{(variant, seed): record}`` of every ``abl-*.json`` in ``directory`` (none if it is absent).
+
+    Raises:
+        RecordError: a file is not valid JSON, or its name disagrees with its variant and seed.
+    """
+    records: dict[tuple[str, int], dict] = {}
+    for path in sorted(Path(directory).glob("abl-*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise RecordError(f"{path}: not a readable record ({e})") from e
+        if path.stem != f"abl-{rec.get('variant')}-s{rec.get('seed')}":
+            raise RecordError(f"{path}: holds variant {rec.get('variant')!r} seed {rec.get('seed')!r}")
+        records[(rec["variant"], int(rec["seed"]))] = rec
+    return records
+
+
+def per_seed_gains(records: dict[tuple[str, int], dict], confidence: float, n_resamples: int,
+                   reference: str = "lora") -> dict[str, list[dict]]:
+    """Within each seed, each variant's test macro-F1 minus ``reference``'s, paired by decision id.
+
+    Args:
+        records: ``{(variant, seed): record}`` (:func:`read_records`); runs without ``decisions``
+            are skipped.
+        confidence, n_resamples: of the percentile bootstrap over the test decisions
+            (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004); the interval holds the noise of
+            the test sample, not the spread between seeds.
+
+    Returns:
+        ``{variant: [{"seed", "n", "<artifact>": {"gain", "ci_low", "ci_high"}, ...,
+        "same_decision": share of test decisions where the baked models agree}]}``.
+
+    Raises:
+        RecordError: two runs of one seed hold different test decisions (ids or labels): they did not
+            see the same data, so they cannot be paired.
+    """
+    from types import SimpleNamespace
+
+    from so8t.eval.evaluation import paired_gain
+
+    m = SimpleNamespace(confidence=confidence, bootstrap_resamples=n_resamples)
+    out: dict[str, list[dict]] = {}
+    for (v, s), rec in sorted(records.items()):
+        ref = records.get((reference, s))
+        if v == reference or not ref or not rec.get("decisions") or not ref.get("decisions"):
+            continue
+        row: dict = {"seed": s}
+        for a in ARTIFACTS:
+            mine = {i: (label, pred) for i, label, pred in rec["decisions"][a]}
+            theirs = {i: (label, pred) for i, label, pred in ref["decisions"][a]}
+            if mine.keys() != theirs.keys() or any(mine[i][0] != theirs[i][0] for i in mine):
+                raise RecordError(f"abl-{v}-s{s} and abl-{reference}-s{s}: different {a} test decisions; not paired")
+            ids = sorted(mine)
+            labels = np.array([mine[i][0] for i in ids])
+            row["n"] = len(ids)
+            row[a] = paired_gain(labels, np.array([mine[i][1] for i in ids]), np.array([theirs[i][1] for i in ids]), m)
+            if a == "baked":
+                row["same_decision"] = float(np.mean([mine[i][1] == theirs[i][1] for i in ids]))
+        out.setdefault(v, []).append(row)
+    return out
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
@@ -138,7 +377,7 @@ def table(runs: dict[tuple[str, int], dict], reference: str = "lora") -> dict:
                 diff = [a - b for a, b in pairs]
                 ci = mean_interval(diff)
                 row[col]["diff_vs_" + reference] = {
-                    "n": len(diff), "mean_ci95": ci,
+                    "n": len(diff), "values": diff, "mean_ci95": ci,
                     "verdict": None if ci is None else ("no difference" if ci[1] <= 0 <= ci[2]
                                                         else "higher" if ci[1] > 0 else "lower"),
                 }
@@ -150,6 +389,77 @@ def _fmt(ci, digits: int = 3) -> str:
     return "-" if ci is None else f"{ci[0]:.{digits}f} [{ci[1]:.{digits}f}, {ci[2]:.{digits}f}]"
 
 
+def _exp_show(saved: Path | None) -> list:
+    """Parsed ``dvc exp show --json``: from ``saved``, else by running it."""
+    raw = (saved.read_text(encoding="utf-8") if saved else
+           subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    return json.loads(raw)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def record_workspace() -> dict:
+    """The workspace's own run (the committed ``dvc repro``) as a record, named by its params.
+
+    Raises:
+        RecordError: ``dvc status`` lists a stale stage, or ``dvc.lock`` / ``params.yaml`` differ
+            from ``HEAD`` (the record names ``HEAD`` as its revision).
+    """
+    status = subprocess.run(["dvc", "status", "--json"], check=True, capture_output=True, text=True).stdout
+    stale = json.loads(status or "{}")
+    if stale:
+        raise RecordError(f"workspace: dvc status lists {', '.join(sorted(stale))}; run dvc repro first")
+    if _git("status", "--porcelain", "--", "dvc.lock", "params.yaml"):
+        raise RecordError("workspace: dvc.lock or params.yaml differ from HEAD; commit the run first")
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    name = f"abl-{variant_of(params)}-s{_get(params, 'seed', 'params.yaml')}"
+    read = lambda p: json.loads(Path(p).read_text(encoding="utf-8"))
+    return make_record(name, read("reports/metrics.json"), read("reports/performance/train.json"), params,
+                       read("reports/eval/details.json"), {"kind": "workspace", "rev": _git("rev-parse", "HEAD")})
+
+
+def record_experiments(data: list) -> list[dict]:
+    """Every finished ``abl-*`` experiment of ``dvc exp show --json`` as a record.
+
+    The test decisions come from the experiment's own ``reports/eval/details.json``, read from the
+    DVC cache at its revision (``dvc.api.read``).
+    """
+    import dvc.api
+
+    out = []
+    for name, exp in sorted(experiments_from_exp_show(data).items()):
+        details = json.loads(dvc.api.read("reports/eval/details.json", rev=exp["rev"]))
+        out.append(make_record(name, exp["metrics"], exp["performance"], exp["params"], details,
+                               {"kind": "experiment", "rev": exp["rev"], "baseline": exp["baseline"]}))
+    return out
+
+
+def save_records(records: list[dict], directory: Path, force: bool = False) -> list[str]:
+    """Write each record to ``directory / <name>.json`` atomically; returns what it did, a line each.
+
+    A record already there from another revision is kept unless ``force`` (two runs of one name are
+    two different runs: the second must not silently replace the first).
+    """
+    from so8t.io import write_json
+
+    said = []
+    for rec in records:
+        path = Path(directory) / f"{rec['name']}.json"
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old.get("source", {}).get("rev") == rec["source"]["rev"]:
+                said.append(f"{path}: already recorded")
+                continue
+            if not force:
+                said.append(f"{path}: kept (it holds rev {old.get('source', {}).get('rev')}; --force replaces it)")
+                continue
+        write_json(path, rec)
+        said.append(f"{path}: recorded {rec['source']['kind']} {rec['source']['rev']}")
+    return said
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -157,8 +467,14 @@ def main() -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     q.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
-    t = sub.add_parser("table", help="tabulate the finished experiments")
+    r = sub.add_parser("record", help="keep finished runs in reports/ablation/ (committed to git)")
+    r.add_argument("--json", type=Path, help="a saved `dvc exp show --json` (default: run it)")
+    r.add_argument("--dir", type=Path, default=RECORDS)
+    r.add_argument("--workspace", action="store_true", help="record the workspace's committed run instead")
+    r.add_argument("--force", action="store_true", help="replace a record from another revision")
+    t = sub.add_parser("table", help="tabulate the recorded runs and the finished experiments")
     t.add_argument("--json", type=Path, help="a saved `dvc exp show --json` (default: run it)")
+    t.add_argument("--records", type=Path, default=RECORDS, help="recorded runs (default: %(default)s)")
     t.add_argument("--out", type=Path, help="also write the table as JSON here")
     args = ap.parse_args()
     if args.cmd == "queue":
@@ -167,35 +483,67 @@ def main() -> None:
             if not args.dry_run:
                 subprocess.run(cmd, check=True)
         return
+    try:
+        if args.cmd == "record":
+            records = [record_workspace()] if args.workspace else record_experiments(_exp_show(args.json))
+            if not records:
+                sys.exit("so8t_ablation: no finished experiment named abl-<variant>-s<seed> to record")
+            print("\n".join(save_records(records, args.dir, args.force)))
+            return
+        tabulate(args)
+    except RecordError as e:
+        sys.exit(f"so8t_ablation: {e}")
+
+
+def tabulate(args) -> None:
+    """The ``table`` command: records first, then experiments not yet recorded."""
     from rich.console import Console
     from rich.table import Table
 
     from so8t.io import write_json
+    from so8t.params import load_params
 
-    raw = (args.json.read_text(encoding="utf-8") if args.json else
-           subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
-    runs = runs_from_exp_show(json.loads(raw))
+    records = read_records(args.records)
+    runs = {k: flat_run(rec["metrics"], rec["performance"]) for k, rec in records.items()}
+    for key, flat in runs_from_exp_show(_exp_show(args.json)).items():
+        runs.setdefault(key, flat)
     if not runs:
-        sys.exit("so8t_ablation: no finished experiment named abl-<variant>-s<seed>; queue the grid first")
+        sys.exit("so8t_ablation: no finished experiment named abl-<variant>-s<seed> and no record in "
+                 f"{args.records}; queue the grid first")
     result = table(runs)
+    m = load_params().metrics
+    seeds = per_seed_gains(records, m.confidence, m.bootstrap_resamples)
     console = Console()
-    grid = Table(title="SO8T ablation: mean over seeds [95 % t interval]; vs lora: paired difference, same seed")
-    grid.add_column("variant")
-    grid.add_column("seeds")
-    for col in COLUMNS:
+    grid = Table(title="SO8T ablation: per seed, mean over seeds [95 % t interval], and the paired difference "
+                       "against lora at the same seed (mean [95 % t interval] over seeds)")
+    for col in ("variant", "metric", "per seed", "mean [95 % CI]", "vs lora"):
         grid.add_column(col)
-        grid.add_column(f"{col} vs lora")
     for v, row in result.items():
-        cells = [v, ",".join(map(str, row["seeds"]))]
-        for col in COLUMNS:
+        for i, col in enumerate(COLUMNS):
             digits = 0 if col == "train s" else 3
-            cells.append(_fmt(row[col]["mean_ci95"], digits))
+            per_seed = ", ".join(f"s{s}: {x:.{digits}f}" for s, x in zip(row["seeds"], row[col]["values"]))
             d = row[col].get("diff_vs_lora")
-            cells.append("-" if not d or d["mean_ci95"] is None else f"{_fmt(d['mean_ci95'], digits)} {d['verdict']}")
-        grid.add_row(*cells)
+            vs = "-" if not d else (f"{_fmt(d['mean_ci95'], digits)} {d['verdict']}" if d["mean_ci95"] else
+                                    " ".join(f"{x:+.{digits}f}" for x in d["values"]) + " (1 seed: no interval)"
+                                    if d["values"] else "no pair")
+            grid.add_row(v if i == 0 else "", col, per_seed or "-", _fmt(row[col]["mean_ci95"], digits), vs,
+                         end_section=i == len(COLUMNS) - 1)
     console.print(grid)
+    if seeds:
+        within = Table(title="Within one seed: test macro-F1 minus lora's, paired bootstrap over the test decisions "
+                             "(test-sample noise only, not the spread between seeds)")
+        for col in ("variant", "seed", "n", *(f"{a} gain" for a in ARTIFACTS), "same baked decision"):
+            within.add_column(col)
+        for v, rows in seeds.items():
+            for row in rows:
+                within.add_row(v, str(row["seed"]), str(row["n"]),
+                               *(_fmt((row[a]["gain"], row[a]["ci_low"], row[a]["ci_high"])) for a in ARTIFACTS),
+                               f"{row['same_decision']:.3f}")
+        console.print(within)
     if args.out:
-        write_json(args.out, result)
+        write_json(args.out, {"by_variant": result, "per_seed": seeds,
+                              "runs": {rec["name"]: {"source": rec["source"], "recorded_on": rec["recorded_on"]}
+                                       for rec in records.values()}})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from scripts import load_script
@@ -58,7 +59,10 @@ def _exp_show(values: dict[tuple[str, int], tuple[float, float]]) -> list:
         {"rev": "workspace", "name": None, "data": {"metrics": {}}, "experiments": None},
         {"rev": "abc", "name": "main", "data": {"metrics": {}}, "experiments": [
             {"name": f"abl-{v}-s{s}", "executor": None, "revs": [rev(v, s, f1, ppl)]}
-            for (v, s), (f1, ppl) in values.items()]},
+            for (v, s), (f1, ppl) in values.items()] + [
+            # a queued run shows the metrics its workspace copy started from, not its own
+            {"name": "abl-random-s1", "executor": {"state": state}, "revs": [rev("random", 1, 0.99, 1.0)]}
+            for state in ("running", "queued", "failed")]},
     ]
 
 
@@ -87,15 +91,107 @@ def test_the_table_gives_means_with_intervals_and_paired_differences_against_lor
 
     saved = tmp_path / "exps.json"
     saved.write_text(json.dumps(_exp_show(values)))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "table", "--json", str(saved), "--out", str(tmp_path / "t.json")],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "table", "--json", str(saved), "--records", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "t.json")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "t.json").read_text())["so8t"]["test macro-F1"]["diff_vs_lora"]["verdict"] == "higher"
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert out["by_variant"]["so8t"]["test macro-F1"]["diff_vs_lora"]["verdict"] == "higher"
+    assert out["per_seed"] == {}  # experiments alone carry no test decisions to pair
 
 
 def test_the_table_says_when_no_ablation_run_exists(tmp_path):
     saved = tmp_path / "exps.json"
     saved.write_text(json.dumps([{"rev": "workspace", "name": None, "data": {"metrics": {}}, "experiments": None}]))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "table", "--json", str(saved)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "table", "--json", str(saved), "--records", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert proc.returncode != 0 and "no finished experiment named abl-" in proc.stderr
+
+
+def _params(seed=1, so8t=True, pet=True, rotation="learned") -> dict:
+    return {"seed": seed, "train": {"so8t": {"enabled": so8t, "rotation": rotation}, "pet": {"enabled": pet}}}
+
+
+def _details(preds: list[int], labels: list[int]) -> dict:
+    rows = [{"id": f"t{i}", "label": y, "pred": p, "logits": [0.0, 0.0, 0.0]} for i, (y, p) in enumerate(zip(labels, preds))]
+    return {"artifacts": {a: {"decision_rows": rows} for a in ("base", "baked", "q8_0", "q4_k_m")}}
+
+
+def test_a_run_is_named_by_its_params_and_a_mismatch_is_refused():
+    ab = _load()
+    for variant in ab.VARIANTS:
+        s = ab.variant_setting(variant)
+        params = _params(3, s["train.so8t.enabled"], s["train.pet.enabled"], s["train.so8t.rotation"])
+        assert ab.variant_of(params) == variant
+    # without rotations, the rotation kind has nothing to choose
+    assert ab.variant_of(_params(so8t=False, pet=False, rotation="hadamard")) == "lora"
+    with pytest.raises(ab.RecordError, match="none of the ablation's variants"):
+        ab.variant_of(_params(pet=False, rotation="hadamard"))
+    with pytest.raises(ab.RecordError, match="x.yaml: params.yaml has no key train.pet.enabled"):
+        ab.variant_of({"seed": 1, "train": {"so8t": {"enabled": True, "rotation": "learned"}}}, "x.yaml")
+
+    metrics, perf = {"baked.decision.macro_f1": 0.5}, {"train_seconds": 10.0}
+    rec = ab.make_record("abl-pet-s3", metrics, perf, _params(3, so8t=False), _details([0, 1], [0, 1]),
+                         {"kind": "experiment", "rev": "r1"})
+    assert rec["variant"] == "pet" and rec["seed"] == 3 and rec["decisions"]["q4_k_m"] == [["t0", 0, 0], ["t1", 1, 1]]
+    assert rec["performance"]["train_seconds"] == 10.0 and rec["recorded_on"]["cpus"] >= 1
+    with pytest.raises(ab.RecordError, match="abl-lora-s3: its params.yaml is variant pet with seed 3"):
+        ab.make_record("abl-lora-s3", metrics, perf, _params(3, so8t=False), _details([0], [0]), {"rev": "r"})
+    with pytest.raises(ab.RecordError, match="seed 3"):
+        ab.make_record("abl-pet-s4", metrics, perf, _params(3, so8t=False), _details([0], [0]), {"rev": "r"})
+    with pytest.raises(ab.RecordError, match="no artifacts.q8_0.decision_rows"):
+        ab.make_record("abl-pet-s3", metrics, perf, _params(3, so8t=False),
+                       {"artifacts": {"baked": {"decision_rows": [{"id": 1, "label": 0, "pred": 0}]}}}, {"rev": "r"})
+
+
+def test_records_keep_finished_runs_and_pair_them_within_a_seed(tmp_path):
+    from sklearn.metrics import f1_score
+
+    ab = _load()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120).tolist()
+    lora_pred = [y if rng.random() < 0.6 else int(rng.integers(0, 3)) for y in labels]
+    so8t_pred = [y if rng.random() < 0.9 else int(rng.integers(0, 3)) for y in labels]
+    lora = ab.make_record("abl-lora-s1", {"baked.decision.macro_f1": 0.6}, {}, _params(1, False, False),
+                          _details(lora_pred, labels), {"kind": "experiment", "rev": "a"})
+    so8t = ab.make_record("abl-so8t-s1", {"baked.decision.macro_f1": 0.9}, {}, _params(1, True, False),
+                          _details(so8t_pred, labels), {"kind": "experiment", "rev": "b"})
+    said = ab.save_records([lora, so8t], tmp_path)
+    assert all("recorded experiment" in line for line in said)
+    assert ab.save_records([lora], tmp_path) == [f"{tmp_path / 'abl-lora-s1.json'}: already recorded"]
+    other = {**lora, "source": {"kind": "experiment", "rev": "c"}, "metrics": {"baked.decision.macro_f1": 0.1}}
+    assert "kept" in ab.save_records([other], tmp_path)[0]  # another run of the same name is not replaced ...
+    records = ab.read_records(tmp_path)
+    assert records[("lora", 1)]["metrics"]["baked.decision.macro_f1"] == 0.6
+    ab.save_records([other], tmp_path, force=True)  # ... unless asked
+    assert ab.read_records(tmp_path)[("lora", 1)]["source"]["rev"] == "c"
+    ab.save_records([lora], tmp_path, force=True)
+
+    gains = ab.per_seed_gains(ab.read_records(tmp_path), 0.95, 500)
+    row = gains["so8t"][0]
+    expected = f1_score(labels, so8t_pred, average="macro") - f1_score(labels, lora_pred, average="macro")
+    assert row["seed"] == 1 and row["n"] == 120 and row["baked"]["gain"] == pytest.approx(expected)
+    assert row["baked"]["ci_low"] < expected < row["baked"]["ci_high"] and row["baked"]["ci_low"] > 0
+    assert row["same_decision"] == pytest.approx(np.mean(np.array(lora_pred) == np.array(so8t_pred)))
+
+    (tmp_path / "abl-so8t-s1.json").write_text(json.dumps(
+        {**so8t, "decisions": {a: rows[:-1] for a, rows in so8t["decisions"].items()}}))
+    with pytest.raises(ab.RecordError, match="abl-so8t-s1 and abl-lora-s1: different baked test decisions"):
+        ab.per_seed_gains(ab.read_records(tmp_path), 0.95, 100)
+    (tmp_path / "abl-pet-s2.json").write_text(json.dumps({**so8t, "variant": "so8t"}))
+    with pytest.raises(ab.RecordError, match="abl-pet-s2.json: holds variant 'so8t' seed 1"):
+        ab.read_records(tmp_path)
+
+    (tmp_path / "abl-pet-s2.json").unlink()
+    (tmp_path / "abl-so8t-s1.json").write_text(json.dumps(so8t))
+    empty = tmp_path / "exps.json"
+    empty.write_text(json.dumps([{"rev": "workspace", "name": None, "data": {"metrics": {}}, "experiments": None}]))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "table", "--json", str(empty), "--records", str(tmp_path),
+                           "--out", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert out["by_variant"]["so8t"]["test macro-F1"]["values"] == [0.9]
+    assert out["per_seed"]["so8t"][0]["baked"]["gain"] == pytest.approx(expected)
+    assert out["runs"]["abl-lora-s1"]["source"]["rev"] == "a"
+    assert "Within one seed" in proc.stdout
