@@ -389,11 +389,25 @@ def _fmt(ci, digits: int = 3) -> str:
     return "-" if ci is None else f"{ci[0]:.{digits}f} [{ci[1]:.{digits}f}, {ci[2]:.{digits}f}]"
 
 
+def baselines(exp_list: str) -> list[str]:
+    """The baseline commits named by ``dvc exp list --all-commits`` (lines ``<sha>:``, then its experiments)."""
+    return [line[:-1] for line in exp_list.splitlines() if re.fullmatch(r"[0-9a-f]{7,40}:", line.strip())
+            and not line[:1].isspace()]
+
+
 def _exp_show(saved: Path | None) -> list:
-    """Parsed ``dvc exp show --json``: from ``saved``, else by running it."""
-    raw = (saved.read_text(encoding="utf-8") if saved else
-           subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
-    return json.loads(raw)
+    """Parsed ``dvc exp show --json``: from ``saved``, else by running it.
+
+    ``dvc exp show`` alone shows the experiments of ``HEAD`` only; a commit made after the grid was
+    queued would hide it. So it is run with ``--rev`` for every commit that has experiments
+    (``dvc exp list --all-commits``).
+    """
+    if saved:
+        return json.loads(saved.read_text(encoding="utf-8"))
+    listed = subprocess.run(["dvc", "exp", "list", "--all-commits"], check=True, capture_output=True, text=True).stdout
+    revs = [a for rev in baselines(listed) for a in ("--rev", rev)]
+    return json.loads(subprocess.run(["dvc", "exp", "show", "--json", *revs], check=True, capture_output=True,
+                                     text=True).stdout)
 
 
 def _git(*args: str) -> str:

@@ -195,3 +195,10 @@ def test_records_keep_finished_runs_and_pair_them_within_a_seed(tmp_path):
     assert out["per_seed"]["so8t"][0]["baked"]["gain"] == pytest.approx(expected)
     assert out["runs"]["abl-lora-s1"]["source"]["rev"] == "a"
     assert "Within one seed" in proc.stdout
+
+
+def test_experiments_of_every_commit_are_found_not_only_heads():
+    ab = _load()
+    listed = "357a36b:\n\tbc83b1e [abl-lora-s42]\n\t9152280 [abl-so8t-s42]\n8a68837e:\n\t1234567 [abl-pet-s1]\n"
+    assert ab.baselines(listed) == ["357a36b", "8a68837e"]
+    assert ab.baselines("") == []
