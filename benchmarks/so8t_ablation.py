@@ -285,6 +285,13 @@ def make_record(name: str, metrics: dict, performance: dict, params: dict, detai
     }
 
 
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: not a readable record ({e})") from e
+
+
 def read_records(directory: Path) -> dict[tuple[str, int], dict]:
     """``{(variant, seed): record}`` of every ``abl-*.json`` in ``directory`` (none if it is absent).
 
@@ -293,10 +300,7 @@ def read_records(directory: Path) -> dict[tuple[str, int], dict]:
     """
     records: dict[tuple[str, int], dict] = {}
     for path in sorted(Path(directory).glob("abl-*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise RecordError(f"{path}: not a readable record ({e})") from e
+        rec = _read_record(path)
         if path.stem != f"abl-{rec.get('variant')}-s{rec.get('seed')}":
             raise RecordError(f"{path}: holds variant {rec.get('variant')!r} seed {rec.get('seed')!r}")
         records[(rec["variant"], int(rec["seed"]))] = rec
@@ -455,6 +459,9 @@ def save_records(records: list[dict], directory: Path, force: bool = False) -> l
 
     A record already there from another revision is kept unless ``force`` (two runs of one name are
     two different runs: the second must not silently replace the first).
+
+    Raises:
+        RecordError: a record already there is not readable JSON (its path named).
     """
     from so8t.io import write_json
 
@@ -462,7 +469,7 @@ def save_records(records: list[dict], directory: Path, force: bool = False) -> l
     for rec in records:
         path = Path(directory) / f"{rec['name']}.json"
         if path.exists():
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = _read_record(path)
             if old.get("source", {}).get("rev") == rec["source"]["rev"]:
                 said.append(f"{path}: already recorded")
                 continue
