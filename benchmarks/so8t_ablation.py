@@ -37,9 +37,13 @@ the F16 GGUF (share of every test decision given the same label, ``<q>.parity.de
 train wall time; then
 the paired difference of each variant against ``lora`` with the same seed (same data, same batches),
 mean and 95 % t interval over the seeds. A difference whose interval holds 0 is "no difference".
+A fixed rotation (``hadamard``, ``random``) is also paired with the trained default ``so8t_pet``: the
+two differ in the rotation only, so that difference answers "is a trained rotation better than a
+fixed one?".
 
 A t interval needs two seeds. Within one seed, where both runs have recorded decisions, the table
-also gives the paired difference of test macro-F1 against ``lora`` with a percentile bootstrap over
+also gives the paired difference of test macro-F1 against ``lora`` (and a fixed rotation's against
+``so8t_pet``) with a percentile bootstrap over
 the test decisions (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the
 noise of the test sample only, not the spread between seeds.
 """
@@ -68,6 +72,10 @@ VARIANTS: dict[str, list[str]] = {
     "hadamard": ["train.so8t.enabled=true", "train.pet.enabled=true", "train.so8t.rotation=hadamard"],
     "random": ["train.so8t.enabled=true", "train.pet.enabled=true", "train.so8t.rotation=random"],
 }
+#: The trained default; a fixed rotation (``hadamard``, ``random``) differs from it in the rotation only
+#: (same PET, same data), so each is also paired with it: is a trained rotation better than a fixed one?
+TRAINED = "so8t_pet"
+FIXED_ROTATIONS = ("hadamard", "random")
 NAME = re.compile(r"^abl-(?P<variant>[a-z0-9_]+)-s(?P<seed>\d+)$")
 #: Columns: (label, function of the flat metrics of one run -> value or None).
 COLUMNS = {
@@ -308,12 +316,14 @@ def read_records(directory: Path) -> dict[tuple[str, int], dict]:
 
 
 def per_seed_gains(records: dict[tuple[str, int], dict], confidence: float, n_resamples: int,
-                   reference: str = "lora") -> dict[str, list[dict]]:
+                   reference: str = "lora", variants: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
     """Within each seed, each variant's test macro-F1 minus ``reference``'s, paired by decision id.
 
     Args:
         records: ``{(variant, seed): record}`` (:func:`read_records`); runs without ``decisions``
             are skipped.
+        reference: the variant each run is paired with (same seed).
+        variants: pair only these variants (default: every one but ``reference``).
         confidence, n_resamples: of the percentile bootstrap over the test decisions
             (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004); the interval holds the noise of
             the test sample, not the spread between seeds.
@@ -334,7 +344,8 @@ def per_seed_gains(records: dict[tuple[str, int], dict], confidence: float, n_re
     out: dict[str, list[dict]] = {}
     for (v, s), rec in sorted(records.items()):
         ref = records.get((reference, s))
-        if v == reference or not ref or not rec.get("decisions") or not ref.get("decisions"):
+        if (v == reference or (variants is not None and v not in variants) or not ref
+                or not rec.get("decisions") or not ref.get("decisions")):
             continue
         row: dict = {"seed": s}
         for a in ARTIFACTS:
@@ -365,8 +376,14 @@ def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
     return mean, mean - half, mean + half
 
 
-def table(runs: dict[tuple[str, int], dict], reference: str = "lora") -> dict:
-    """Per variant and column: the mean with its interval, and the paired difference to ``reference``."""
+def references(variant: str) -> list[str]:
+    """The variants ``variant`` is paired with: ``lora``, and for a fixed rotation also :data:`TRAINED`."""
+    return [r for r in ("lora", *([TRAINED] if variant in FIXED_ROTATIONS else [])) if r != variant]
+
+
+def table(runs: dict[tuple[str, int], dict]) -> dict:
+    """Per variant and column: the mean with its interval, and the paired difference to each of its
+    :func:`references` (``diff_vs_<reference>``: per-seed values, mean and 95 % t interval, verdict)."""
     variants = [v for v in VARIANTS if any(k[0] == v for k in runs)]
     out: dict = {}
     for v in variants:
@@ -375,7 +392,7 @@ def table(runs: dict[tuple[str, int], dict], reference: str = "lora") -> dict:
         for col, get in COLUMNS.items():
             values = [x for s in seeds if (x := get(runs[(v, s)])) is not None]
             row[col] = {"n": len(values), "values": values, "mean_ci95": mean_interval(values)}
-            if v != reference:
+            for reference in references(v):
                 pairs = [(a, b) for s in seeds if (v, s) in runs and (reference, s) in runs
                          and (a := get(runs[(v, s)])) is not None and (b := get(runs[(reference, s)])) is not None]
                 diff = [a - b for a, b in pairs]
@@ -393,6 +410,17 @@ def _fmt(ci, digits: int = 3) -> str:
     return "-" if ci is None else f"{ci[0]:.{digits}f} [{ci[1]:.{digits}f}, {ci[2]:.{digits}f}]"
 
 
+def _fmt_diff(d: dict | None, digits: int) -> str:
+    """One ``diff_vs_<reference>`` cell: mean [interval] and verdict, or the single seed's difference."""
+    if not d:
+        return "-"
+    if d["mean_ci95"]:
+        return f"{_fmt(d['mean_ci95'], digits)} {d['verdict']}"
+    if d["values"]:
+        return " ".join(f"{x:+.{digits}f}" for x in d["values"]) + " (1 seed: no interval)"
+    return "no pair"
+
+
 def baselines(exp_list: str) -> list[str]:
     """The baseline commits named by ``dvc exp list --all-commits`` (lines ``<sha>:``, then its experiments)."""
     return [line[:-1] for line in exp_list.splitlines() if re.fullmatch(r"[0-9a-f]{7,40}:", line.strip())
@@ -408,10 +436,14 @@ def _exp_show(saved: Path | None) -> list:
     """
     if saved:
         return json.loads(saved.read_text(encoding="utf-8"))
-    listed = subprocess.run(["dvc", "exp", "list", "--all-commits"], check=True, capture_output=True, text=True).stdout
+    listed = _dvc("exp", "list", "--all-commits")
     revs = [a for rev in baselines(listed) for a in ("--rev", rev)]
-    return json.loads(subprocess.run(["dvc", "exp", "show", "--json", *revs], check=True, capture_output=True,
-                                     text=True).stdout)
+    return json.loads(_dvc("exp", "show", "--json", *revs))
+
+
+def _dvc(*args: str) -> str:
+    """stdout of ``dvc <args>``, run as this interpreter's module (the venv's DVC, whatever ``PATH`` says)."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], check=True, capture_output=True, text=True).stdout
 
 
 def _git(*args: str) -> str:
@@ -425,7 +457,7 @@ def record_workspace() -> dict:
         RecordError: ``dvc status`` lists a stale stage, or ``dvc.lock`` / ``params.yaml`` differ
             from ``HEAD`` (the record names ``HEAD`` as its revision).
     """
-    status = subprocess.run(["dvc", "status", "--json"], check=True, capture_output=True, text=True).stdout
+    status = _dvc("status", "--json")
     stale = json.loads(status or "{}")
     if stale:
         raise RecordError(f"workspace: dvc status lists {', '.join(sorted(stale))}; run dvc repro first")
@@ -534,35 +566,37 @@ def tabulate(args) -> None:
     result = table(runs)
     m = load_params().metrics
     seeds = per_seed_gains(records, m.confidence, m.bootstrap_resamples)
+    vs_trained = per_seed_gains(records, m.confidence, m.bootstrap_resamples, TRAINED, FIXED_ROTATIONS)
+    refs = ["lora", *([TRAINED] if any(v in FIXED_ROTATIONS for v in result) else [])]
     console = Console()
     grid = Table(title="SO8T ablation: per seed, mean over seeds [95 % t interval], and the paired difference "
-                       "against lora at the same seed (mean [95 % t interval] over seeds)")
-    for col in ("variant", "metric", "per seed", "mean [95 % CI]", "vs lora"):
+                       "against lora (a fixed rotation: also against the trained one, so8t_pet) at the same seed "
+                       "(mean [95 % t interval] over seeds)")
+    for col in ("variant", "metric", "per seed", "mean [95 % CI]", *(f"vs {r}" for r in refs)):
         grid.add_column(col)
     for v, row in result.items():
         for i, col in enumerate(COLUMNS):
             digits = 0 if col == "train s" else 3
             per_seed = ", ".join(f"s{s}: {x:.{digits}f}" for s, x in zip(row["seeds"], row[col]["values"]))
-            d = row[col].get("diff_vs_lora")
-            vs = "-" if not d else (f"{_fmt(d['mean_ci95'], digits)} {d['verdict']}" if d["mean_ci95"] else
-                                    " ".join(f"{x:+.{digits}f}" for x in d["values"]) + " (1 seed: no interval)"
-                                    if d["values"] else "no pair")
-            grid.add_row(v if i == 0 else "", col, per_seed or "-", _fmt(row[col]["mean_ci95"], digits), vs,
+            grid.add_row(v if i == 0 else "", col, per_seed or "-", _fmt(row[col]["mean_ci95"], digits),
+                         *(_fmt_diff(row[col].get(f"diff_vs_{r}"), digits) for r in refs),
                          end_section=i == len(COLUMNS) - 1)
     console.print(grid)
-    if seeds:
-        within = Table(title="Within one seed: test macro-F1 minus lora's, paired bootstrap over the test decisions "
-                             "(test-sample noise only, not the spread between seeds)")
+    for reference, gains in (("lora", seeds), (TRAINED, vs_trained)):
+        if not gains:
+            continue
+        within = Table(title=f"Within one seed: test macro-F1 minus {reference}'s, paired bootstrap over the test "
+                             "decisions (test-sample noise only, not the spread between seeds)")
         for col in ("variant", "seed", "n", *(f"{a} gain" for a in ARTIFACTS), "same baked decision"):
             within.add_column(col)
-        for v, rows in seeds.items():
+        for v, rows in gains.items():
             for row in rows:
                 within.add_row(v, str(row["seed"]), str(row["n"]),
                                *(_fmt((row[a]["gain"], row[a]["ci_low"], row[a]["ci_high"])) for a in ARTIFACTS),
                                f"{row['same_decision']:.3f}")
         console.print(within)
     if args.out:
-        write_json(args.out, {"by_variant": result, "per_seed": seeds,
+        write_json(args.out, {"by_variant": result, "per_seed": seeds, f"per_seed_vs_{TRAINED}": vs_trained,
                               "runs": {rec["name"]: {"source": rec["source"], "recorded_on": rec["recorded_on"]}
                                        for rec in records.values()}})
 

@@ -197,6 +197,39 @@ def test_records_keep_finished_runs_and_pair_them_within_a_seed(tmp_path):
     assert "Within one seed" in proc.stdout
 
 
+def test_a_fixed_rotation_is_also_paired_with_the_trained_one(tmp_path):
+    from sklearn.metrics import f1_score
+
+    ab = _load()
+    assert ab.references("lora") == [] and ab.references("so8t") == ["lora"]
+    assert ab.references("hadamard") == ab.references("random") == ["lora", "so8t_pet"]
+    values = {("lora", 1): (0.70, 50.0), ("lora", 2): (0.72, 51.0),
+              ("so8t_pet", 1): (0.90, 52.0), ("so8t_pet", 2): (0.88, 53.0),
+              ("hadamard", 1): (0.80, 52.5), ("hadamard", 2): (0.79, 53.6)}
+    result = ab.table(ab.runs_from_exp_show(_exp_show(values)))
+    d = result["hadamard"]["test macro-F1"]["diff_vs_so8t_pet"]
+    assert d["values"] == pytest.approx([-0.10, -0.09]) and d["verdict"] == "lower"
+    assert result["hadamard"]["test macro-F1"]["diff_vs_lora"]["values"] == pytest.approx([0.10, 0.07])
+    assert result["hadamard"]["perplexity"]["diff_vs_so8t_pet"]["values"] == pytest.approx([0.5, 0.6])
+    assert "diff_vs_so8t_pet" not in result["so8t_pet"]["test macro-F1"]
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 90).tolist()
+    preds = {v: [y if rng.random() < acc else int(rng.integers(0, 3)) for y in labels]
+             for v, acc in (("lora", 0.5), ("so8t_pet", 0.9), ("hadamard", 0.7))}
+    settings = {"lora": (False, False, "learned"), "so8t_pet": (True, True, "learned"),
+                "hadamard": (True, True, "hadamard")}
+    recs = [ab.make_record(f"abl-{v}-s1", {"baked.decision.macro_f1": 0.5}, {}, _params(1, *settings[v]), _details(preds[v], labels),
+                           {"kind": "experiment", "rev": v}) for v in preds]
+    ab.save_records(recs, tmp_path)
+    records = ab.read_records(tmp_path)
+    vs_trained = ab.per_seed_gains(records, 0.95, 300, "so8t_pet", ab.FIXED_ROTATIONS)
+    assert list(vs_trained) == ["hadamard"]  # lora is not a fixed rotation: not paired with the trained one
+    expected = f1_score(labels, preds["hadamard"], average="macro") - f1_score(labels, preds["so8t_pet"], average="macro")
+    assert vs_trained["hadamard"][0]["baked"]["gain"] == pytest.approx(expected)
+    assert set(ab.per_seed_gains(records, 0.95, 300)) == {"so8t_pet", "hadamard"}
+
+
 def test_experiments_of_every_commit_are_found_not_only_heads():
     ab = _load()
     listed = "357a36b:\n\tbc83b1e [abl-lora-s42]\n\t9152280 [abl-so8t-s42]\n8a68837e:\n\t1234567 [abl-pet-s1]\n"
