@@ -567,7 +567,7 @@ def tabulate(args) -> None:
     m = load_params().metrics
     seeds = per_seed_gains(records, m.confidence, m.bootstrap_resamples)
     vs_trained = per_seed_gains(records, m.confidence, m.bootstrap_resamples, TRAINED, FIXED_ROTATIONS)
-    refs = ["lora", *([TRAINED] if any(v in FIXED_ROTATIONS for v in result) else [])]
+    refs = list(dict.fromkeys(r for v in result for r in references(v)))  # the diff_vs_* columns present
     console = Console()
     grid = Table(title="SO8T ablation: per seed, mean over seeds [95 % t interval], and the paired difference "
                        "against lora (a fixed rotation: also against the trained one, so8t_pet) at the same seed "
