@@ -71,11 +71,20 @@ VARIANTS: dict[str, list[str]] = {
     "so8t_pet": ["train.so8t.enabled=true", "train.pet.enabled=true"],
     "hadamard": ["train.so8t.enabled=true", "train.pet.enabled=true", "train.so8t.rotation=hadamard"],
     "random": ["train.so8t.enabled=true", "train.pet.enabled=true", "train.so8t.rotation=random"],
+    "hadamard_invariant": ["train.so8t.enabled=true", "train.pet.enabled=true",
+                           "train.so8t.rotation=hadamard_invariant"],
+    "random_invariant": ["train.so8t.enabled=true", "train.pet.enabled=true", "train.so8t.rotation=random_invariant"],
 }
-#: The trained default; a fixed rotation (``hadamard``, ``random``) differs from it in the rotation only
-#: (same PET, same data), so each is also paired with it: is a trained rotation better than a fixed one?
+#: The trained default; a fixed rotation (``hadamard``, ``random`` and their ``_invariant`` kinds)
+#: differs from it in the rotation only (same PET, same data), so each is also paired with it: is a
+#: trained rotation better than a fixed one?
 TRAINED = "so8t_pet"
-FIXED_ROTATIONS = ("hadamard", "random")
+#: Fixed rotations with their inverse folded into ``v_proj`` (QuaRot): the model computes what
+#: ``pet`` (LoRA + PET, no rotation) computes, and only the weights that are quantised differ.
+INVARIANT_ROTATIONS = ("hadamard_invariant", "random_invariant")
+FIXED_ROTATIONS = ("hadamard", "random", *INVARIANT_ROTATIONS)
+#: What an invariant rotation is also paired with: the same model without the rotation.
+UNROTATED = "pet"
 NAME = re.compile(r"^abl-(?P<variant>[a-z0-9_]+)-s(?P<seed>\d+)$")
 #: Columns: (label, function of the flat metrics of one run -> value or None).
 COLUMNS = {
@@ -377,8 +386,11 @@ def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
 
 
 def references(variant: str) -> list[str]:
-    """The variants ``variant`` is paired with: ``lora``, and for a fixed rotation also :data:`TRAINED`."""
-    return [r for r in ("lora", *([TRAINED] if variant in FIXED_ROTATIONS else [])) if r != variant]
+    """The variants ``variant`` is paired with: ``lora``; for a fixed rotation also :data:`TRAINED`;
+    for an invariant one also :data:`UNROTATED` (does the rotation change quantisation loss?)."""
+    refs = ["lora", *([TRAINED] if variant in FIXED_ROTATIONS else []),
+            *([UNROTATED] if variant in INVARIANT_ROTATIONS else [])]
+    return [r for r in refs if r != variant]
 
 
 def table(runs: dict[tuple[str, int], dict]) -> dict:
@@ -565,12 +577,14 @@ def tabulate(args) -> None:
                  f"{args.records}; queue the grid first")
     result = table(runs)
     m = load_params().metrics
-    seeds = per_seed_gains(records, m.confidence, m.bootstrap_resamples)
-    vs_trained = per_seed_gains(records, m.confidence, m.bootstrap_resamples, TRAINED, FIXED_ROTATIONS)
     refs = list(dict.fromkeys(r for v in result for r in references(v)))  # the diff_vs_* columns present
+    paired = {r: per_seed_gains(records, m.confidence, m.bootstrap_resamples, r,
+                                None if r == "lora" else tuple(v for v in VARIANTS if r in references(v)))
+              for r in dict.fromkeys(["lora", TRAINED, *refs])}
     console = Console()
     grid = Table(title="SO8T ablation: per seed, mean over seeds [95 % t interval], and the paired difference "
-                       "against lora (a fixed rotation: also against the trained one, so8t_pet) at the same seed "
+                       "against lora (a fixed rotation: also against the trained one, so8t_pet; an invariant one: "
+                       "also against pet, the same function unrotated) at the same seed "
                        "(mean [95 % t interval] over seeds)")
     for col in ("variant", "metric", "per seed", "mean [95 % CI]", *(f"vs {r}" for r in refs)):
         grid.add_column(col)
@@ -582,7 +596,7 @@ def tabulate(args) -> None:
                          *(_fmt_diff(row[col].get(f"diff_vs_{r}"), digits) for r in refs),
                          end_section=i == len(COLUMNS) - 1)
     console.print(grid)
-    for reference, gains in (("lora", seeds), (TRAINED, vs_trained)):
+    for reference, gains in paired.items():
         if not gains:
             continue
         within = Table(title=f"Within one seed: test macro-F1 minus {reference}'s, paired bootstrap over the test "
@@ -596,7 +610,8 @@ def tabulate(args) -> None:
                                f"{row['same_decision']:.3f}")
         console.print(within)
     if args.out:
-        write_json(args.out, {"by_variant": result, "per_seed": seeds, f"per_seed_vs_{TRAINED}": vs_trained,
+        write_json(args.out, {"by_variant": result, "per_seed": paired["lora"],
+                              **{f"per_seed_vs_{r}": g for r, g in paired.items() if r != "lora"},
                               "runs": {rec["name"]: {"source": rec["source"], "recorded_on": rec["recorded_on"]}
                                        for rec in records.values()}})
 

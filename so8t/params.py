@@ -151,8 +151,12 @@ class SO8TParams(_Section):
     parameterization: Literal["expm", "cayley"] = "expm"
     learning_rate: PosFloat = 1.0e-3
     #: ``learned`` (trained from near identity) or a fixed rotation, not trained, for the ablation:
-    #: ``random`` (Haar SO(8) blocks drawn from ``seed``) or ``hadamard`` (H_8 / sqrt(8) blocks).
-    rotation: Literal["learned", "random", "hadamard"] = "learned"
+    #: ``random`` (Haar SO(8) blocks drawn from ``seed``) or ``hadamard`` (H_8 / sqrt(8) blocks), which
+    #: change the function like a learned one; or ``random_invariant`` / ``hadamard_invariant``, the
+    #: same blocks with their inverse also folded into ``v_proj`` (QuaRot's computational
+    #: invariance): the model computes the base's function and only the weights that are
+    #: quantised change (:func:`so8t.model.attach.make_invariant`).
+    rotation: Literal["learned", "random", "hadamard", "random_invariant", "hadamard_invariant"] = "learned"
 
     @model_validator(mode="after")
     def _fixed_rotations_need_expm(self) -> SO8TParams:

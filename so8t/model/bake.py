@@ -4,7 +4,10 @@ For a rotated projection ``y = (x R) W^T + b`` the folded weight is::
 
     W' = W R^T          so that   x W'^T + b = x R W^T + b
 
-(:mod:`so8t.model.rotation`). LoRA is merged first (``W <- W + (alpha/r) B A``,
+(:mod:`so8t.model.rotation`). An invariant rotation (:func:`so8t.model.attach.make_invariant`)
+also has its inverse folded into the same layer's ``v_proj``: ``W_v' = R_v W_v`` and
+``b_v' = b_v R_v^T`` with ``R_v = blockdiag_g(R_g)`` over the key/value heads, so that
+``(x W_v^T + b_v) R_v^T = x W_v'^T + b_v'``. LoRA is merged first (``W <- W + (alpha/r) B A``,
 Hu et al. 2021, via PEFT's ``merge_and_unload``) because the rotation acts on
 the input of the whole LoRA-wrapped ``o_proj``. The product is computed in
 float64 and cast back to the weight's dtype. Afterwards the hooks and rotation
@@ -30,7 +33,17 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from so8t.model.attach import SO8TError, attached_rotations, detach_rotations, host_model, o_proj_path
+from so8t.model.attach import (
+    SO8TError,
+    attached_rotations,
+    attention_geometry,
+    detach_rotations,
+    host_model,
+    is_invariant,
+    kv_blocks,
+    o_proj_path,
+    v_proj_path,
+)
 
 _BAKED_FLAG = "_so8t_baked"
 
@@ -58,8 +71,32 @@ def fold_rotation_(linear: nn.Linear, rotation: torch.Tensor) -> None:
         w.copy_(folded.to(w.dtype))
 
 
+def fold_output_rotation_(linear: nn.Linear, rotation: torch.Tensor) -> None:
+    """In place: ``weight <- rotation @ weight`` and ``bias <- bias @ rotation.T``, in float64.
+
+    The layer then computes ``(x W^T + b) R^T``: its output multiplied by ``R^T``, the inverse of
+    a rotation ``R`` applied further on (the ``v_proj`` side of an invariant rotation).
+
+    Args:
+        linear: an ``nn.Linear`` with weight shape ``(d, in)``.
+        rotation: ``(d, d)`` orthogonal matrix ``R``.
+
+    Raises:
+        BakeError: if the widths disagree.
+    """
+    w = linear.weight
+    if w.shape[0] != rotation.shape[0] or rotation.shape[0] != rotation.shape[1]:
+        raise BakeError(f"cannot fold a {tuple(rotation.shape)} rotation into the output of a weight of shape {tuple(w.shape)}")
+    r = rotation.to(device=w.device, dtype=torch.float64)
+    with torch.no_grad():
+        w.copy_((r @ w.detach().to(torch.float64)).to(w.dtype))
+        if linear.bias is not None:
+            linear.bias.copy_((linear.bias.detach().to(torch.float64) @ r.T).to(linear.bias.dtype))
+
+
 def bake_model(model: nn.Module, require_rotations: bool = True) -> nn.Module:
-    """Merge LoRA (if PEFT-wrapped) and fold every attached rotation into its ``o_proj``.
+    """Merge LoRA (if PEFT-wrapped) and fold every attached rotation into its ``o_proj`` (and the
+    inverse of an invariant one into its ``v_proj``).
 
     Args:
         model: a HF causal LM, optionally PEFT-wrapped, with rotations attached
@@ -81,9 +118,15 @@ def bake_model(model: nn.Module, require_rotations: bool = True) -> nn.Module:
     for name, p in host.named_parameters():
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise BakeError(f"{name} has dtype {p.dtype}; bake needs a 16/32-bit base (reload the base unquantised)")
-    rotations = {i: rot.matrix(torch.float64).detach() for i, rot in attached_rotations(model).items()}
+    attached = attached_rotations(model)
+    rotations = {i: rot.matrix(torch.float64).detach() for i, rot in attached.items()}
     if require_rotations and not rotations:
         raise BakeError("no SO8T rotations are attached to this model (already baked, or trained without SO8T?)")
+    inverses = {}
+    if rotations and is_invariant(model):
+        heads, kv_heads, _ = attention_geometry(model)
+        inverses = {i: torch.block_diag(*kv_blocks(rot.blocks(torch.float64).detach(), heads, kv_heads).unbind(0))
+                    for i, rot in attached.items()}
     detach_rotations(model)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
@@ -92,6 +135,11 @@ def bake_model(model: nn.Module, require_rotations: bool = True) -> nn.Module:
         if not isinstance(linear, nn.Linear):
             raise BakeError(f"{o_proj_path(model, i)} is {type(linear).__name__} after merging, expected nn.Linear")
         fold_rotation_(linear, r)
+    for i, r_v in inverses.items():
+        linear = model.get_submodule(v_proj_path(model, i))
+        if not isinstance(linear, nn.Linear):
+            raise BakeError(f"{v_proj_path(model, i)} is {type(linear).__name__} after merging, expected nn.Linear")
+        fold_output_rotation_(linear, r_v)
     setattr(model, _BAKED_FLAG, True)
     return model
 

@@ -192,7 +192,9 @@ def random_generator(num_blocks: int, max_angle: float, generator: torch.Generat
 #: fixed one that is not trained: ``random`` (Haar-random SO(8) blocks) or ``hadamard`` (the
 #: normalised 8x8 Sylvester-Hadamard matrix in every block), the untrained rotations of QuaRot
 #: (Ashkboos et al. 2024) and SpinQuant's random init (Liu et al. 2024), in SO8T's block layout.
-RotationKind = Literal["learned", "random", "hadamard"]
+#: The ``_invariant`` kinds are the same blocks with their inverse folded into ``v_proj`` as well
+#: (:func:`so8t.model.attach.make_invariant`), which keeps the model's function, as those papers do.
+RotationKind = Literal["learned", "random", "hadamard", "random_invariant", "hadamard_invariant"]
 
 
 def hadamard_block() -> torch.Tensor:
@@ -267,9 +269,13 @@ def generator_of(blocks: torch.Tensor) -> torch.Tensor:
 def fixed_generator(kind: RotationKind, num_blocks: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The ``(num_blocks, 28)`` generator of a fixed rotation: ``random`` (Haar) or ``hadamard``.
 
+    ``random_invariant`` and ``hadamard_invariant`` draw the same blocks (whether the inverse is
+    folded into ``v_proj`` too is :func:`so8t.model.attach.make_invariant`'s business).
+
     Raises:
         ValueError: ``kind`` is ``learned`` or unknown.
     """
+    kind = kind.removesuffix("_invariant")  # type: ignore[assignment]
     if kind == "hadamard":
         return generator_of(hadamard_block().expand(num_blocks, BLOCK, BLOCK))
     if kind == "random":

@@ -638,12 +638,25 @@ def fix_rotations(model: nn.Module, kind: str, seed: int) -> None:
     ``random`` draws independent Haar SO(8) blocks for each layer from ``seed + 1``
     (:func:`so8t.model.rotation.fixed_generator`). The generator keeps ``requires_grad=False``,
     so the optimiser never sees it; it is saved, checkpointed and folded by bake as a trained one.
+
+    ``random_invariant`` / ``hadamard_invariant`` draw one set of blocks per key/value head, give
+    it to every query head that reads that head (:func:`so8t.model.attach.tile_kv_generator`) and
+    fold the inverse into ``v_proj`` (:func:`so8t.model.attach.make_invariant`): the model then
+    computes the base's function, and only the weights bake writes (and quantisation sees) change.
     """
+    from so8t.model.attach import invariant_geometry, make_invariant, tile_kv_generator
     from so8t.model.rotation import fixed_generator
 
     draw = torch.Generator().manual_seed(seed + 1)
     rotations = attached_rotations(model)
-    set_generators(model, {i: fixed_generator(kind, r.num_blocks, draw) for i, r in sorted(rotations.items())})
+    if kind.endswith("_invariant"):
+        heads, kv_heads, _ = invariant_geometry(model)
+        set_generators(model, {i: tile_kv_generator(fixed_generator(kind, r.num_blocks * kv_heads // heads, draw),
+                                                    heads, kv_heads)
+                               for i, r in sorted(rotations.items())})
+        make_invariant(model)
+    else:
+        set_generators(model, {i: fixed_generator(kind, r.num_blocks, draw) for i, r in sorted(rotations.items())})
     for r in rotations.values():
         r.generator.requires_grad_(False)
 

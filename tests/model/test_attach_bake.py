@@ -211,3 +211,105 @@ def test_spot_layers_spread_over_the_rotated_layers():
     assert spot_layers(model, [0, 3, 5, 9, 12], 3) == [0, 5, 12]
     assert spot_layers(model, [4, 7], 3) == [4, 7]
     assert spot_layers(model, [], 1) == [0]
+
+
+def _invariant(model, kind="random", seed=0):
+    """Attach rotations with one Haar (or Hadamard) set of blocks per key/value head and make them invariant."""
+    from so8t.model.attach import attention_geometry, make_invariant, tile_kv_generator
+    from so8t.model.rotation import fixed_generator
+
+    rots = attach_rotations(model)
+    heads, kv_heads, _ = attention_geometry(model)
+    g = torch.Generator().manual_seed(seed)
+    set_generators(model, {i: tile_kv_generator(fixed_generator(kind, r.num_blocks * kv_heads // heads, g), heads, kv_heads)
+                           for i, r in rots.items()})
+    assert make_invariant(model) == sorted(rots)
+    return rots
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen2"])
+def test_an_invariant_rotation_keeps_the_function_and_bakes_into_v_proj_and_o_proj(arch):
+    """QuaRot's computational invariance: R^T per key/value head after v_proj cancels R before o_proj."""
+    from so8t.model.attach import is_invariant, o_proj_path, v_proj_path
+
+    ids, mask = tiny_batch()
+    plain = tiny_model(arch)
+    ref = model_logits(plain, ids, mask)
+    model = tiny_model(arch)
+    rots = _invariant(model)
+    assert all(r.max_angle() > 1.0 for r in rots.values())  # far from identity, yet:
+    assert is_invariant(model)
+    assert compare_logits(ref, model_logits(model, ids, mask)).max_abs_diff < 1e-5
+    baked = bake_model(model)
+    assert compare_logits(ref, model_logits(baked, ids, mask)).max_abs_diff < 1e-5
+    # ... and the weights that are quantised did change: o_proj's columns and v_proj's rows are mixed.
+    for path in (o_proj_path(baked, 0), v_proj_path(baked, 0)):
+        w, w0 = baked.get_submodule(path).weight, plain.get_submodule(path).weight
+        assert (w - w0).abs().max() > 1e-2
+        torch.testing.assert_close(torch.linalg.matrix_norm(w), torch.linalg.matrix_norm(w0))  # rotated, not scaled
+    if arch == "qwen2":  # v_proj's bias is rotated with its output
+        b, b0 = baked.get_submodule(v_proj_path(baked, 0)).bias, plain.get_submodule(v_proj_path(baked, 0)).bias
+        assert (b - b0).abs().max() > 1e-3 and torch.allclose(b.norm(), b0.norm())
+
+
+def test_an_invariant_rotation_with_lora_bakes_exactly_and_survives_save_and_load(tmp_path):
+    from so8t.model.attach import is_invariant, rotations_invariant
+
+    model = _lora(tiny_model("gemma3_text"))
+    _invariant(model, "hadamard")
+    ids, mask = tiny_batch()
+    ref = model_logits(model, ids, mask)
+    assert compare_logits(ref, model_logits(tiny_model("gemma3_text"), ids, mask)).max_abs_diff > 1e-2  # LoRA acts
+    save_rotations(model, tmp_path / "rot.safetensors")
+    assert rotations_invariant(tmp_path / "rot.safetensors")
+    other = _lora(tiny_model("gemma3_text"))
+    load_rotations(other, tmp_path / "rot.safetensors")
+    assert is_invariant(other)
+    assert compare_logits(ref, model_logits(other, ids, mask)).max_abs_diff < 1e-6
+    diff = compare_logits(ref, model_logits(bake_model(other), ids, mask))
+    assert diff.max_abs_diff < 1e-5 and diff.kl < 1e-9
+    plain = _lora(tiny_model("gemma3_text"))
+    attach_rotations(plain)
+    save_rotations(plain, tmp_path / "plain.safetensors")
+    assert not rotations_invariant(tmp_path / "plain.safetensors")
+
+
+def test_make_invariant_refuses_what_it_cannot_keep_invariant():
+    from so8t.model.attach import detach_rotations, make_invariant
+
+    with pytest.raises(SO8TError, match="no SO8T rotations attached"):
+        make_invariant(tiny_model("llama"))
+    model = tiny_model("gemma3_text")  # 4 query heads read one key/value head
+    _far_rotations(model)  # independent blocks per query head
+    with pytest.raises(SO8TError, match="layer 0: the query heads sharing a key/value head"):
+        make_invariant(model)
+    model = tiny_model("llama")
+    _invariant(model)
+    with pytest.raises(SO8TError, match="already invariant"):
+        make_invariant(model)
+    detach_rotations(model)
+    assert not any(m._forward_hooks for m in model.modules())  # the v_proj hooks went with the rotations
+    phi = tiny_model("phi3")
+    attach_rotations(phi)
+    with pytest.raises(SO8TError, match="invariant rotations need a separate v_proj; model_type 'phi3'"):
+        make_invariant(phi)
+
+
+def test_bake_adapter_folds_an_invariant_rotation_from_its_saved_files(tmp_path):
+    from tiny import tiny_base_dir
+
+    from so8t.model.attach import ROTATIONS_FILE
+    from so8t.model.bake import bake_adapter
+    from so8t.model.base_model import load_causal_lm
+
+    base = tiny_base_dir(tmp_path / "base", "gemma3_text")
+    model = _lora(load_causal_lm(base, torch.float32))
+    _invariant(model)
+    model.save_pretrained(tmp_path / "adapter")
+    save_rotations(model, tmp_path / "adapter" / ROTATIONS_FILE)
+    rows = [[5, 9, 17, 33, 8, 21, 40]]
+    expected = model_logits(model.eval(), torch.tensor(rows), torch.ones(1, 7, dtype=torch.long))
+    report = bake_adapter(base, tmp_path / "adapter", tmp_path / "baked", rows, 1e-6, "float64", 1e-4, 2)
+    assert report["rotations_folded"] == 2 and report["max_abs_diff"] < 1e-5
+    got = model_logits(load_causal_lm(tmp_path / "baked", torch.float32), torch.tensor(rows), torch.ones(1, 7, dtype=torch.long))
+    assert compare_logits(expected, got).max_abs_diff < 1e-5

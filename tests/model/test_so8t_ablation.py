@@ -41,7 +41,7 @@ def test_every_queued_experiment_is_a_valid_params_file_that_differs_as_named():
         assert p.seed == int(ab.NAME.match(cmd[5])["seed"])
         assert p.train.so8t.enabled == (variant not in ("lora", "pet"))
         assert p.train.pet.enabled == (variant not in ("lora", "so8t"))
-        assert p.train.so8t.rotation == (variant if variant in ("hadamard", "random") else "learned")
+        assert p.train.so8t.rotation == (variant if variant in ab.FIXED_ROTATIONS else "learned")
 
 
 def _exp_show(values: dict[tuple[str, int], tuple[float, float]]) -> list:
@@ -228,6 +228,21 @@ def test_a_fixed_rotation_is_also_paired_with_the_trained_one(tmp_path):
     expected = f1_score(labels, preds["hadamard"], average="macro") - f1_score(labels, preds["so8t_pet"], average="macro")
     assert vs_trained["hadamard"][0]["baked"]["gain"] == pytest.approx(expected)
     assert set(ab.per_seed_gains(records, 0.95, 300)) == {"so8t_pet", "hadamard"}
+
+
+def test_an_invariant_rotation_is_also_paired_with_the_same_model_unrotated():
+    ab = _load()
+    assert ab.references("hadamard_invariant") == ab.references("random_invariant") == ["lora", "so8t_pet", "pet"]
+    assert "pet" not in ab.references("hadamard")
+    values = {("pet", 1): (0.90, 50.0), ("pet", 2): (0.86, 51.0), ("lora", 1): (0.80, 50.0), ("lora", 2): (0.80, 51.0),
+              ("hadamard_invariant", 1): (0.91, 50.1), ("hadamard_invariant", 2): (0.85, 51.11)}
+    result = ab.table(ab.runs_from_exp_show(_exp_show(values)))
+    d = result["hadamard_invariant"]["perplexity"]["diff_vs_pet"]
+    assert d["values"] == pytest.approx([0.1, 0.11]) and d["verdict"] == "higher"
+    assert result["hadamard_invariant"]["test macro-F1"]["diff_vs_pet"]["verdict"] == "no difference"
+    assert result["hadamard_invariant"]["perplexity"]["diff_vs_so8t_pet"]["n"] == 0  # no so8t_pet run: no pair
+    params = _params(1, True, True, "random_invariant")
+    assert ab.variant_of(params) == "random_invariant"
 
 
 def test_experiments_of_every_commit_are_found_not_only_heads():

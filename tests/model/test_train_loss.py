@@ -183,7 +183,7 @@ def test_choice_positions_learn_among_the_label_tokens_only():
         label_token_ce_sum(model, h, labels, None, choice, [20, 30])
 
 
-@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("kind", ["hadamard", "random", "hadamard_invariant", "random_invariant"])
 def test_fixed_rotations_are_set_frozen_and_left_alone_by_training(tmp_path, kind):
     """The ablation's controls: a fixed rotation is the one asked for, and a step does not move it."""
     from so8t.model.attach import attached_rotations
@@ -198,7 +198,7 @@ def test_fixed_rotations_are_set_frozen_and_left_alone_by_training(tmp_path, kin
     rotations = attached_rotations(model)
     assert rotations and trainable_parameter_counts(model)["so8t"] == 0
     blocks = {i: r.blocks(torch.float64) for i, r in rotations.items()}
-    if kind == "hadamard":
+    if kind.startswith("hadamard"):
         for b in blocks.values():
             torch.testing.assert_close(b, hadamard_block().expand_as(b), rtol=0, atol=1e-6)
     else:  # Haar draws differ between layers and are reproduced by the seed
@@ -218,6 +218,29 @@ def test_fixed_rotations_are_set_frozen_and_left_alone_by_training(tmp_path, kin
     SO8TTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                 data_collator=DataCollatorForSeq2Seq(tiny_tokenizer(), padding="longest", label_pad_token_id=-100)).train()
     assert all(torch.equal(before[i], r.generator) for i, r in rotations.items())
+
+
+@pytest.mark.parametrize("kind", ["hadamard_invariant", "random_invariant"])
+def test_an_invariant_fixed_rotation_starts_training_from_the_base_function(tmp_path, kind):
+    """The QuaRot control: far from identity, one rotation per key/value head, and the base's logits."""
+    from so8t.model.attach import attached_rotations, is_invariant, kv_blocks
+    from so8t.model.bake import compare_logits, model_logits
+    from so8t.model.base_model import load_causal_lm
+    from so8t.model.train import build_model
+    from so8t.params import TrainParams
+    from tiny import tiny_base_dir, tiny_batch
+
+    base = tiny_base_dir(tmp_path / "base", "gemma3_text", seed=0)  # 4 query heads, 1 key/value head
+    p = TrainParams(lora_r=2, lora_alpha=4, lora_dropout=0.0, pet={"enabled": False}, so8t={"rotation": kind})
+    model = build_model(base, p, seed=5).eval()
+    rotations = attached_rotations(model)
+    assert is_invariant(model) and all(r.max_angle() > 1.0 for r in rotations.values())
+    for r in rotations.values():  # every query head carries its key/value head's blocks
+        b = r.blocks(torch.float64)
+        torch.testing.assert_close(b, kv_blocks(b, 4, 1).repeat(4, 1, 1), rtol=0, atol=0)
+    ids, mask = tiny_batch()
+    plain = load_causal_lm(base, torch.float32).eval()
+    assert compare_logits(model_logits(plain, ids, mask), model_logits(model, ids, mask)).max_abs_diff < 1e-5
 
 
 def test_fixed_rotations_need_the_expm_parameterization():
