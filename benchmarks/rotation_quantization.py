@@ -87,7 +87,7 @@ def main() -> None:
             if t == "Q4_K_M":
                 info = inspect_gguf(path)
                 fallbacks[name] = sum(1 for ty in info.tensor_types.values() if ty not in ("Q4_K", "Q6_K", "F32"))
-            backend = LlamaCppBackend(path, tokenizer, n_ctx=1024, n_threads=threads)
+            backend = LlamaCppBackend(path, n_ctx=1024, n_threads=threads)
             results[name][t] = perplexity_of(backend, windows)["perplexity"]
             backend.close()
             path.unlink()
