@@ -30,25 +30,25 @@ comes from a Q4_1 grid).
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from so8t_ablation import mean_interval, verdict  # benchmarks/ is on sys.path when run as a script
 
 DEFAULT_MODEL = Path("models/baked")
 HELDOUT = Path("data/synth/heldout_reference.jsonl")
 TYPES = ("F16", "Q8_0", "Q4_K_M")
 
 
-def rotated_copy(model_dir: Path, kind: str, seed: int, out: Path) -> Path:
+def rotated_copy(model_dir: Path, tokenizer, kind: str, seed: int, out: Path) -> Path:
     """``model_dir`` with an invariant ``kind`` rotation (``hadamard`` / ``random``, drawn from
-    ``seed``) folded into every layer's ``v_proj`` and ``o_proj``, saved to ``out``; ``none`` saves
-    it unchanged."""
+    ``seed``) folded into every layer's ``v_proj`` and ``o_proj``, saved to ``out`` with ``tokenizer``
+    (``model_dir``'s, loaded once by the caller); ``none`` saves it unchanged."""
     from so8t.model.attach import attach_rotations
     from so8t.model.bake import bake_model
-    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm, load_tokenizer
+    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm
     from so8t.model.train import fix_rotations
 
     model = load_causal_lm(model_dir, torch.float32)
@@ -57,21 +57,9 @@ def rotated_copy(model_dir: Path, kind: str, seed: int, out: Path) -> Path:
         fix_rotations(model, f"{kind}_invariant", seed)
         model = bake_model(model)
     model.save_pretrained(out)
-    load_tokenizer(model_dir).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     copy_tokenizer_files(model_dir, out)
     return out
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float] | None:
-    """Mean and 95 % t interval (Student 1908) of ``values``; ``None`` below two values."""
-    from scipy.stats import t
-
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    half = t.ppf(0.975, n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    return mean, mean - half, mean + half
 
 
 def main() -> None:
@@ -104,7 +92,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     results: dict[str, dict[str, float]] = {}
     for kind, seed in copies:
         name = kind if kind != "random" else f"random-{seed}"
-        folder = rotated_copy(args.model, kind, seed, scratch / name)
+        folder = rotated_copy(args.model, tokenizer, kind, seed, scratch / name)
         f32 = convert_hf_to_gguf(folder, scratch / f"{name}-f32.gguf", "f32")
         results[name] = {}
         for qtype in TYPES:
@@ -126,11 +114,9 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     summary = {}
     for q in TYPES[1:]:
         diffs = [loss[n][q] - loss["none"][q] for n in results if n.startswith("random-")]
-        ci = t_interval(diffs)
+        ci = mean_interval(diffs)
         summary[q] = {"hadamard_minus_none": loss["hadamard"][q] - loss["none"][q], "random_minus_none": diffs,
-                      "random_minus_none_mean_ci95": ci,
-                      "verdict": None if ci is None else ("no difference" if ci[1] <= 0 <= ci[2]
-                                                          else "higher" if ci[1] > 0 else "lower")}
+                      "random_minus_none_mean_ci95": ci, "verdict": verdict(ci)}
         ci_text = "-" if ci is None else f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}] {summary[q]['verdict']}"
         print(f"{q} loss, rotated minus none: hadamard {summary[q]['hadamard_minus_none']:+.3f}; "
               f"random (n = {len(diffs)} draws) {ci_text}")

@@ -385,6 +385,15 @@ def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
     return mean, mean - half, mean + half
 
 
+def verdict(ci: tuple[float, float, float] | None) -> str | None:
+    """The verdict on a difference's interval ``(mean, low, high)``: "no difference" when it holds 0,
+    else "higher" / "lower";
+    None without an interval."""
+    if ci is None:
+        return None
+    return "no difference" if ci[1] <= 0 <= ci[2] else "higher" if ci[1] > 0 else "lower"
+
+
 def references(variant: str) -> list[str]:
     """The variants ``variant`` is paired with: ``lora``; for a fixed rotation also :data:`TRAINED`;
     for an invariant one also :data:`UNROTATED` (does the rotation change quantisation loss?)."""
@@ -411,8 +420,7 @@ def table(runs: dict[tuple[str, int], dict]) -> dict:
                 ci = mean_interval(diff)
                 row[col]["diff_vs_" + reference] = {
                     "n": len(diff), "values": diff, "mean_ci95": ci,
-                    "verdict": None if ci is None else ("no difference" if ci[1] <= 0 <= ci[2]
-                                                        else "higher" if ci[1] > 0 else "lower"),
+                    "verdict": verdict(ci),
                 }
         out[v] = row
     return out
