@@ -442,9 +442,11 @@ def _fmt_diff(d: dict | None, digits: int) -> str:
 
 
 def baselines(exp_list: str) -> list[str]:
-    """The baseline commits named by ``dvc exp list --all-commits`` (lines ``<sha>:``, then its experiments)."""
-    return [line[:-1] for line in exp_list.splitlines() if re.fullmatch(r"[0-9a-f]{7,40}:", line.strip())
-            and not line[:1].isspace()]
+    """The baselines named by ``dvc exp list --all-commits``: its unindented lines ``<rev>:``, each
+    followed by that baseline's experiments. DVC names a commit by its short sha, or by its branch
+    (``main:``) where it is a branch's head, so any revision git resolves is taken."""
+    return [line.strip()[:-1] for line in exp_list.splitlines()
+            if line[:1] and not line[:1].isspace() and re.fullmatch(r"\S+:", line.strip())]
 
 
 def _exp_show(saved: Path | None) -> list:

@@ -250,3 +250,6 @@ def test_experiments_of_every_commit_are_found_not_only_heads():
     listed = "357a36b:\n\tbc83b1e [abl-lora-s42]\n\t9152280 [abl-so8t-s42]\n8a68837e:\n\t1234567 [abl-pet-s1]\n"
     assert ab.baselines(listed) == ["357a36b", "8a68837e"]
     assert ab.baselines("") == []
+    # the branch head's experiments are listed under the branch name, not a sha
+    listed = "1b77842:\n\t7a3cf11 [abl-hadamard_invariant-s42]\nmain:\n\t06b1d49 [abl-lora-s2]\n"
+    assert ab.baselines(listed) == ["1b77842", "main"]
