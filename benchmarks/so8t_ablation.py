@@ -387,8 +387,7 @@ def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
 
 def verdict(ci: tuple[float, float, float] | None) -> str | None:
     """The verdict on a difference's interval ``(mean, low, high)``: "no difference" when it holds 0,
-    else "higher" / "lower";
-    None without an interval."""
+    else "higher" / "lower"; ``None`` without an interval."""
     if ci is None:
         return None
     return "no difference" if ci[1] <= 0 <= ci[2] else "higher" if ci[1] > 0 else "lower"
@@ -445,8 +444,7 @@ def baselines(exp_list: str) -> list[str]:
     """The baselines named by ``dvc exp list --all-commits``: its unindented lines ``<rev>:``, each
     followed by that baseline's experiments. DVC names a commit by its short sha, or by its branch
     (``main:``) where it is a branch's head, so any revision git resolves is taken."""
-    return [line.strip()[:-1] for line in exp_list.splitlines()
-            if line[:1] and not line[:1].isspace() and re.fullmatch(r"\S+:", line.strip())]
+    return [line.rstrip()[:-1] for line in exp_list.splitlines() if re.fullmatch(r"\S+:", line.rstrip())]
 
 
 def _exp_show(saved: Path | None) -> list:
