@@ -39,7 +39,8 @@ the paired difference of each variant against ``lora`` with the same seed (same 
 mean and 95 % t interval over the seeds. A difference whose interval holds 0 is "no difference".
 A fixed rotation (``hadamard``, ``random``) is also paired with the trained default ``so8t_pet``: the
 two differ in the rotation only, so that difference answers "is a trained rotation better than a
-fixed one?".
+fixed one?". The default itself is also paired with ``pet`` (SO8T's effect with PET on) and with
+``so8t`` (PET's effect with SO8T on), the simple effects of the 2x2 factorial.
 
 A t interval needs two seeds. Within one seed, where both runs have recorded decisions, the table
 also gives the paired difference of test macro-F1 against ``lora`` (and a fixed rotation's against
@@ -85,6 +86,11 @@ INVARIANT_ROTATIONS = ("hadamard_invariant", "random_invariant")
 FIXED_ROTATIONS = ("hadamard", "random", *INVARIANT_ROTATIONS)
 #: What an invariant rotation is also paired with: the same model without the rotation.
 UNROTATED = "pet"
+#: The default is a 2x2 factorial cell (SO8T on/off x PET on/off), so it is also paired with each
+#: one-factor run: ``so8t_pet - pet`` is SO8T's effect with PET on (the default's own question:
+#: does adding rotations help?) and ``so8t_pet - so8t`` is PET's effect with SO8T on; against the
+#: ``so8t - lora`` and ``pet - lora`` columns they show whether an effect depends on the other factor.
+FACTORIAL = ("pet", "so8t")
 NAME = re.compile(r"^abl-(?P<variant>[a-z0-9_]+)-s(?P<seed>\d+)$")
 #: Columns: (label, function of the flat metrics of one run -> value or None).
 COLUMNS = {
@@ -395,9 +401,11 @@ def verdict(ci: tuple[float, float, float] | None) -> str | None:
 
 def references(variant: str) -> list[str]:
     """The variants ``variant`` is paired with: ``lora``; for a fixed rotation also :data:`TRAINED`;
-    for an invariant one also :data:`UNROTATED` (does the rotation change quantisation loss?)."""
+    for an invariant one also :data:`UNROTATED` (does the rotation change quantisation loss?); for
+    the default :data:`TRAINED` also each of its one-factor halves (:data:`FACTORIAL`)."""
     refs = ["lora", *([TRAINED] if variant in FIXED_ROTATIONS else []),
-            *([UNROTATED] if variant in INVARIANT_ROTATIONS else [])]
+            *([UNROTATED] if variant in INVARIANT_ROTATIONS else []),
+            *(FACTORIAL if variant == TRAINED else ())]
     return [r for r in refs if r != variant]
 
 
@@ -592,7 +600,8 @@ def tabulate(args) -> None:
     console = Console()
     grid = Table(title="SO8T ablation: per seed, mean over seeds [95 % t interval], and the paired difference "
                        "against lora (a fixed rotation: also against the trained one, so8t_pet; an invariant one: "
-                       "also against pet, the same function unrotated) at the same seed "
+                       "also against pet, the same function unrotated; the default so8t_pet: also against pet "
+                       "and so8t, each one factor off) at the same seed "
                        "(mean [95 % t interval] over seeds)")
     for col in ("variant", "metric", "per seed", "mean [95 % CI]", *(f"vs {r}" for r in refs)):
         grid.add_column(col)
