@@ -43,9 +43,8 @@ fixed one?". The default itself is also paired with ``pet`` (SO8T's effect with 
 ``so8t`` (PET's effect with SO8T on), the simple effects of the 2x2 factorial.
 
 A t interval needs two seeds. Within one seed, where both runs have recorded decisions, the table
-also gives the paired difference of test macro-F1 against ``lora`` (and a fixed rotation's against
-``so8t_pet``) with a percentile bootstrap over
-the test decisions (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the
+also gives the paired difference of test macro-F1 against ``lora`` and every other reference above
+(:func:`references`) with a percentile bootstrap over the test decisions (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the
 noise of the test sample only, not the spread between seeds.
 """
 
