@@ -39,13 +39,16 @@ the paired difference of each variant against ``lora`` with the same seed (same 
 mean and 95 % t interval over the seeds. A difference whose interval holds 0 is "no difference".
 A fixed rotation (``hadamard``, ``random``) is also paired with the trained default ``so8t_pet``: the
 two differ in the rotation only, so that difference answers "is a trained rotation better than a
-fixed one?". The default itself is also paired with ``pet`` (SO8T's effect with PET on) and with
-``so8t`` (PET's effect with SO8T on), the simple effects of the 2x2 factorial.
+fixed one?". An invariant one (``hadamard_invariant``, ``random_invariant``) is also paired with
+``pet``, the same function unrotated: does the rotation change quantisation loss? The default itself
+is also paired with ``pet`` (SO8T's effect with PET on) and with ``so8t`` (PET's effect with SO8T
+on), the simple effects of the 2x2 factorial.
 
 A t interval needs two seeds. Within one seed, where both runs have recorded decisions, the table
 also gives the paired difference of test macro-F1 against ``lora`` and every other reference above
-(:func:`references`) with a percentile bootstrap over the test decisions (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the
-noise of the test sample only, not the spread between seeds.
+(:func:`references`) with a percentile bootstrap over the test decisions
+(:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the noise of the test
+sample only, not the spread between seeds.
 """
 
 from __future__ import annotations
