@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from so8t.console import console, free_cores
-from so8t.eval.evaluation import balanced_decisions, decision_metrics, load_probe, paired_gain
-from so8t.eval.inference import HFBackend, score_decisions
+from so8t.eval.comparisons import load_probe, paired_gain
+from so8t.eval.evalsets import balanced_decisions
+from so8t.inference import HFBackend, score_decisions
+from so8t.eval.task_metrics import decision_metrics
 from so8t.io import read_jsonl, write_json
-from so8t.model.base_model import load_causal_lm, load_tokenizer
+from so8t.inference.hf import load_causal_lm, load_tokenizer
 from so8t.params import load_params
 from so8t.schema import DECISIONS
 

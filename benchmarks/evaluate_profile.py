@@ -23,9 +23,11 @@ from rich.table import Table
 
 from so8t.console import free_cores
 from so8t.data.grounding import make_grounder
-from so8t.eval.evaluation import artifacts, build_eval_sets, close_backend, evaluate_artifact, open_artifact
+from so8t.eval.artifacts import artifacts, close_backend, open_artifact
+from so8t.eval.evalsets import build_eval_sets
+from so8t.eval.evaluation import evaluate_artifact
 from so8t.io import read_json, read_jsonl
-from so8t.model.base_model import load_tokenizer
+from so8t.inference.hf import load_tokenizer
 from so8t.params import load_params
 
 

@@ -29,8 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from so8t.console import free_cores
-from so8t.eval.evaluation import BAKED_DIR, Artifact, artifacts, balanced_decisions, close_backend, open_artifact
-from so8t.eval.inference import answer_context, score_decisions, stop_strings
+from so8t.eval.artifacts import BAKED_DIR, Artifact, artifacts, close_backend, open_artifact
+from so8t.eval.evalsets import balanced_decisions
+from so8t.decision import answer_context
+from so8t.inference import score_decisions, stop_strings
 from so8t.io import read_jsonl
 from so8t.params import load_params
 from so8t.schema import DECISIONS, Task

@@ -22,7 +22,7 @@ Needs a model folder and the held-out text (``dvc repro`` up to synthesize and b
 
     python benchmarks/invariant_rotation_quantization.py [--model models/baked] [--draws 3] [--out F]
 
-``--model`` takes any folder ``so8t.model.base_model.load_causal_lm`` reads (``models/base`` is
+``--model`` takes any folder ``so8t.inference.hf.load_causal_lm`` reads (``models/base`` is
 Gemma 3 270M dequantised from its own Q4_K_M grid; a SmolLM2-135M folder from ``prepare_base``
 comes from a Q4_1 grid).
 """
@@ -48,8 +48,9 @@ def rotated_copy(model_dir: Path, tokenizer, kind: str, seed: int, out: Path) ->
     (``model_dir``'s, loaded once by the caller); ``none`` saves it unchanged."""
     from so8t.model.attach import attach_rotations
     from so8t.model.bake import bake_model
-    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm
-    from so8t.model.train import fix_rotations
+    from so8t.inference.hf import load_causal_lm
+    from so8t.model.base_model import copy_tokenizer_files
+    from so8t.model.build import fix_rotations
 
     model = load_causal_lm(model_dir, torch.float32)
     if kind != "none":
@@ -80,9 +81,9 @@ def main() -> None:
 def run(args: argparse.Namespace, scratch: Path) -> None:
     """Score every rotated copy of ``args.model``, writing the copies and GGUF files under ``scratch``."""
     from so8t.console import free_cores
-    from so8t.eval.inference import LlamaCppBackend, perplexity_of, perplexity_windows
+    from so8t.inference import LlamaCppBackend, perplexity_of, perplexity_windows
     from so8t.io import read_jsonl, write_json
-    from so8t.model.base_model import load_tokenizer
+    from so8t.inference.hf import load_tokenizer
     from so8t.model.quantize import convert_hf_to_gguf, quantize_gguf
 
     tokenizer = load_tokenizer(args.model)

@@ -1,6 +1,6 @@
 """Kill training with SIGKILL at random moments, resume each time, compare with an uninterrupted run.
 
-Runs the real train stage code (``so8t.train.run_training``) on the formatted
+Runs the real train stage code (``so8t.model.train.run_training``) on the formatted
 data and base model of this repository, in a scratch folder. Prints, per kill:
 the work lost (seconds since the newest complete checkpoint), the resume
 overhead (seconds from restart until the first new optimiser step, minus the

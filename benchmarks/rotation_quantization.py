@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from so8t.model.base_model import load_causal_lm, load_tokenizer
+from so8t.inference.hf import load_causal_lm, load_tokenizer
 from so8t.console import free_cores
 from so8t.io import read_jsonl
 from so8t.params import load_params
 from so8t.model.quantize import convert_hf_to_gguf, inspect_gguf, quantize_gguf
-from so8t.eval.inference import LlamaCppBackend, perplexity_of, perplexity_windows
+from so8t.inference import LlamaCppBackend, perplexity_of, perplexity_windows
 
 BASE = Path("models/base")
 ADAPTER = Path("models/adapter")

@@ -47,7 +47,7 @@ on), the simple effects of the 2x2 factorial.
 A t interval needs two seeds. Within one seed, where both runs have recorded decisions, the table
 also gives the paired difference of test macro-F1 against ``lora`` and every other reference above
 (:func:`references`) with a percentile bootstrap over the test decisions
-(:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004): that interval holds the noise of the test
+(:func:`so8t.eval.comparisons.paired_gain`, Koehn 2004): that interval holds the noise of the test
 sample only, not the spread between seeds.
 """
 
@@ -342,7 +342,7 @@ def per_seed_gains(records: dict[tuple[str, int], dict], confidence: float, n_re
         reference: the variant each run is paired with (same seed).
         variants: pair only these variants (default: every one but ``reference``).
         confidence, n_resamples: of the percentile bootstrap over the test decisions
-            (:func:`so8t.eval.evaluation.paired_gain`, Koehn 2004); the interval holds the noise of
+            (:func:`so8t.eval.comparisons.paired_gain`, Koehn 2004); the interval holds the noise of
             the test sample, not the spread between seeds.
 
     Returns:
@@ -355,7 +355,7 @@ def per_seed_gains(records: dict[tuple[str, int], dict], confidence: float, n_re
     """
     from types import SimpleNamespace
 
-    from so8t.eval.evaluation import paired_gain
+    from so8t.eval.comparisons import paired_gain
 
     m = SimpleNamespace(confidence=confidence, bootstrap_resamples=n_resamples)
     out: dict[str, list[dict]] = {}

@@ -18,8 +18,9 @@ import torch
 
 from so8t.io import read_jsonl
 from so8t.params import PETParams, SO8TParams, TrainParams
+from so8t.model.build import build_model
+from so8t.model.loss import label_token_ce_sum
 from so8t.model.pet import PETSchedule, pet_penalty
-from so8t.model.train import build_model, label_token_ce_sum
 
 
 def batch(n: int, length: int) -> dict[str, torch.Tensor]:

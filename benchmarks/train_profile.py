@@ -1,6 +1,6 @@
 """Where a training step's time goes: each phase of one optimiser step of the train stage, timed.
 
-Builds the model exactly as the train stage does (``so8t.model.train.build_model`` with
+Builds the model exactly as the train stage does (``so8t.model.build.build_model`` with
 ``params.yaml``'s ``train`` section: LoRA, SO8T rotations, precision, gradient checkpointing),
 takes the rows it trains on (``mix_tasks`` + ``decision_line_copies``, then
 ``DecisionWeightCollator``) and the optimiser it uses (``SO8TTrainer.create_optimizer`` over the
@@ -28,7 +28,7 @@ synchronisation at every boundary (rotations included) costs a little overlap.
 With ``train.gradient_accumulation_steps`` > 1 a step is that many micro-batches (each phase
 summed over them) and one optimiser update, as in the Trainer.
 
-Batches: the stage's own sampler when it has one (``so8t.model.train.train_sampler``, e.g. the
+Batches: the stage's own sampler when it has one (``so8t.model.batching.train_sampler``, e.g. the
 label-balanced ``BalancedDecisionSampler`` of ``train.sampling: balanced_decisions``, seeded by the
 run's seed: the stage's batches in the stage's order); otherwise the Trainer's sampler classes
 (``LengthGroupedSampler`` of ``per_device_train_batch_size x gradient_accumulation_steps`` for
@@ -160,7 +160,7 @@ def training_rows(params, data: Path, tasks: set[str] | None) -> tuple[list[dict
         (rows with ``input_ids``, ``labels``, ``decision_span``; rows per task before filtering).
     """
     from so8t.io import read_jsonl
-    from so8t.model.train import decision_line_copies, mix_tasks
+    from so8t.model.batching import decision_line_copies, mix_tasks
 
     p = params.train
     examples = read_jsonl(data)
@@ -186,7 +186,7 @@ def training_rows(params, data: Path, tasks: set[str] | None) -> tuple[list[dict
 def micro_batches(params, rows: list[dict]) -> tuple[object, str]:
     """Endless index lists of ``train.per_device_train_batch_size`` rows, drawn as the stage draws them.
 
-    The stage's own sampler when it has one (``so8t.model.train.train_sampler``, e.g.
+    The stage's own sampler when it has one (``so8t.model.batching.train_sampler``, e.g.
     ``BalancedDecisionSampler`` for ``train.sampling: balanced_decisions``: seeded by the run's seed and
     the pass, so the same batches in the same order); otherwise the class the Trainer would use
     (``LengthGroupedSampler`` over mega-batches of ``batch x gradient_accumulation_steps`` for
@@ -199,7 +199,7 @@ def micro_batches(params, rows: list[dict]) -> tuple[object, str]:
     from torch.utils.data import RandomSampler
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from so8t.model import train as stage
+    from so8t.model import batching as stage
 
     p = params.train
     batch, accumulation = p.per_device_train_batch_size, p.gradient_accumulation_steps
@@ -235,7 +235,7 @@ def make_optimizer(model, args, so8t_learning_rate: float):
     """The optimiser of ``SO8TTrainer.create_optimizer`` (its parameter groups, the Trainer's optimiser class)."""
     from transformers import Trainer, get_scheduler
 
-    from so8t.model.train import SO8TTrainer
+    from so8t.model.trainer import SO8TTrainer
 
     host = SimpleNamespace(
         optimizer=None, model=model, args=args, so8t_learning_rate=so8t_learning_rate,
@@ -253,17 +253,12 @@ def profile(args: argparse.Namespace) -> dict:
     """Run ``args.steps`` optimiser steps and return the configuration, per-step numbers and means."""
     from so8t.console import console
     from so8t.model.attach import attached_rotations
-    from so8t.model.base_model import load_tokenizer
+    from so8t.inference.hf import load_tokenizer
+    from so8t.model.batching import DecisionWeightCollator, choice_token_ids
+    from so8t.model.build import build_model, resolve_precision, trainable_parameter_counts
+    from so8t.model.loss import label_token_ce_sum
     from so8t.model.pet import PETSchedule, pet_penalty
-    from so8t.model.train import (
-        DecisionWeightCollator,
-        build_model,
-        choice_token_ids,
-        label_token_ce_sum,
-        resolve_precision,
-        trainable_parameter_counts,
-        training_arguments,
-    )
+    from so8t.model.trainer import training_arguments
     from so8t.params import load_params
 
     params = load_params(args.params)

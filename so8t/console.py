@@ -22,6 +22,20 @@ console = Console(stderr=True)
 T = TypeVar("T")
 
 
+def warn(message: str) -> None:
+    """Print ``message`` as a warning on stderr (rich markup in it is shown literally)."""
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def info(message: str) -> None:
+    """Print ``message`` on stderr (rich markup in it is shown literally)."""
+    from rich.markup import escape
+
+    console.print(escape(message), soft_wrap=True, highlight=False)
+
+
 def progress() -> Progress:
     """A rich progress bar with count, elapsed time and ETA."""
     return Progress(

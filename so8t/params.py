@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from so8t.access import parse_level
 from so8t.schema import DECISIONS, DOMAINS, TASKS, QuantType, Task, ThinkStyle
-from so8t.errors import So8tError
+from so8t.errors import So8tError, error_location
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -237,7 +237,7 @@ class TrainParams(_Section):
     #: tokens; ``think_format.rag_share`` of the decisions); null = ``decision_line_passes``.
     decision_line_rag_passes: Annotated[float, Field(ge=0.0)] | None = 1.0
     #: ``balanced_decisions``: the cut decision lines in batches holding every label equally often,
-    #: every batch of rows of similar length (``so8t.model.train.BalancedDecisionSampler``);
+    #: every batch of rows of similar length (``so8t.model.batching.BalancedDecisionSampler``);
     #: ``group_by_length``: batches of similar length (less padding: decisions are short, reference
     #: answers long); ``random``: plain shuffling.
     sampling: Literal["random", "group_by_length", "balanced_decisions"] = "balanced_decisions"
@@ -592,7 +592,7 @@ class ParamsError(So8tError, ValueError):
 def _format_errors(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: invalid parameters:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = error_location(e) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key (check the spelling; see params.yaml in the repository)")
         else:

@@ -105,13 +105,7 @@ DECISION_ALIASES: dict[str, Decision] = {
 #: Label id of positions that take no loss (Hugging Face / PyTorch ``ignore_index``).
 IGNORE_INDEX = -100
 
-#: The parseable decision line that starts every assistant turn: ``判定: ESCALATION``.
-DECISION_PREFIX = "判定: "
-
-
-def decision_line(decision: str) -> str:
-    """The first line of every assistant turn: ``判定: X`` and a newline."""
-    return f"{DECISION_PREFIX}{decision}\n"
+#: The decision line itself (``判定: X``: its prefix, writer and parser) is :mod:`so8t.decision`.
 
 
 class Record(BaseModel):

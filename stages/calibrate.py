@@ -4,7 +4,9 @@ import time
 from pathlib import Path
 
 from so8t.console import console, free_cores, progress, run_stage
-from so8t.eval.evaluation import artifacts, balanced_decisions, calibrate_artifact, close_backend, open_artifact
+from so8t.eval.artifacts import artifacts, close_backend, open_artifact
+from so8t.eval.evalsets import balanced_decisions
+from so8t.eval.evaluation import calibrate_artifact
 from so8t.io import DataError, read_jsonl, write_json
 from so8t.params import load_params
 

@@ -13,7 +13,7 @@ import torch
 from so8t.console import console, free_cores, progress, run_stage
 from so8t.eval.probe import decision_rows, run_probe, summary_line
 from so8t.io import read_jsonl, write_json
-from so8t.model.base_model import load_causal_lm, load_tokenizer
+from so8t.inference.hf import load_causal_lm, load_tokenizer
 from so8t.params import load_params
 
 BASE = Path("models/base")

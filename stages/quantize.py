@@ -7,7 +7,7 @@ from so8t.console import console, free_cores, run_stage
 from so8t.data.think_format import render
 from so8t.eval.gguf_check import export_and_check, export_reference
 from so8t.io import write_json
-from so8t.model.base_model import load_tokenizer
+from so8t.inference.hf import load_tokenizer
 from so8t.model.quantize import BASE_GGUF
 from so8t.params import load_params
 

@@ -12,7 +12,7 @@ from so8t.data.datacard import build_data_card, check_class_balance, render_data
 from so8t.data.grounding import make_grounder
 from so8t.data.think_format import SPLITS, format_and_split, read_records
 from so8t.io import read_json, read_jsonl, write_json, write_jsonl, write_text
-from so8t.model.base_model import load_tokenizer
+from so8t.inference.hf import load_tokenizer
 from so8t.params import load_params
 
 RECORDS = Path("data/synth/records.jsonl")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from so8t.console import console, run_stage
 from so8t.eval.evaluation import decision_eval
-from so8t.eval.inference import perplexity_windows
+from so8t.inference import perplexity_windows
 from so8t.io import read_jsonl
-from so8t.model.base_model import load_tokenizer
+from so8t.inference.hf import load_tokenizer
 from so8t.model.train import TrainPaths, run_training
 from so8t.params import load_params
 

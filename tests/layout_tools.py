@@ -10,7 +10,7 @@ PACKAGE = "so8t"
 
 
 def module_file(name: str) -> Path | None:
-    """``so8t.eval.inference`` -> ``so8t/eval/inference.py`` (or the package's ``__init__.py``)."""
+    """``so8t.inference.hf`` -> ``so8t/inference/hf.py`` (or the package's ``__init__.py``: ``so8t.inference``)."""
     parts = name.split(".")
     if parts[0] != PACKAGE:
         return None

@@ -524,7 +524,7 @@ def collect_gsm(progress: Progress | None = None) -> Collected:
 def user_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """``(supported, ignored)`` files under ``folder``, recursively, sorted.
 
-    Supported: the suffixes of :data:`so8t.readers.SUFFIX_FORMAT`. Hidden files and
+    Supported: the suffixes of :data:`so8t.data.readers.SUFFIX_FORMAT`. Hidden files and
     folders are skipped; other files are returned as ignored (listed in the manifest).
     """
     files = sorted(
@@ -678,7 +678,7 @@ def collect_hf(
 ) -> Collected:
     """Records from Hugging Face datasets (``hf.jsonl``): ``save_to_disk`` folders or hub names.
 
-    Rows map like JSON records (:func:`so8t.readers.map_record`); ids are ``hf:{spec}:R{row}``.
+    Rows map like JSON records (:func:`so8t.data.readers.map_record`); ids are ``hf:{spec}:R{row}``.
 
     Raises:
         readers.InputError: a dataset cannot be loaded or a row is malformed, unless ``bad`` skips it.
@@ -712,7 +712,7 @@ def collect_hf(
 
 def mask_pii(result: Collected) -> Collected:
     """``result`` with e-mail addresses, phone numbers and My Number-like strings masked in
-    every text field (:func:`so8t.pii.mask_record`); counts in ``source["pii_masked"]``."""
+    every text field (:func:`so8t.data.pii.mask_record`); counts in ``source["pii_masked"]``."""
     counts: Counter[str] = Counter()
     records = [pii.mask_record(r, counts) for r in result.records]
     return Collected(records, {**result.source, "pii_masked": dict(sorted(counts.items()))})

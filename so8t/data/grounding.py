@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from so8t.decision import DECISION_MARKER
+
 #: The last user turn when passages were retrieved: the passages, then the question.
 GROUNDED_PROMPT = (
     "次の社内資料だけを根拠に答えてください。資料に答えがない場合は、その旨を伝えてください。"
@@ -33,7 +35,7 @@ PASSAGE_FORMAT = "【資料 {n}: {doc_id}】{title}\n{text}\n【資料 {n} こ�
 
 #: Markers a passage must not carry, each with its neutral replacement (matched after NFKC, any case).
 _MARKERS: tuple[tuple[re.Pattern, str], ...] = (
-    (re.compile(r"判\s*定\s*[:：]"), "［判定］"),
+    (DECISION_MARKER, "［判定］"),
     (re.compile(r"#+\s*\**\s*(最\s*終\s*回\s*答|思\s*考\s*ス\s*テ\s*ッ\s*プ|思\s*考)\s*\**"), r"［\1］"),
     (re.compile(r"\*\*\s*(最\s*終\s*回\s*答|思\s*考\s*ス\s*テ\s*ッ\s*プ)\s*\*\*"), r"［\1］"),
     (re.compile(r"<\s*/?\s*(final|think[\w-]*)\s*>", re.IGNORECASE), r"［\1］"),

@@ -12,7 +12,7 @@ task (FAQ, reference and document QA, math, the user's own pairs) ALLOW, since
 benign help is ALLOW by policy. Because the label comes right after the prompt,
 its likelihood is the model's uncertainty about the request itself (not its
 consistency with reasoning it has just written), the calibrate, evaluate and
-runtime code score it there (:func:`so8t.eval.inference.score_labels`), and the
+runtime code score it there (:func:`so8t.inference.score_labels`), and the
 runtime generates an answer only for ALLOW.
 
 Tokenisation uses the tokenizer's own ``apply_chat_template`` text; labels are
@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from so8t.data.grounding import grounded_prompt
-from so8t.schema import IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Decision, Record, Task, decision_line
+from so8t.decision import decision_line, parse_decision, strip_decision_lines
+from so8t.schema import IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Decision, Record, Task
 
 SPLITS = ("train", "val", "test")
 
@@ -245,9 +246,6 @@ def length_summary(lengths: dict[str, list[int]]) -> dict[str, dict[str, float]]
     return out
 
 
-_DECISION_LINE = re.compile(r"判定\s*[:：]\s*(ALLOW|ESCALATION|DENY)\b")
-
-
 def parse_assistant(text: str, style: str) -> tuple[str, str, str | None]:
     """Split a generated assistant turn into (reasoning, final answer, decision).
 
@@ -258,8 +256,7 @@ def parse_assistant(text: str, style: str) -> tuple[str, str, str | None]:
     reasoning and the final answer is empty, so reasoning is never mistaken for an answer.
     """
     m = THINK_MARKERS[style]
-    found = _DECISION_LINE.search(text)
-    decision = found.group(1) if found else None
+    decision = parse_decision(text)
     marker = m["final_open"].strip()
     idx = text.find(marker)
     if idx < 0:
@@ -269,8 +266,8 @@ def parse_assistant(text: str, style: str) -> tuple[str, str, str | None]:
         close = m["final_close"].strip()
         if close and close in final:
             final = final[: final.find(close)]
-    reasoning = _DECISION_LINE.sub("", reasoning, count=1)
-    final = _DECISION_LINE.sub("", final)
+    reasoning = strip_decision_lines(reasoning, count=1)
+    final = strip_decision_lines(final)
     return reasoning.strip(), final.strip(), decision
 
 
@@ -282,6 +279,7 @@ def read_records(path) -> list[Record]:
     """
     from pydantic import ValidationError
 
+    from so8t.errors import error_location
     from so8t.io import DataError, read_jsonl
 
     records = []
@@ -290,7 +288,7 @@ def read_records(path) -> list[Record]:
             records.append(Record.model_validate(raw))
         except ValidationError as e:
             err = e.errors()[0]
-            field_name = ".".join(str(p) for p in err["loc"])
+            field_name = error_location(err)
             raise DataError(f"{path}:{lineno}: field {field_name!r}: {err['msg']}") from None
     return records
 
@@ -316,13 +314,13 @@ def choose_grounding(record: Record, grounder, rag_share: float, unrelated_share
 def lm_text_windows(docs: list[dict], tokenizer, window: int, allowed_groups) -> tuple[list[dict], dict]:
     """``lm_text`` train examples: each document tokenised with BOS, cut into ``window``-token windows.
 
-    The windows are those of held-out perplexity (:func:`so8t.eval.inference.perplexity_windows`:
+    The windows are those of held-out perplexity (:func:`so8t.inference.perplexity_windows`:
     the tokenizer's own special tokens, then consecutive pieces), so the task trains exactly what
     that metric measures, on other text. Every token is a label (position 0 predicts nothing);
     pieces under 16 tokens are dropped.
 
     Args:
-        docs: ``{"id", "text", "group", "source"}`` (:func:`so8t.data.synthesize.build_lm_text`).
+        docs: ``{"id", "text", "group", "source"}`` (:func:`so8t.data.sources.reference.build_lm_text`).
         window: tokens per window (``think_format.lm_window``).
         allowed_groups: called with a document's ``group``: ``False`` skips it (its QA records are
             in val or test).

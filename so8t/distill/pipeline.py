@@ -60,7 +60,7 @@ class Agreement:
 
 
 def agreement_gguf(backend, rows: list[dict], topk: TopK) -> Agreement:
-    """:class:`Agreement` of a GGUF model (a :class:`so8t.eval.inference.LlamaCppBackend`) with the
+    """:class:`Agreement` of a GGUF model (a :class:`so8t.inference.LlamaCppBackend`) with the
     stored teacher top-k.
 
     Raises:
@@ -100,7 +100,8 @@ def export_student(
         DistillError: when the saved student differs by more than ``max_abs_diff``.
     """
     from so8t.model.bake import bake_model, compare_logits, model_logits, padded_batch
-    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm, load_tokenizer
+    from so8t.inference.hf import load_causal_lm, load_tokenizer
+    from so8t.model.base_model import copy_tokenizer_files
 
     ids, mask = padded_batch([r["input_ids"] for r in verify_rows])
     reference = model_logits(model.to(device="cpu", dtype=torch.float64), ids, mask)
@@ -124,8 +125,8 @@ def evaluate_gguf(
 ) -> tuple[dict[str, float], dict[str, float], object]:
     """Size, parameters, perplexity and decision metrics of a GGUF (and its speed), in llama.cpp.
 
-    Decisions are scored as in the evaluate stage (:func:`so8t.eval.inference.score_decisions`,
-    uncalibrated); perplexity over ``windows`` (:func:`so8t.eval.inference.perplexity_of`);
+    Decisions are scored as in the evaluate stage (:func:`so8t.inference.score_decisions`,
+    uncalibrated); perplexity over ``windows`` (:func:`so8t.inference.perplexity_of`);
     generation speed from ``distill.speed_new_tokens`` greedy tokens of one batch of decision prompts.
 
     Returns:
@@ -133,7 +134,7 @@ def evaluate_gguf(
         agreement; close it when done).
     """
     from so8t.eval import keys
-    from so8t.eval.inference import LlamaCppBackend, perplexity_of, score_decisions
+    from so8t.inference import LlamaCppBackend, perplexity_of, score_decisions
     from so8t.eval.metrics import classification_report
     from so8t.schema import DECISIONS
 
@@ -178,7 +179,7 @@ def student_gguf_name(gguf_type: str) -> str:
 
 def _export(model, info: dict, params, paths: DistillPaths, out: Path, work: Path, rows: list[dict], n_threads: int):
     """Bake and save the student to ``out/hf``, export it and the base to GGUF; returns their paths and checks."""
-    from so8t.model.base_model import load_tokenizer
+    from so8t.inference.hf import load_tokenizer
     from so8t.model.quantize import export_gguf
 
     d = params.distill
@@ -193,9 +194,9 @@ def _export(model, info: dict, params, paths: DistillPaths, out: Path, work: Pat
 def _compare(params, paths: DistillPaths, models: dict[str, Path], agreement_rows, test_topk, n_threads, log):
     """Flat metrics of teacher, student and base (all GGUF, llama.cpp) on the test split, and their speed."""
     from so8t.eval import keys
-    from so8t.eval.evaluation import balanced_decisions
-    from so8t.eval.inference import perplexity_windows
-    from so8t.model.base_model import load_tokenizer
+    from so8t.eval.evalsets import balanced_decisions
+    from so8t.inference import perplexity_windows
+    from so8t.inference.hf import load_tokenizer
 
     m = params.metrics
     decisions = balanced_decisions(read_jsonl(paths.test), params.distill.max_decision_examples)
@@ -229,7 +230,7 @@ def run_distillation(params, paths: DistillPaths, n_threads: int, log=print) -> 
     Returns:
         The flat metrics.
     """
-    from so8t.model.base_model import load_tokenizer
+    from so8t.inference.hf import load_tokenizer
 
     d = params.distill
     meta = read_json(paths.targets / TEACHER_JSON)

@@ -1,7 +1,7 @@
 """The student of distillation (``distill.student``).
 
 ``lora``: the base with LoRA + SO8T rotations, exactly as ``train`` builds it
-(:func:`so8t.model.train.build_model`), baked afterwards (:mod:`so8t.model.bake`).
+(:func:`so8t.model.build.build_model`), baked afterwards (:mod:`so8t.model.bake`).
 ``layer_subset``: the base with only some decoder layers kept (default every
 other layer from 0, plus the last: its output is what the final norm and the LM
 head were trained on, and in Gemma 3 it is a global-attention layer), every
@@ -100,14 +100,14 @@ def llama_cpp_attention_mismatch(config) -> list[int]:
 def build_student(base_dir: str | Path, params, seed: int) -> tuple[nn.Module, dict]:
     """The student of ``params.distill.student`` and a description of it.
 
-    ``lora``: :func:`so8t.train.build_model` (LoRA + SO8T exactly as train).
+    ``lora``: :func:`so8t.model.build.build_model` (LoRA + SO8T exactly as train).
     ``layer_subset``: the float32 base with :func:`keep_decoder_layers`; all
     weights trainable except, with ``freeze_embeddings``, the input and output
     embeddings.
     """
     from so8t.model.attach import num_layers
-    from so8t.model.base_model import load_causal_lm
-    from so8t.model.train import build_model, trainable_parameter_counts
+    from so8t.inference.hf import load_causal_lm
+    from so8t.model.build import build_model, trainable_parameter_counts
 
     d = params.distill
     if d.student == "lora":

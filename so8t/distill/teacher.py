@@ -4,7 +4,7 @@ The teacher exists only as a (quantised) GGUF file, so it is run where it is
 served: llama.cpp. It scores the think-formatted train split once (stage
 ``distill-teacher``), asking for logits only at the label positions ``t`` (those
 whose next token ``labels[t + 1]`` is not ``-100``: the assistant's answer;
-:meth:`so8t.eval.inference.LlamaCppBackend.logits_at`). Of each ``(V,)`` logit row
+:meth:`so8t.inference.LlamaCppBackend.logits_at`). Of each ``(V,)`` logit row
 ``z`` the ``k`` largest entries are kept (``np.argpartition``) with their
 full-vocabulary log-probabilities ``z_i - logsumexp(z)``.
 
@@ -71,7 +71,7 @@ def resolve_teacher(spec: str, cache_dir: Path = Path(".cache/base")) -> Path:
 
 
 class GGUFVocab:
-    """The vocabulary of a llama.cpp model (a :class:`so8t.eval.inference.LlamaCppBackend`'s), for
+    """The vocabulary of a llama.cpp model (a :class:`so8t.inference.LlamaCppBackend`'s), for
     :func:`check_same_tokenizer`."""
 
     def __init__(self, model) -> None:
@@ -258,8 +258,8 @@ def teacher_topk(backend, rows: list[dict], k: int, on_progress: Callable[[int],
     """Score think-format ``rows`` with the teacher; keep top-k log-probs at their label positions.
 
     Args:
-        backend: the teacher, a :class:`so8t.eval.inference.LlamaCppBackend` (logits only at
-            the label positions, :meth:`~so8t.eval.inference.LlamaCppBackend.logits_at`).
+        backend: the teacher, a :class:`so8t.inference.LlamaCppBackend` (logits only at
+            the label positions, :meth:`~so8t.inference.LlamaCppBackend.logits_at`).
 
     Raises:
         DistillError: ``k`` larger than the vocabulary.
@@ -316,8 +316,8 @@ def run_teacher_pass(params, paths: TeacherPaths, n_threads: int, log=print) -> 
         DistillError: tokenizer mismatch, missing teacher, or a decode failure.
     """
     from so8t.console import progress
-    from so8t.eval.inference import LlamaCppBackend
-    from so8t.model.base_model import load_tokenizer
+    from so8t.inference import LlamaCppBackend
+    from so8t.inference.hf import load_tokenizer
 
     d = params.distill
     teacher = resolve_teacher(d.teacher_gguf)

@@ -12,7 +12,7 @@ Knowledge in a Neural Network", https://arxiv.org/abs/1503.02531)::
 top-k ids makes the target exact for what is stored; the student's mass outside
 those ids is left to the CE term. The loss is averaged over label tokens and
 added to the usual PET penalty: :class:`DistillTrainer` overrides only the task
-loss of :class:`so8t.model.train.SO8TTrainer`, whose label-only LM head it reuses.
+loss of :class:`so8t.model.trainer.SO8TTrainer`, whose label-only LM head it reuses.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from torch import nn
 
 from so8t.distill.teacher import DistillError, TopK, label_positions
 from so8t.io import DataError
-from so8t.model.base_model import output_logits
-from so8t.model.train import SO8TTrainer
+from so8t.inference.hf import output_logits
+from so8t.model.trainer import SO8TTrainer
 from so8t.schema import IGNORE_INDEX
 
 
@@ -118,7 +118,7 @@ class DistillCollator:
 
 
 class DistillTrainer(SO8TTrainer):
-    """:class:`~so8t.model.train.SO8TTrainer` whose task loss mixes CE with the top-k KD term.
+    """:class:`~so8t.model.trainer.SO8TTrainer` whose task loss mixes CE with the top-k KD term.
 
     ``task = ce_weight * CE + (1 - ce_weight) * T^2 * KL(p_T || q_T)``, summed over label
     tokens (the LM head runs only there); normalisation, PET and logging are the base class's.
@@ -126,7 +126,7 @@ class DistillTrainer(SO8TTrainer):
     Args:
         temperature: ``T``.
         ce_weight: ``w`` in [0, 1].
-        (other arguments as :class:`~so8t.model.train.SO8TTrainer`)
+        (other arguments as :class:`~so8t.model.trainer.SO8TTrainer`)
     """
 
     def __init__(self, *args, temperature: float = 2.0, ce_weight: float = 0.5, **kwargs) -> None:
@@ -165,8 +165,9 @@ def train_student(model: nn.Module, examples: list[dict], pad_token_id: int, par
         ``{"steps", "train_seconds", "seconds_per_step", "tokens_per_s", "final_loss",
         "final_ce", "final_kd", "history": [{"step", "loss", "ce", "kd"}, ...]}``.
     """
+    from so8t.model.callbacks import RichProgressCallback, quiet_trainer
     from so8t.model.pet import PETSchedule
-    from so8t.model.train import RichProgressCallback, quiet_trainer, training_arguments
+    from so8t.model.trainer import training_arguments
 
     p, d = params.train, params.distill
     if p.num_threads:

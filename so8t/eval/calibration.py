@@ -137,9 +137,9 @@ def apply_temperature(logits, temperature: float) -> np.ndarray:
 def calibration_summary(logits, labels, temperature: float, n_bins: int = 15) -> dict:
     """ECE, Brier and NLL before (T = 1) and after temperature scaling.
 
-    ECE: :func:`so8t.metrics.expected_calibration_error` (Guo et al. 2017,
-    eq. 3); Brier: :func:`so8t.metrics.brier_score` (Brier 1950); NLL:
-    :func:`so8t.metrics.nll_from_logits` (nats).
+    ECE: :func:`so8t.eval.metrics.expected_calibration_error` (Guo et al. 2017,
+    eq. 3); Brier: :func:`so8t.eval.metrics.brier_score` (Brier 1950); NLL:
+    :func:`so8t.eval.metrics.nll_from_logits` (nats).
 
     Args:
         logits: ``(N, K)`` float unnormalised scores (finite).
@@ -154,7 +154,7 @@ def calibration_summary(logits, labels, temperature: float, n_bins: int = 15) ->
 
     Raises:
         ValueError: as :func:`apply_temperature` and
-            :func:`so8t.metrics.expected_calibration_error`.
+            :func:`so8t.eval.metrics.expected_calibration_error`.
     """
     before = apply_temperature(logits, 1.0)
     after = apply_temperature(logits, temperature)

@@ -1,7 +1,7 @@
 """Exporting the baked model to GGUF and checking every file in llama.cpp (the quantize stage's work).
 
 Each type is quantised from one float32 GGUF (:mod:`so8t.model.quantize`), then
-loaded through the inference layer (:class:`so8t.eval.inference.LlamaCppBackend`):
+loaded through the inference layer (:class:`so8t.inference.llamacpp.LlamaCppBackend`):
 its tokenisation of a Japanese check text must equal the Hugging Face
 tokenizer's, its embedded chat template must equal the tokenizer's, and a short
 greedy generation from a chat prompt is recorded.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from so8t.eval.inference import open_backend, stop_strings
+from so8t.inference import open_backend, stop_strings
 from so8t.model.quantize import (
     QuantizeError,
     artifact_name,

@@ -7,6 +7,8 @@ the evaluate, distill and report code.
 
 from __future__ import annotations
 
+from so8t.model import quantize
+
 DECISION_N = "decision.n"
 DECISION_ACCURACY = "decision.accuracy"
 DECISION_MACRO_F1 = "decision.macro_f1"
@@ -80,8 +82,9 @@ PARITY_TEXT_N = "parity.text_n"
 PARITY_DECISION_N = "parity.decision_n"
 PARITY_PERPLEXITY_HF = "parity.perplexity_hf"
 PARITY_PERPLEXITY_RATIO = "parity.perplexity_ratio"
-#: The artifact whose ``parity.*`` keys compare the F16 GGUF with transformers.
-F16 = "f16"
+#: The artifact whose ``parity.*`` keys compare the F16 GGUF with transformers: the quantize report's
+#: F16 entry (:data:`so8t.model.quantize.F16`).
+F16 = quantize.F16
 #: Wall time of one artifact's evaluation, or of a whole stage (``reports/performance/*.json``).
 WALL_S = "wall_s"
 AGREEMENT_TOP1 = "agreement.top1"

@@ -1,7 +1,7 @@
 """The linear-probe baseline: logistic regression on the frozen base model's hidden states.
 
 What a fine-tune adds over the base model's own representation of a request: each decision's
-prompt, exactly as the label is scored (:func:`so8t.eval.inference.label_requests`: the rendered
+prompt, exactly as the label is scored (:func:`so8t.inference.scoring.label_requests`: the rendered
 prompt and ``判定:`` up to the first token in which the labels differ), goes once through the base
 model's decoder (no LM head, float32, no gradients); the hidden states of a few layers
 (:func:`probe_layers`) are pooled two ways (``last``: the last prompt position, where the model
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from so8t.eval.inference import HFBackend, InferenceError, label_requests
 from so8t.eval.metrics import bootstrap_interval, classification_report, macro_f1_indices
+from so8t.inference import HFBackend, InferenceError, label_requests
 from so8t.io import DataError
 from so8t.schema import DECISIONS, Task
 
@@ -100,7 +100,7 @@ def prompt_ids(backend, rows: list[dict], max_length: int | None = None) -> list
     """Token ids the model sees before it emits a decision label, one list per row.
 
     The shared token prefix of ``prompt_text + "判定: " + L`` over the labels ``L``, as
-    :func:`so8t.eval.inference.label_requests` builds it for scoring: the rendered prompt and the
+    :func:`so8t.inference.scoring.label_requests` builds it for scoring: the rendered prompt and the
     ``判定:`` prefix (with the following space where the tokenizer keeps it apart from the labels).
 
     Args:
@@ -308,7 +308,7 @@ def decision_scores(y: np.ndarray, pred: np.ndarray, confidence: float, n_resamp
     Returns:
         ``{"n", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy", "accuracy_ci_low",
         "accuracy_ci_high", "per_class", "confusion_matrix"}`` (as
-        :func:`so8t.eval.evaluation.decision_metrics` computes them for the rows; seed 0 resamples, so
+        :func:`so8t.eval.task_metrics.decision_metrics` computes them for the rows; seed 0 resamples, so
         the same examples are resampled as for a row's intervals).
     """
     report = classification_report([DECISIONS[i] for i in y], [DECISIONS[i] for i in pred])
@@ -354,7 +354,7 @@ def run_probe(
         ``n_train`` / ``n_val`` / ``n_test``, ``templates`` per split, ``layers``, the ``grid``
         and ``predictions``: one ``{"id", "label", "pred", "probs" (ALLOW, ESCALATION, DENY)}`` per test
         decision, by id (a list: ``dvc metrics show`` lists a file's numbers and strings but not its
-        lists, so the per-example rows stay out of it; :func:`so8t.eval.evaluation.load_probe` keys them).
+        lists, so the per-example rows stay out of it; :func:`so8t.eval.comparisons.load_probe` keys them).
 
     Raises:
         DataError: a split without decisions, a label missing from train, a template in two splits,

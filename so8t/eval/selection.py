@@ -7,20 +7,12 @@ both name the same file.
 from __future__ import annotations
 
 from so8t.eval import keys
+from so8t.model.quantize import F16, metric_row
 
 #: A quantised file serves only if its test decisions agree with F16's on at least this share...
 MIN_DECISION_AGREEMENT = 0.95
 #: ... and its held-out perplexity is at most this fraction above F16's.
 MAX_PERPLEXITY_INCREASE = 0.02
-#: The quantize report's name of the F16 file, whose metric row is ``baked``.
-F16 = keys.F16
-
-
-def metric_row(name: str) -> str:
-    """The metric-key prefix of a quantize-report entry: the F16 file is the ``baked`` row, the others their own."""
-    return "baked" if name == F16 else name
-
-
 def pick(sizes: dict[str, int], metrics: dict[str, float], names: dict[str, str] | None = None) -> tuple[str, str]:
     """The smallest entry whose test decisions agree with F16's on at least :data:`MIN_DECISION_AGREEMENT`
     (``<name>.parity.decision``) and whose held-out perplexity is at most :data:`MAX_PERPLEXITY_INCREASE`

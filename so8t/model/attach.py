@@ -7,7 +7,7 @@ width ``num_heads * head_dim``)::
     o_proj(x)  ->  o_proj(x R)
 
 It is attached with a forward pre-hook on the module found at the ``o_proj``
-path, and the :class:`~so8t.rotation.SO8Rotation` is registered as that
+path, and the :class:`~so8t.model.rotation.SO8Rotation` is registered as that
 module's child ``so8t_rotation``. Module names are kept, so:
 
 * attached *after* PEFT wraps ``o_proj`` in a LoRA layer, the hook sits on the

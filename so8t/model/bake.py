@@ -100,7 +100,7 @@ def bake_model(model: nn.Module, require_rotations: bool = True) -> nn.Module:
 
     Args:
         model: a HF causal LM, optionally PEFT-wrapped, with rotations attached
-            by :func:`so8t.attach.attach_rotations` / :func:`~so8t.attach.load_rotations`.
+            by :func:`so8t.model.attach.attach_rotations` / :func:`~so8t.model.attach.load_rotations`.
             Its weights must be 16/32-bit (never bake into a 4-bit base).
         require_rotations: raise if no rotation is attached (a model that was
             trained with SO8T must never be saved without its rotations).
@@ -224,7 +224,7 @@ def final_hidden(model: nn.Module, rows: list[list[int]]) -> list[torch.Tensor]:
 
     Args:
         model: a HF causal LM (optionally PEFT-wrapped) whose last ``hidden_states`` entry is
-            the LM head's input, as for :func:`so8t.model.base_model.output_logits`.
+            the LM head's input, as for :func:`so8t.inference.hf.output_logits`.
         rows: token-id rows, each run alone (no padding).
 
     Returns:
@@ -244,9 +244,9 @@ def compare_hidden_logits(
     model: nn.Module, reference: list[torch.Tensor], other: list[torch.Tensor], chunk: int = 16
 ) -> LogitDiff:
     """:func:`compare_logits` of the logits of two lists of final hidden states through ``model``'s
-    LM head (:func:`so8t.model.base_model.output_logits`), ``chunk`` positions at a time, so at most
+    LM head (:func:`so8t.inference.hf.output_logits`), ``chunk`` positions at a time, so at most
     ``2 x chunk x V`` logits exist at once."""
-    from so8t.model.base_model import output_logits
+    from so8t.inference.hf import output_logits
 
     stats = _LogitStats()
     for a, b in zip(reference, other, strict=True):
@@ -347,7 +347,8 @@ def bake_adapter(
 
     from so8t.io import atomic_dir, write_json
     from so8t.model.attach import ROTATIONS_FILE, load_rotations
-    from so8t.model.base_model import copy_tokenizer_files, load_causal_lm, load_tokenizer, output_logits
+    from so8t.inference.hf import load_causal_lm, load_tokenizer, output_logits
+    from so8t.model.base_model import copy_tokenizer_files
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     with_rotations = (adapter_dir / ROTATIONS_FILE).is_file()

@@ -20,14 +20,14 @@ tokenizer (Gemma's turn template for Gemma models, or
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from so8t.io import DataError, atomic_dir, sha256_file, sha256_text, write_json
+
+from so8t.inference.hf import load_causal_lm, load_tokenizer
+from so8t.io import atomic_dir, sha256_file, sha256_text, write_json
 from so8t.schema import END_OF_TURN_TOKENS
 from so8t.errors import So8tError
 
@@ -138,62 +138,6 @@ def resolve_source(source: str, cache_dir: Path) -> ResolvedSource:
     )
 
 
-def _require_dir(path: str | Path) -> None:
-    if not Path(path).is_dir():
-        raise DataError(f"{path}: model folder not found (has the stage that writes it run?)")
-
-
-def load_tokenizer(path: str | Path, gguf_file: str | None = None):
-    """Load a tokenizer from a local folder (``gguf_file``: a GGUF inside it)."""
-    from transformers import AutoTokenizer
-
-    _require_dir(path)
-    tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_causal_lm(
-    path: str | Path,
-    dtype: torch.dtype = torch.float32,
-    gguf_file: str | None = None,
-    quantization: str = "none",
-    attn_implementation: str | None = None,
-):
-    """Load a causal LM from a local folder, optionally quantised by bitsandbytes.
-
-    Args:
-        path: HF model folder (or the folder holding ``gguf_file``).
-        dtype: compute dtype (float32 on CPU: bf16 matmul is ~60x slower there).
-        gguf_file: a GGUF file name inside ``path``; dequantised on load.
-        quantization: ``"none"``, ``"8bit"`` or ``"4bit"`` (QLoRA, nf4 with double quantisation).
-        attn_implementation: e.g. ``"sdpa"`` (``None``: transformers' default).
-    """
-    from transformers import AutoModelForCausalLM
-
-    _require_dir(path)
-    kwargs: dict = {"dtype": dtype, "local_files_only": True}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    if quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True)
-            if quantization == "8bit"
-            else BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_use_double_quant=True,
-            )
-        )
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-
-
 def ensure_chat_template(tokenizer, model_type: str, override: str | None) -> str:
     """Give ``tokenizer`` a chat template and return it.
 
@@ -296,23 +240,3 @@ def _stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def read_provenance(model_dir: str | Path) -> dict:
-    """The ``so8t_base.json`` written by :func:`prepare_base` (empty if absent)."""
-    p = Path(model_dir) / "so8t_base.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-
-
-def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and any final logit soft-capping) to ``hidden``.
-
-    Args:
-        hidden: ``(N, D)`` final normalised hidden states.
-
-    Returns:
-        ``(N, V)`` float32 logits, as the model's own forward would produce them.
-    """
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits

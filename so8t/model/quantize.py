@@ -24,8 +24,8 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
-from so8t.io import atomic_path
 from so8t.errors import So8tError
+from so8t.io import atomic_path
 
 #: Quantisation type (:data:`so8t.schema.QUANT_TYPES`) -> llama.cpp ``llama_ftype`` (gguf-py's table).
 GGUF_TYPES: dict[str, LlamaFileType] = {
@@ -63,17 +63,29 @@ def gguf_filename(qtype: str, prefix: str = GGUF_PREFIX) -> str:
     return f"{prefix}{artifact_name(qtype)}.gguf"
 
 
+#: The quantize report's entry of the fine-tune's F16 file (``so8t-f16.gguf``) ...
+F16 = "f16"
+#: ... whose metric and calibration row is the baked model's: the evaluate stage scores the baked model
+#: through it (the ``baked`` row is the F16 GGUF, or the HF folder where no F16 was written).
+BAKED_ROW = "baked"
+
+
+def metric_row(entry: str) -> str:
+    """The metric-key prefix of a quantize-report entry: :data:`F16` is the :data:`BAKED_ROW`, the others their own."""
+    return BAKED_ROW if entry == F16 else entry
+
+
 def artifact_of(path: str | Path) -> str:
     """The artifact (metric and calibration key) of a model path: ``so8t-q4_k_m.gguf`` -> ``q4_k_m``;
     ``so8t-f16.gguf`` and a Hugging Face folder -> ``baked`` (the evaluate stage scores the baked model
     through its F16 GGUF); ``base-f16.gguf`` -> ``base``; another ``.gguf`` -> its stem."""
     path = Path(path)
     if path.suffix != ".gguf":
-        return "baked"
+        return BAKED_ROW
     if path.name == BASE_GGUF:
         return "base"
     name = path.stem.removeprefix(GGUF_PREFIX)
-    return "baked" if name == "f16" and path.name.startswith(GGUF_PREFIX) else name
+    return metric_row(name) if path.name.startswith(GGUF_PREFIX) else name
 
 
 def converter_dir() -> Path:

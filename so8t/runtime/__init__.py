@@ -1,7 +1,7 @@
 """Running the fine-tuned model inside an organisation: ``so8t ask / chat / serve / audit / ollama``.
 
 * :mod:`so8t.runtime.agent`: retrieval + generation + calibrated decision + policy + audit row.
-* :mod:`so8t.runtime.guard`: the model's reasoning never leaves the runtime.
+* :mod:`so8t.guard`: the model's reasoning never leaves the runtime.
 * :mod:`so8t.runtime.model`: the model interface; llama.cpp (GGUF, default) and transformers.
 * :mod:`so8t.data.retrieval`: BM25 (+ optional dense) over local folders, by access level.
 * :mod:`so8t.access`: access levels 公開 < 取扱注意 < 機密 < 極秘.

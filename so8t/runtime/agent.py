@@ -8,19 +8,21 @@ For one request (a conversation ending in a user turn) :meth:`Agent.answer`:
 2. removes chat-template control tokens from every untrusted text (turns and
    passages) and renders the conversation with the model's chat template;
 3. scores the three labels right after the prompt with the calibrate stage's
-   code (:func:`so8t.eval.inference.score_labels`; the model was trained to state
+   code (:func:`so8t.inference.score_labels`; the model was trained to state
    ``判定: X`` first): ``z_L`` = log-likelihood of ``判定: L``, ``p = softmax(z / T)``
    with the fitted temperature ``T`` of this artifact
    (:func:`so8t.eval.calibration.apply_temperature`); the model's decision is
    ``argmax p`` and its confidence ``max p``;
-4. applies the policy: an ALLOW with confidence below ``runtime.allow_threshold``
-   becomes ESCALATION; only an ALLOW is answered: the model generates greedily
-   after ``判定: ALLOW`` (repetition penalty ``generation.repetition_penalty``) until
-   it ends its turn or reaches ``runtime.max_new_tokens``, and its final answer
-   (reasoning removed, :func:`so8t.runtime.guard.separate`) is returned with the
-   retrieved documents as citations; an ALLOW without a final answer becomes
-   ESCALATION. ESCALATION and DENY return the policy text of ``runtime.policy``
-   and generate nothing;
+4. applies the policy (:func:`so8t.policy.apply_policy`, the function the evaluation
+   calls too): an ALLOW with confidence below ``runtime.allow_threshold`` becomes
+   ESCALATION; only an ALLOW is answered: the model generates greedily after
+   ``判定: ALLOW`` (repetition penalty ``generation.repetition_penalty``) until it
+   ends its turn or reaches ``runtime.max_new_tokens``, the generation is split
+   (:func:`so8t.guard.separate`) and the policy applied again with its parts: an
+   answer that kept reasoning or has no final answer becomes ESCALATION; otherwise
+   the final answer (reasoning removed) is returned with the retrieved documents as
+   citations. ESCALATION and DENY return the policy text of ``runtime.policy`` and
+   generate nothing;
 5. appends one audit row (also for a request that fails: decision ``ERROR``).
 
 Everything is decided before anything is returned, so a streamed answer is
@@ -44,15 +46,16 @@ import numpy as np
 from so8t.access import AccessLevel, parse_level
 from so8t.errors import So8tError
 from so8t.eval.calibration import apply_temperature
-from so8t.eval.inference import answer_context
+from so8t.decision import LABELS, answer_context
 from so8t.model.quantize import artifact_of
 from so8t.runtime.audit import AuditEntry, AuditLog
 from so8t.runtime.engine import Cancellation
-from so8t.runtime.guard import separate
+from so8t.guard import separate
 from so8t.runtime.model import ChatModel
 from so8t.data.retrieval import Passage, Retriever
 from so8t.data.grounding import fit_passages, grounded_prompt
-from so8t.schema import DECISIONS, END_OF_TURN_TOKENS, Decision
+from so8t.policy import apply_policy
+from so8t.schema import END_OF_TURN_TOKENS, Decision
 
 #: The last user turn when passages were retrieved: the passages with their ids, then the question.
 #: Roles a caller may send.
@@ -291,7 +294,7 @@ class Agent:
 
     def _decide(self, prompt: str, cancel: Cancellation | None = None) -> np.ndarray:
         """Calibrated label probabilities ``softmax(z / T)`` of the logits the calibrate stage fitted T on
-        (:func:`so8t.eval.inference.score_labels` after the rendered prompt)."""
+        (:func:`so8t.inference.score_labels` after the rendered prompt)."""
         if cancel is not None:
             cancel.check()
         if self._shared:
@@ -299,14 +302,6 @@ class Agent:
         else:
             logits = self.model.decision_logits(prompt)
         return apply_temperature(np.asarray([logits], dtype=np.float64), self.temperature)[0]
-
-    def _policy(self, probs: np.ndarray) -> tuple[str, str, float, str | None]:
-        """(decision, model decision, confidence, override) before any answer is generated."""
-        k = int(np.argmax(probs))
-        model_decision, confidence = DECISIONS[k], float(probs[k])
-        if model_decision == Decision.ALLOW.value and confidence < self.policy.allow_threshold:
-            return Decision.ESCALATION.value, model_decision, confidence, "low_confidence"
-        return model_decision, model_decision, confidence, None
 
     # ------------------------------------------------------------ request
 
@@ -347,19 +342,19 @@ class Agent:
                 raise AgentInputError(f"messages: the chat template rejected the conversation: {e}") from None
             with contextlib.nullcontext() if self._shared else self._lock:
                 probs = self._decide(prompt, cancel)
-                decision, model_decision, confidence, override = self._policy(probs)
+                before = apply_policy(probs, self.policy.allow_threshold)
                 # Only an allowed request is answered: nothing is generated for ESCALATION or DENY.
-                text = self._generate(prompt, budget, cancel) if decision == Decision.ALLOW.value else ""
+                text = self._generate(prompt, budget, cancel) if before.answered else ""
                 n_prompt = self.model.count_tokens(prompt)
         except Exception as e:
             self._audit(request_id, channel, principal, t0, raw_input, passages, output=f"{type(e).__name__}: {e}")
             raise
         parts = separate(text, self.style)
-        if decision == Decision.ALLOW.value and parts.leak:
-            decision, override = Decision.ESCALATION.value, "reasoning_in_answer"
-        elif decision == Decision.ALLOW.value and not parts.final:
-            decision, override = Decision.ESCALATION.value, "no_final_answer"
-        allow = decision == Decision.ALLOW.value
+        outcome = apply_policy(probs, self.policy.allow_threshold, parts if before.answered else None)
+        decision, model_decision, confidence, override = (
+            outcome.decision, outcome.model_decision, outcome.confidence, outcome.override
+        )
+        allow = outcome.answered
         shown = parts.final if allow else self.policy.text(decision)
         citations = list(dict.fromkeys(p.doc_id for p in passages)) if allow else []
         # Usage counts what the caller sees: the length of the private reasoning is not revealed.
@@ -385,7 +380,7 @@ class Agent:
             answer=shown,
             citations=citations,
             model_decision=model_decision,
-            probabilities={label: round(float(p), 6) for label, p in zip(DECISIONS, probs)},
+            probabilities={label: round(float(p), 6) for label, p in zip(LABELS, probs)},
             override=override,
             model_id=self.model.model_id,
             latency_ms=round(latency, 3),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from so8t.console import console
+from so8t.console import console, info, warn
 from so8t.model.quantize import GGUF_GLOB
 
 EXIT_OK, EXIT_FINDING, EXIT_ERROR = 0, 1, 2
@@ -39,15 +39,11 @@ def _agent(args):
     from so8t.runtime.agent import build_agent
 
     params, base = _params(args)
-    return build_agent(params, base, warn=_warn, info=_info)
+    return build_agent(params, base, warn=warn, info=info)
 
 
-def _warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
-def _info(message: str) -> None:
-    console.print(escape(message), soft_wrap=True, highlight=False)
 
 
 def _principal(args):
@@ -170,8 +166,8 @@ def cmd_ollama(args) -> int:
     else:
         served = served_model(params.runtime.model, base, params.runtime.metrics)
         if served.warning:
-            _warn(served.warning)
-        _info(served.reason.replace("serving", "recommended:", 1))
+            warn(served.warning)
+        info(served.reason.replace("serving", "recommended:", 1))
         folder = served.path.parent
         ggufs = sorted(folder.glob(GGUF_GLOB))
         if not ggufs:

@@ -4,10 +4,10 @@ llama.cpp runs one ``llama_decode`` at a time per model, so concurrent requests 
 it. :class:`BatchingModel` wraps a :class:`so8t.runtime.model.BackendChatModel` and hands every
 decision and every generation to one scheduler thread, which
 
-* scores the decisions of waiting requests together (:func:`so8t.eval.inference.score_labels`,
+* scores the decisions of waiting requests together (:func:`so8t.inference.scoring.score_labels`,
   several sequences per ``llama_decode``), first come first scored, a chunk of at most
   ``batch_size`` requests and :data:`PREFILL_TOKENS` prompt tokens at a time;
-* runs the answers of all allowed requests in one :class:`so8t.eval.inference.GreedyBatch`
+* runs the answers of all allowed requests in one :class:`so8t.inference.llamacpp.GreedyBatch`
   (continuous batching, as llama.cpp's own server does): a new answer joins at the next step
   (at most :data:`PREFILL_TOKENS` prompt tokens admitted per step), a finished or cancelled one
   leaves and frees its slot;
@@ -32,7 +32,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from so8t.errors import So8tError
-from so8t.eval.inference import InferenceError, score_labels
+from so8t.inference import InferenceError, score_labels
 from so8t.runtime.model import ModelError
 
 #: How often a waiting request thread looks at its cancellation (seconds).

@@ -3,8 +3,8 @@
 :class:`ChatModel` is what the agent needs from a model: render a conversation
 with the chat template the model was trained with, stream a greedy
 continuation, and give the decision logits of a context. :class:`BackendChatModel`
-implements it on :mod:`so8t.eval.inference`, the same backends, greedy loop,
-repetition penalty and label scoring (:func:`so8t.eval.inference.score_labels`)
+implements it on :mod:`so8t.inference`, the same backends, greedy loop,
+repetition penalty and label scoring (:func:`so8t.inference.scoring.score_labels`)
 that the calibrate and evaluate stages run, so the calibrated temperature is
 applied to exactly the numbers it was fitted on. A GGUF file runs in llama.cpp
 with the chat template embedded in it by the quantize stage
@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from so8t.errors import So8tError
-from so8t.eval.inference import Backend, InferenceError, open_backend, score_labels, stop_strings
+from so8t.inference import Backend, InferenceError, open_backend, score_labels, stop_strings
 from so8t.io import sha256_file, sha256_text
 
 #: Control-token spellings of known chat templates, removed from untrusted text before rendering
@@ -87,7 +87,7 @@ class ChatModel(Protocol):
 
     def decision_logits(self, context: str) -> np.ndarray:
         """``(3,)`` log-likelihoods (nats) of ``判定: L`` after ``context`` (the rendered prompt) for L in
-        ALLOW, ESCALATION, DENY (:func:`so8t.eval.inference.score_labels`)."""
+        ALLOW, ESCALATION, DENY (:func:`so8t.inference.scoring.score_labels`)."""
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` (for usage reports)."""
@@ -97,7 +97,7 @@ class BackendChatModel:
     """A :class:`ChatModel` on an inference-layer backend (llama.cpp or Hugging Face).
 
     Args:
-        backend: the :class:`so8t.eval.inference.Backend`.
+        backend: the :class:`so8t.inference.types.Backend`.
         chat_template: the Jinja chat template the model was trained with.
         bos_token, eos_token: the template's ``bos_token`` / ``eos_token`` strings.
         model_id: name in responses and audit rows.

@@ -49,7 +49,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -60,9 +59,11 @@ from so8t.access import AccessLevel
 from so8t.runtime.agent import Agent, AgentInputError, Answer, Principal
 from so8t.runtime.audit import AuditError
 from so8t.runtime.engine import Cancellation, EngineError, RequestCancelled
-from so8t.runtime.guard import sentences
+from so8t.guard import sentences
+from so8t.console import info, warn
 from so8t.runtime.model import ModelError
-from so8t.errors import So8tError
+from so8t.errors import So8tError, error_location
+from so8t.params import ServerParams
 
 #: Environment variable with API keys: ``key=user:level`` entries separated by commas.
 API_KEYS_ENV = "SO8T_API_KEYS"
@@ -159,17 +160,6 @@ class RateLimiter:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
-
-
-@dataclass(frozen=True)
-class Limits:
-    """``runtime.server`` limits."""
-
-    max_request_bytes: int = 65536
-    rate_per_minute: float = 60.0
-    burst: int = 10
-    max_queue: int = 2
-    request_timeout_s: float = 60.0
 
 
 #: The audit row's user of a request without a valid API key.
@@ -366,7 +356,7 @@ def _install_error_handlers(app) -> None:
         return JSONResponse(_error("internal server error (see the server log)", "server_error"), status_code=500)
 
 
-def _authenticator(keys: ApiKeys, limits: Limits, on_refuse=None, audit_threads=lambda: None):
+def _authenticator(keys: ApiKeys, limits: ServerParams, on_refuse=None, audit_threads=lambda: None):
     """A FastAPI dependency: the caller of a request's API key, rate-limited per key (401 / 429).
 
     Args:
@@ -497,7 +487,57 @@ def _completion(ans: Answer, stream: bool):
     )
 
 
-def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_agent: bool = False):
+def _runner(agent: Agent, admission: Admission, limits: ServerParams, refusal, limiters):
+    """The coroutine that answers one admitted HTTP request (see ``run`` below); ``limiters()`` gives the
+    answer and refusal thread limiters, ``refusal(who, path, message)`` writes a refusal's audit row."""
+    import anyio
+    from fastapi import Request
+
+    async def run(request: Request, messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
+        """The agent's answer, within the queue bound, the request timeout and the client's patience."""
+        from starlette.exceptions import HTTPException
+
+        if not admission.enter():
+            wait = admission.retry_after()
+            message = (f"server busy: {admission.limit} requests are being answered "
+                       f"(runtime.server.max_queue); retry in {wait} s")
+            await anyio.to_thread.run_sync(refusal, who, request.url.path, f"503: {message}", limiter=limiters()[1])
+            raise HTTPException(503, message, headers={"Retry-After": str(wait)})
+        t0 = time.monotonic()
+        cancel = Cancellation(limits.request_timeout_s)
+        outcome: list = []
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def watch() -> None:  # a client that goes away stops its request
+                    try:
+                        while not cancel.cancelled:
+                            if await request.is_disconnected():
+                                cancel.cancel("disconnected")
+                                return
+                            await anyio.sleep(0.2)
+                    except Exception:  # noqa: BLE001 - the connection is unusable: treat it as gone
+                        cancel.cancel("disconnected")
+
+                tasks.start_soon(watch)
+                try:
+                    # Callers are untrusted: their system turns and unsigned assistant turns are refused (400).
+                    outcome.append(await anyio.to_thread.run_sync(
+                        agent.answer, messages, who, channel, max_tokens, True, cancel, limiter=limiters()[0]
+                    ))
+                except Exception as e:  # noqa: BLE001 - raised below, outside the task group (which would wrap it)
+                    outcome.append(e)
+                tasks.cancel_scope.cancel()
+        finally:
+            admission.leave(time.monotonic() - t0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    return run
+
+
+def create_app(agent: Agent, keys: ApiKeys, limits: ServerParams = ServerParams(), close_agent: bool = False):
     """The FastAPI application serving ``agent``.
 
     Args:
@@ -545,46 +585,7 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
     admission = Admission(limits.max_queue)
     app.state.admission = admission
 
-    async def run(request: Request, messages: list[dict], who: Principal, channel: str, max_tokens: int | None) -> Answer:
-        """The agent's answer, within the queue bound, the request timeout and the client's patience."""
-        from starlette.exceptions import HTTPException
-
-        if not admission.enter():
-            wait = admission.retry_after()
-            message = (f"server busy: {admission.limit} requests are being answered "
-                       f"(runtime.server.max_queue); retry in {wait} s")
-            await anyio.to_thread.run_sync(refusal, who, request.url.path, f"503: {message}", limiter=limiters()[1])
-            raise HTTPException(503, message, headers={"Retry-After": str(wait)})
-        t0 = time.monotonic()
-        cancel = Cancellation(limits.request_timeout_s)
-        outcome: list = []
-        try:
-            async with anyio.create_task_group() as tasks:
-
-                async def watch() -> None:  # a client that goes away stops its request
-                    try:
-                        while not cancel.cancelled:
-                            if await request.is_disconnected():
-                                cancel.cancel("disconnected")
-                                return
-                            await anyio.sleep(0.2)
-                    except Exception:  # noqa: BLE001 - the connection is unusable: treat it as gone
-                        cancel.cancel("disconnected")
-
-                tasks.start_soon(watch)
-                try:
-                    # Callers are untrusted: their system turns and unsigned assistant turns are refused (400).
-                    outcome.append(await anyio.to_thread.run_sync(
-                        agent.answer, messages, who, channel, max_tokens, True, cancel, limiter=limiters()[0]
-                    ))
-                except Exception as e:  # noqa: BLE001 - raised below, outside the task group (which would wrap it)
-                    outcome.append(e)
-                tasks.cancel_scope.cancel()
-        finally:
-            admission.leave(time.monotonic() - t0)
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+    run = _runner(agent, admission, limits, refusal, limiters)
 
     @app.get("/healthz")
     async def healthz():
@@ -621,7 +622,7 @@ def create_app(agent: Agent, keys: ApiKeys, limits: Limits = Limits(), close_age
 def _describe(errors) -> str:
     parts = []
     for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "(body)"
+        loc = error_location(e, skip=("body",)) or "(body)"
         parts.append(f"{loc}: {e.get('msg')}")
     return "invalid request: " + "; ".join(parts)
 
@@ -644,25 +645,12 @@ def app_from_params(params_path: str | Path, model=None):
         raise ServerConfigError(
             f"no API keys: set runtime.server.api_keys_file (entries from `so8t keygen`) or {API_KEYS_ENV}"
         )
-    agent = build_agent(params, base, model=model, warn=_warn, info=_info, batching=True)
-    limits = Limits(srv.max_request_bytes, srv.rate_per_minute, srv.burst, srv.max_queue, srv.request_timeout_s)
-    return create_app(agent, keys, limits, close_agent=True)
+    agent = build_agent(params, base, model=model, warn=warn, info=info, batching=True)
+    return create_app(agent, keys, srv, close_agent=True)
 
 
-def _warn(message: str) -> None:
-    from rich.markup import escape
-
-    from so8t.console import console
-
-    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
-def _info(message: str) -> None:
-    from rich.markup import escape
-
-    from so8t.console import console
-
-    console.print(escape(message), soft_wrap=True, highlight=False)
 
 
 def app_from_env():

@@ -38,7 +38,7 @@ from so8t.distill.teacher import (
 from so8t.distill.trainer import DistillCollator, DistillTrainer, distill_examples, topk_kl, train_student
 from so8t.io import DataError, read_jsonl
 from so8t.params import Params
-from so8t.model.train import SO8TTrainer
+from so8t.model.trainer import SO8TTrainer
 from tiny import TINY_CONFIGS, tiny_base_dir, tiny_tokenizer, tiny_train_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -479,7 +479,7 @@ def test_student_flows_through_bake_gguf_and_evaluation(gguf_run):
 @pytest.mark.slow
 def test_gguf_teacher_with_another_tokenizer_is_refused(gguf_run):
     from so8t.distill.teacher import GGUFVocab
-    from so8t.eval.inference import LlamaCppBackend
+    from so8t.inference import LlamaCppBackend
 
     _, teacher, _, _, _, _ = gguf_run
     backend = LlamaCppBackend(teacher, n_ctx=256, n_threads=1, batch_size=1)

@@ -4,20 +4,22 @@ import numpy as np
 import pytest
 
 from so8t.eval.metrics import (
-    MecabTokenizer,
-    bleu_ja,
     brier_score,
-    chrf,
     classification_report,
     expected_calibration_error,
-    extract_final_number,
-    is_polite_sentence,
-    keigo_rate,
-    math_exact_match,
     negative_log_likelihood,
     nll_from_logits,
     perplexity,
     reliability_bins,
+)
+from so8t.eval.text_metrics import (
+    MecabTokenizer,
+    bleu_ja,
+    chrf,
+    extract_final_number,
+    is_polite_sentence,
+    keigo_rate,
+    math_exact_match,
     repetition_stats,
     rouge_l_ja,
 )
@@ -305,7 +307,7 @@ def test_repetition_stats_bad_input():
 
 
 def test_chrf_indices_is_corpus_chrf_of_the_resampled_rows():
-    from so8t.eval.metrics import chrf_indices
+    from so8t.eval.text_metrics import chrf_indices
 
     hyps = ["今日は良い天気です。", "明日は雨が降ります。", "猫が好きです。"]
     refs = ["今日は悪い天気でした。", "明日は雨です。", "犬を飼っています。"]

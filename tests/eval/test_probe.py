@@ -75,7 +75,7 @@ def test_probe_layers_every_stride_and_the_last():
 
 
 def test_prompt_ids_end_where_the_label_is_scored(tok, model):
-    from so8t.eval.inference import HFBackend
+    from so8t.inference import HFBackend
 
     rows = _rows(tok, "test", 1, 1)
     ids = prompt_ids(HFBackend.from_model(model, tok), rows)
@@ -157,7 +157,7 @@ def test_a_best_c_on_the_grid_edge_is_bracketed_or_flagged():
 def test_no_test_template_is_in_the_probe_fit_data(tok):
     """Real safety templates through think-format's grouped split: the probe's train and val (what it is
     fitted and selected on) hold no template of its test split, and leaking splits are refused."""
-    from so8t.data.synthesize import build_decision_records, load_safety_templates
+    from so8t.data.sources.templates import build_decision_records, load_safety_templates
     from so8t.data.think_format import format_and_split
     from so8t.params import ThinkFormatParams
     from so8t.schema import Record

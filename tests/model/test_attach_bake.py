@@ -153,7 +153,7 @@ def _adapter(tmp_path, arch: str = "llama"):
     from tiny import tiny_base_dir
 
     from so8t.model.attach import ROTATIONS_FILE, save_rotations
-    from so8t.model.base_model import load_causal_lm
+    from so8t.inference.hf import load_causal_lm
 
     base = tiny_base_dir(tmp_path / "base", arch)
     torch.manual_seed(3)
@@ -170,7 +170,7 @@ def _adapter(tmp_path, arch: str = "llama"):
 
 def test_bake_adapter_verifies_saved_files_in_float32_and_the_fold_in_float64(tmp_path):
     from so8t.model.bake import bake_adapter, final_hidden
-    from so8t.model.base_model import load_causal_lm, output_logits
+    from so8t.inference.hf import load_causal_lm, output_logits
 
     base, adapter, trained = _adapter(tmp_path)
     rows = [[5, 9, 17, 33, 8, 21, 40], [7, 7, 12, 3, 60, 44, 18, 29, 11]]
@@ -300,7 +300,7 @@ def test_bake_adapter_folds_an_invariant_rotation_from_its_saved_files(tmp_path)
 
     from so8t.model.attach import ROTATIONS_FILE
     from so8t.model.bake import bake_adapter
-    from so8t.model.base_model import load_causal_lm
+    from so8t.inference.hf import load_causal_lm
 
     base = tiny_base_dir(tmp_path / "base", "gemma3_text")
     model = _lora(load_causal_lm(base, torch.float32))

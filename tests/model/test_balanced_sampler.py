@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from so8t.model.train import BalancedDecisionSampler, train_sampler
+from so8t.model.batching import BalancedDecisionSampler, train_sampler
 
 
 def _rows(n_allow=30, n_esc=7, n_deny=13, n_other=23, seed=0):

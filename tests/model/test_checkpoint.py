@@ -221,7 +221,8 @@ DRIVER_FULL_DISK = DRIVER.replace(
     textwrap.dedent(
         """
         import resource, signal
-        from so8t.model.train import SO8TTrainer, TrainPaths, run_training
+        from so8t.model.train import TrainPaths, run_training
+        from so8t.model.trainer import SO8TTrainer
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         save = SO8TTrainer._save_checkpoint
         def full_after_three(self, model, trial):

@@ -51,15 +51,16 @@ DRIVER = textwrap.dedent(
         exec(Path("fsdp_on_cpu.py").read_text())
     from so8t.params import Params
     import so8t.model.train as train
+    from so8t.model.trainer import SO8TTrainer
 
     kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
     if kill_at:  # a power cut right after checkpoint `kill_at` is published
-        save = train.SO8TTrainer._save_checkpoint
+        save = SO8TTrainer._save_checkpoint
         def _save_then_die(self, model, trial):
             save(self, model, trial)
             if self.state.global_step == kill_at and self.args.should_save:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train.SO8TTrainer._save_checkpoint = _save_then_die
+        SO8TTrainer._save_checkpoint = _save_then_die
 
     params = Params.model_validate(json.loads(Path(sys.argv[3]).read_text()))
     s = train.run_training(params, train.TrainPaths(base=Path(sys.argv[1]), data=Path(sys.argv[2]),

@@ -34,7 +34,7 @@ def test_qlora_trains_and_bakes_from_a_full_precision_base(tmp_path, quantizatio
 
     from so8t.model.attach import load_rotations
     from so8t.model.bake import bake_model, compare_logits, model_logits
-    from so8t.model.base_model import load_causal_lm
+    from so8t.inference.hf import load_causal_lm
     from so8t.model.train import TrainPaths, run_training
 
     base = tiny_base_dir(tmp_path / "base", "llama")
@@ -58,7 +58,7 @@ def test_qlora_trains_and_bakes_from_a_full_precision_base(tmp_path, quantizatio
 def test_quantised_base_is_refused_by_bake(tmp_path):
     from so8t.model.attach import attach_rotations
     from so8t.model.bake import BakeError, bake_model
-    from so8t.model.base_model import load_causal_lm
+    from so8t.inference.hf import load_causal_lm
 
     base = tiny_base_dir(tmp_path / "base", "llama")
     model = load_causal_lm(base, torch.float32, quantization="8bit")

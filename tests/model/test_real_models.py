@@ -7,14 +7,8 @@ from peft import LoraConfig, get_peft_model
 from so8t.errors import So8tError
 from so8t.model.attach import attach_rotations
 from so8t.model.rotation import SO8Rotation, random_generator
-from so8t.model.train import (
-    LORA_TARGETS,
-    TargetModulesError,
-    adapted_modules,
-    gpu_memory_estimate,
-    lora_targets,
-    resolve_precision,
-)
+from so8t.model.build import LORA_TARGETS, TargetModulesError, adapted_modules, lora_targets, resolve_precision
+from so8t.model.preflight import gpu_memory_estimate
 from tiny import TINY_CONFIGS, tiny_batch, tiny_model
 
 GiB = 2**30

@@ -4,8 +4,8 @@ from peft import LoraConfig, get_peft_model
 
 from so8t.model.attach import attach_rotations
 from so8t.model.pet import PETSchedule, pet_penalty
-from so8t.model.base_model import output_logits
-from so8t.model.train import label_token_ce_sum
+from so8t.inference.hf import output_logits
+from so8t.model.loss import label_token_ce_sum
 from tiny import TINY_CONFIGS, tiny_batch, tiny_model
 
 
@@ -52,7 +52,8 @@ def _one_step(tmp_path, rows, batch: int, accumulation: int) -> dict[str, torch.
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq
 
-    from so8t.model.train import SO8TTrainer, build_model, training_arguments
+    from so8t.model.build import build_model
+    from so8t.model.trainer import SO8TTrainer, training_arguments
     from so8t.params import TrainParams
     from tiny import tiny_base_dir, tiny_tokenizer
 
@@ -100,7 +101,7 @@ def _formatted(task, n_prompt, completion, span):
 
 
 def test_task_mixture_repeats_and_samples_by_weight():
-    from so8t.model.train import mix_tasks
+    from so8t.model.batching import mix_tasks
 
     rows = [_formatted("decision", 3, [1, 2, 3], [3, 5]) for _ in range(10)] + [_formatted("math", 3, [4], [3, 4])] * 4
     mixed = mix_tasks(rows, {"decision": 1.5, "math": 0.5}, seed=0)
@@ -110,7 +111,7 @@ def test_task_mixture_repeats_and_samples_by_weight():
 
 
 def test_decision_line_copies_end_at_the_decision_line_and_never_teach_a_stop():
-    from so8t.model.train import decision_line_copies
+    from so8t.model.batching import decision_line_copies
 
     full = _formatted("decision", 4, [7, 8, 9, 2, 5, 6, 1], [4, 7])  # 判定 : DENY | \n reasoning ... <eot>
     rows = [full, _formatted("math", 4, [7, 8, 9], [4, 7])]
@@ -125,7 +126,7 @@ def test_decision_line_copies_end_at_the_decision_line_and_never_teach_a_stop():
 
 
 def test_decision_lines_with_passages_get_their_own_passes():
-    from so8t.model.train import decision_line_copies
+    from so8t.model.batching import decision_line_copies
 
     bare = [_formatted("decision", 4, [7, 8, 9, 2, 5], [4, 7]) | {"rag": None, "id": f"b{i}"} for i in range(6)]
     rag = [_formatted("decision", 30, [7, 8, 9, 2, 5], [30, 33]) | {"rag": kind, "id": f"r{i}"}
@@ -143,7 +144,7 @@ def test_decision_lines_with_passages_get_their_own_passes():
 
 
 def test_decision_line_copies_learn_the_label_not_the_shared_prefix():
-    from so8t.model.train import decision_line_copies
+    from so8t.model.batching import decision_line_copies
 
     def row(prompt, completion, span):
         return {"task": "decision", "input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion,
@@ -188,7 +189,7 @@ def test_fixed_rotations_are_set_frozen_and_left_alone_by_training(tmp_path, kin
     """The ablation's controls: a fixed rotation is the one asked for, and a step does not move it."""
     from so8t.model.attach import attached_rotations
     from so8t.model.rotation import hadamard_block
-    from so8t.model.train import build_model, trainable_parameter_counts
+    from so8t.model.build import build_model, trainable_parameter_counts
     from so8t.params import TrainParams
     from tiny import tiny_base_dir
 
@@ -211,7 +212,7 @@ def test_fixed_rotations_are_set_frozen_and_left_alone_by_training(tmp_path, kin
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq
 
-    from so8t.model.train import SO8TTrainer, training_arguments
+    from so8t.model.trainer import SO8TTrainer, training_arguments
     from tiny import tiny_tokenizer
 
     args = training_arguments(p, output_dir=tmp_path / "out", max_steps=1, learning_rate=0.5, seed=0, optim="sgd")
@@ -225,8 +226,8 @@ def test_an_invariant_fixed_rotation_starts_training_from_the_base_function(tmp_
     """The QuaRot control: far from identity, one rotation per key/value head, and the base's logits."""
     from so8t.model.attach import attached_rotations, is_invariant, kv_blocks
     from so8t.model.bake import compare_logits, model_logits
-    from so8t.model.base_model import load_causal_lm
-    from so8t.model.train import build_model
+    from so8t.inference.hf import load_causal_lm
+    from so8t.model.build import build_model
     from so8t.params import TrainParams
     from tiny import tiny_base_dir, tiny_batch
 

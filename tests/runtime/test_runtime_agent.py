@@ -169,7 +169,7 @@ def test_every_request_leaves_one_audit_row(tmp_path):
     from so8t.runtime.audit import sha256_hex
 
     assert r["output_sha256"] == sha256_hex(ANSWER)
-    from so8t.runtime.guard import separate
+    from so8t.guard import separate
 
     assert r["reasoning_sha256"] == sha256_hex(separate(OUTPUTS["normal"]).reasoning)
     assert r["confidence"] == pytest.approx(ans.confidence) and r["latency_ms"] > 0

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from fakes import make_agent
 
 from so8t.runtime.audit import AuditLog, load_or_create_key, verify_chain
-from so8t.runtime.server import ApiKeys, Limits, create_app
+from so8t.params import ServerParams
+from so8t.runtime.server import ApiKeys, create_app
 
 KEY = "k-alice-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -46,7 +47,7 @@ FULL_DISK = """
 def test_audit_db_locked_by_another_process_is_a_clear_503(tmp_path):
     agent = make_agent(tmp_path)
     agent.audit.timeout_s = 0.3
-    client = TestClient(create_app(agent, _keys(), Limits()), raise_server_exceptions=False)
+    client = TestClient(create_app(agent, _keys(), ServerParams()), raise_server_exceptions=False)
     assert client.post("/v1/decide", headers=AUTH, json={"prompt": "質問"}).status_code == 200
     locker = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""

@@ -74,7 +74,7 @@ def _ollama_template(model):
 def test_the_runtime_probability_is_the_calibrate_stages(tiny, llama_model, tmp_path, budget):
     """The agent's probabilities for a request equal softmax(z / T) of the logits calibrate scores."""
     from so8t.eval.calibration import apply_temperature
-    from so8t.eval.inference import score_decisions
+    from so8t.inference import score_decisions
     from so8t.runtime.agent import Agent, Policy, Principal
     from so8t.runtime.audit import AuditLog
 

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from fakes import ANSWER, OUTPUTS, POLICY, REASONING, REASONING_2, FakeModel, make_agent
 
 from so8t.runtime.audit import load_or_create_key, verify_chain
-from so8t.runtime.server import ApiKeys, Limits, RateLimiter, ServerConfigError, create_app, key_digest
+from so8t.params import ServerParams
+from so8t.runtime.server import ApiKeys, RateLimiter, ServerConfigError, create_app, key_digest
 
 KEY, BOSS_KEY = "k-alice-123", "k-boss-456"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,7 +31,7 @@ def keys() -> ApiKeys:
 @pytest.fixture
 def served(tmp_path):
     agent = make_agent(tmp_path, FakeModel(piece=1))
-    app = create_app(agent, keys(), Limits(max_request_bytes=4096, rate_per_minute=6000, burst=100))
+    app = create_app(agent, keys(), ServerParams(max_request_bytes=4096, rate_per_minute=6000, burst=100))
     return TestClient(app, raise_server_exceptions=False), agent
 
 
@@ -226,7 +227,7 @@ def test_body_size_limit(served):
 
 def test_rate_limit(tmp_path):
     agent = make_agent(tmp_path)
-    client = TestClient(create_app(agent, keys(), Limits(rate_per_minute=60, burst=3)))
+    client = TestClient(create_app(agent, keys(), ServerParams(rate_per_minute=60, burst=3)))
     codes = [client.post("/v1/decide", headers=AUTH, json={"prompt": "q"}).status_code for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
     r = client.post("/v1/decide", headers=AUTH, json={"prompt": "q"})
@@ -285,7 +286,7 @@ def test_200_concurrent_requests_on_loopback_lose_no_audit_rows(tmp_path):
     import uvicorn
 
     agent = make_agent(tmp_path, FakeModel(piece=7), plaintext=False)
-    app = create_app(agent, keys(), Limits(rate_per_minute=1e6, burst=1000, max_queue=256))
+    app = create_app(agent, keys(), ServerParams(rate_per_minute=1e6, burst=1000, max_queue=256))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", backlog=1024))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -329,7 +330,7 @@ def test_200_concurrent_requests_on_loopback_lose_no_audit_rows(tmp_path):
 
 def test_a_number_too_long_to_read_is_a_400_with_an_audit_row(tmp_path):
     agent = make_agent(tmp_path)
-    client = TestClient(create_app(agent, keys(), Limits(max_request_bytes=65536)))
+    client = TestClient(create_app(agent, keys(), ServerParams(max_request_bytes=65536)))
     body = b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"
     r = client.post("/v1/decide", headers={**AUTH, "Content-Type": "application/json"}, content=body)
     assert r.status_code == 400 and "cannot be read" in r.json()["error"]["message"]
@@ -338,7 +339,7 @@ def test_a_number_too_long_to_read_is_a_400_with_an_audit_row(tmp_path):
 
 def test_a_flood_of_bad_keys_does_not_starve_a_valid_key_from_the_same_address(tmp_path):
     agent = make_agent(tmp_path)
-    client = TestClient(create_app(agent, keys(), Limits(rate_per_minute=60, burst=3)))
+    client = TestClient(create_app(agent, keys(), ServerParams(rate_per_minute=60, burst=3)))
     codes = [client.post("/v1/decide", headers={"Authorization": "Bearer guess"}, json={"prompt": "q"}).status_code
              for _ in range(10)]
     assert codes[:3] == [401] * 3 and set(codes[3:]) == {429}  # the guesser is slowed down

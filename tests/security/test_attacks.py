@@ -14,7 +14,7 @@ from fakes import POLICY, FakeModel, make_agent
 
 from so8t.data.grounding import neutralize
 from so8t.runtime.agent import AgentInputError, Principal, strip_to_fixed_point, _control_pattern
-from so8t.runtime.guard import separate
+from so8t.guard import separate
 from so8t.runtime.redteam import CLASSIFIED, SECRET, Recording, leaked, make_documents, reasoning_outputs, run_suite
 from so8t.data.retrieval import Retriever, Root
 

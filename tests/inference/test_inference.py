@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from so8t.eval.inference import (
-    DECISION_MARKER,
+from so8t.decision import DECISION_MARKER_TEXT
+from so8t.inference import (
     HFBackend,
     LlamaCppBackend,
-    _Sequence,
     cut_at_stop,
     label_requests,
     penalize,
@@ -21,6 +20,7 @@ from so8t.eval.inference import (
     score_labels,
     stop_strings,
 )
+from so8t.inference.decoding import _Sequence
 from tiny import tiny_gemma_dir
 
 QUESTIONS = [
@@ -64,8 +64,8 @@ def test_hf_and_llama_cpp_generate_the_same_greedy_text(backends, penalty):
     """Same weights, same rule (CTRL penalty over prompt and generated tokens): the same tokens."""
     hf, ll, texts = backends
     prompts = [hf.tokenize(t) for t in texts]
-    a = hf.generate(prompts, 16, [DECISION_MARKER], penalty)
-    b = ll.generate(prompts, 16, [DECISION_MARKER], penalty)
+    a = hf.generate(prompts, 16, [DECISION_MARKER_TEXT], penalty)
+    b = ll.generate(prompts, 16, [DECISION_MARKER_TEXT], penalty)
     assert [g.text for g in a] == [g.text for g in b]
     assert [g.n_tokens for g in a] == [g.n_tokens for g in b]
 
@@ -183,7 +183,7 @@ def test_continuous_batching_refills_and_compacts_slots(backends):
 
 
 def test_scoring_chunks_hold_a_token_budget(backends):
-    from so8t.eval.inference import SCORE_TOKENS
+    from so8t.inference import SCORE_TOKENS
 
     _, ll, _ = backends
     requests = [([1] * 300, [[2]]), ([1] * 300, [[2]]), ([1] * 10, [[2]]), ([1] * 600, [[2]]), ([1] * 5, [[2]])]

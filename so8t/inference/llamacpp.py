@@ -1,203 +1,36 @@
-"""The one inference layer: greedy generation, continuation scoring and perplexity, batched, in two backends.
+"""A GGUF file in llama.cpp, where the quantised model is served: :class:`LlamaCppBackend` and :class:`GreedyBatch`.
 
-Every stage that runs a model (calibrate, evaluate, distill) and the runtime go
-through these classes, so a number measured in the pipeline is the number the
-served model gives:
-
-* :class:`HFBackend`: a Hugging Face model folder (the base and the baked model),
-  float32, batched with left padding and a KV cache.
-* :class:`LlamaCppBackend`: a GGUF file in llama.cpp, where the quantised model is
-  served. Several sequences share one context (``n_seq_max``, a unified KV cache)
-  and are decoded together in one ``llama_batch``; logits are computed only at the
-  positions that are read (``batch.logits[i]``), never for a whole prompt.
-
-Both backends tokenise with their own tokenizer (chat-template control tokens in
-the text are parsed as special tokens; the quantize stage checks that the GGUF
-and the Hugging Face tokenizer agree) and generate under one rule:
-
-**Greedy decoding with the CTRL repetition penalty** (Keskar et al. 2019,
-https://arxiv.org/abs/1909.05858, section 4.1): every token id already in the
-context, prompt included, has its logit ``z`` replaced by ``z / p`` if ``z > 0``
-and ``z * p`` otherwise; the next token is the argmax. Hugging Face's
-``RepetitionPenaltyLogitsProcessor`` implements exactly this over ``input_ids``;
-:class:`LlamaCppBackend` applies it itself to llama.cpp's logits (llama.cpp's own
-sampler would see only the generated tokens). Generation stops at an end-of-
-generation token, a stop string, or the token budget.
-
-**Continuation scoring** (:meth:`score`): for a prefix ``x`` and continuations
-``y^(k)``, ``sum_t log p(y_t | x, y_<t)`` in nats. The prefix is evaluated once per
-request; each continuation reuses its KV cache (llama.cpp: ``llama_memory_seq_cp``
-into one sequence per continuation; Hugging Face: the cache repeated along the
-batch). :func:`score_labels` builds the requests of a decision (``...判定: L`` for
-each label ``L``, after the token prefix the alternatives share); the runtime and
-the calibrate/evaluate stages all call it.
-
-**Perplexity** (:meth:`token_logprobs`): ``log p(ids[t] | ids[:t])`` from logits
-at every position, computed in chunks of :data:`CHUNK` tokens so at most
-``CHUNK x V`` floats exist at once.
+Several sequences share one context (``n_seq_max``, a unified KV cache) and are decoded
+together in one ``llama_batch``; logits are computed only at the positions that are read
+(``batch.logits[i]``), never for a whole prompt. Generation is greedy under the rules of
+:mod:`so8t.inference.decoding` (the CTRL repetition penalty is applied here to llama.cpp's
+logits, since llama.cpp's own sampler would see only the generated tokens), continuously
+batched by :class:`GreedyBatch`. Scoring (:meth:`LlamaCppBackend.score`) evaluates each
+prefix once and its continuations in sequences that share the prefix's cells; perplexity
+(:meth:`LlamaCppBackend.token_logprobs`) decodes in chunks of :data:`~so8t.inference.types.CHUNK`
+tokens so at most ``CHUNK x V`` floats exist at once.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from so8t.errors import So8tError
-from so8t.schema import DECISION_PREFIX, DECISIONS, END_OF_TURN_TOKENS, Decision, decision_line
-
-#: Progress callback: called with the number of items just finished.
-Progress = Callable[[int], None]
-
-#: Generation of a decision stops at this marker so the label can be scored, not sampled.
-DECISION_MARKER = DECISION_PREFIX.strip()
-
-#: Tokens per llama.cpp decode call when every position's logits are needed (bounds the logits buffer).
-CHUNK = 128
-
-#: Sequences one batch token may belong to: a scoring prefix and its continuations (3 labels need 4).
-MAX_SEQ_PER_TOKEN = 8
-
-#: Prefix tokens of one llama.cpp scoring batch of several requests (one ``n_ubatch``).
-SCORE_TOKENS = 512
-
-
-class InferenceError(So8tError, RuntimeError):
-    """A model cannot run a request (too long for its context, a failed decode)."""
-
-
-@dataclass
-class Generation:
-    """One greedy generation.
-
-    Attributes:
-        text: generated text (special tokens removed), cut before the first stop string.
-        stop: the stop string that ended it, or ``None`` (end-of-generation token or budget).
-        n_tokens: generated tokens.
-        seconds: wall time attributed to this generation (a batch's time shared by token count).
-        prompt_tokens: tokens of the prompt.
-    """
-
-    text: str
-    stop: str | None
-    n_tokens: int
-    seconds: float
-    prompt_tokens: int = 0
-
-
-@dataclass
-class Throughput:
-    """Token counts and wall time of a backend's work, by kind (for tokens/s figures)."""
-
-    prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generated_tokens: int = 0
-    generation_seconds: float = 0.0
-    scored_requests: int = 0
-    scoring_seconds: float = 0.0
-
-    def rates(self) -> dict[str, float]:
-        """``prompt_tokens_per_s`` (prompt passes of scoring), ``tokens_per_s`` (generation), ``requests_per_s``."""
-        return {
-            "prompt_tokens_per_s": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else math.nan,
-            "tokens_per_s": self.generated_tokens / self.generation_seconds if self.generation_seconds else math.nan,
-            "requests_per_s": self.scored_requests / self.scoring_seconds if self.scoring_seconds else math.nan,
-        }
-
-
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of token sequences."""
-    n = min(map(len, seqs))
-    for i in range(n):
-        if len({s[i] for s in seqs}) > 1:
-            return i
-    return n
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
-    """``text`` before the earliest stop string, and that string (``None`` when none occurs)."""
-    cut, hit = len(text), None
-    for s in stops:
-        i = text.find(s)
-        if 0 <= i < cut:
-            cut, hit = i, s
-    return text[:cut], hit
-
-
-def log_softmax_rows(rows: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of a ``(n, V)`` array, in float64."""
-    rows = np.asarray(rows, dtype=np.float64)
-    m = rows.max(-1, keepdims=True)
-    return rows - (m + np.log(np.exp(rows - m).sum(-1, keepdims=True)))
-
-
-def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """The CTRL repetition penalty (Keskar et al. 2019) on the ids in ``seen``, in place; returns ``logits``.
-
-    Args:
-        logits: ``(V,)`` float logits of the next token.
-        seen: int ids already in the context (prompt and generated).
-        penalty: ``p >= 1`` (1 = off): ``z -> z / p`` for ``z > 0``, ``z -> z * p`` otherwise.
-    """
-    if penalty != 1.0 and len(seen):
-        z = logits[seen]
-        logits[seen] = np.where(z > 0, z / penalty, z * penalty)
-    return logits
-
-
-class _Sequence:
-    """Greedy decoding state of one sequence: ids seen, text so far, and why it ended."""
-
-    def __init__(self, prompt: list[int], stops: Sequence[str], max_new_tokens: int) -> None:
-        self.prompt_len = len(prompt)
-        self.seen = np.unique(np.asarray(prompt, dtype=np.int64))
-        self.tokens: list[int] = []
-        self.raw = b""
-        self.text = ""
-        self.emitted = 0
-        self.stops = stops
-        self.budget = max_new_tokens
-        self.stop: str | None = None
-        self.done = max_new_tokens <= 0
-
-    def push(self, token: int, piece: bytes, is_eog: bool) -> str:
-        """Accept ``token``; returns the text that became final (see :meth:`_flush`)."""
-        if is_eog:
-            self.done = True
-            return self._flush()
-        self.tokens.append(token)
-        if token not in self.seen:
-            self.seen = np.append(self.seen, token)
-        self.raw += piece
-        text = self.raw.decode("utf-8", errors="ignore")
-        cut, hit = cut_at_stop(text, self.stops)
-        if hit is not None:
-            self.stop, self.done = hit, True
-            text = cut
-        if len(self.tokens) >= self.budget:
-            self.done = True
-        self.text = text
-        return self._flush()
-
-    def _flush(self) -> str:
-        """New text that can no longer change: all of it once done, else all but a possible start of a stop string."""
-        end = len(self.text)
-        if not self.done:
-            for stop in self.stops:
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if self.text.endswith(stop[:k]):
-                        end = min(end, len(self.text) - k)
-                        break
-        new = self.text[self.emitted : max(end, self.emitted)]
-        self.emitted = max(end, self.emitted)
-        return new
+from so8t.inference.decoding import _Sequence, log_softmax_rows, penalize
+from so8t.inference.types import (
+    CHUNK,
+    MAX_SEQ_PER_TOKEN,
+    SCORE_TOKENS,
+    Generation,
+    InferenceError,
+    Progress,
+    Throughput,
+)
 
 
 class GreedyBatch:
@@ -234,11 +67,6 @@ class GreedyBatch:
     def idle(self) -> bool:
         """Nothing waits, runs or has an event to report."""
         return not self.waiting and not self.pending and not self._ready
-
-    @property
-    def free_slots(self) -> int:
-        """Slots not running a sequence, less the prompts already waiting for one."""
-        return self.slots.count(None) - len(self.waiting)
 
     def add(self, key, prompt: list[int], max_new_tokens: int) -> None:
         """Queue ``prompt`` (token ids) under ``key`` (any hashable, unique among running ones).
@@ -343,9 +171,6 @@ class GreedyBatch:
         return events
 
 
-# --------------------------------------------------------------------------- llama.cpp
-
-
 class LlamaCppBackend:
     """A GGUF file in llama.cpp, decoding several sequences per ``llama_decode`` call.
 
@@ -426,10 +251,6 @@ class LlamaCppBackend:
         """Token ids of (chat-template-rendered) text: control tokens parsed, no BOS added."""
         return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def tokenize_plain(self, text: str) -> list[int]:
-        """Token ids of untrusted text: control-token spellings stay plain text, no BOS."""
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-
     def special_tokens(self) -> dict[str, int]:
         """``{spelling: id}`` of every control, user-defined and unknown token of the vocabulary
         (``<start_of_turn>``, ``<unused12>``...): text that becomes one of them when control tokens are parsed."""
@@ -481,21 +302,6 @@ class LlamaCppBackend:
         """A view of the logits of batch item ``i`` of the last decode (valid until the next decode)."""
         ptr = self._llama_cpp.llama_get_logits_ith((ctx or self.ctx).ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def _prefill(self, prompts: list[list[int]], seqs: list[int]) -> list[np.ndarray]:
-        """Evaluate each prompt in its sequence; float32 copies of the logits after each prompt's last token."""
-        for p in prompts:
-            if not p:
-                raise InferenceError("empty prompt")
-            if len(p) >= self.n_ctx:
-                raise InferenceError(f"prompt of {len(p)} tokens does not fit the context of {self.n_ctx}")
-        items = [(t, j, s, j == len(p) - 1) for p, s in zip(prompts, seqs) for j, t in enumerate(p)]
-        last: list[np.ndarray] = []
-        for start in range(0, len(items), self.n_batch):
-            part = items[start : start + self.n_batch]
-            self._decode(part)
-            last += [self._row(j).astype(np.float32) for j, item in enumerate(part) if item[3]]
-        return last
 
     # ---------------------------------------------------------------- generation
 
@@ -785,386 +591,4 @@ class LlamaCppBackend:
         self.model.close()
 
 
-# --------------------------------------------------------------------------- Hugging Face
-
-
-class HFBackend:
-    """A Hugging Face causal LM folder, float32, batched with left padding.
-
-    Args:
-        model_dir: the folder (weights, config and tokenizer).
-        batch_size: sequences per forward.
-        tokenizer: the tokenizer to use (default: the folder's own).
-    """
-
-    kind = "hf"
-
-    def __init__(self, model_dir: str | Path, batch_size: int = 8, tokenizer=None) -> None:
-        from so8t.model.base_model import load_causal_lm, load_tokenizer
-
-        self.path = Path(model_dir)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, torch.float32).eval()
-        self.batch_size = batch_size
-        self.device = next(self.model.parameters()).device
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
-        self.stats = Throughput()
-
-    @classmethod
-    def from_model(cls, model, tokenizer, batch_size: int = 8) -> HFBackend:
-        """A backend around a model already in memory (e.g. one being trained; put it in eval mode)."""
-        self = cls.__new__(cls)
-        self.path = None
-        self.tokenizer = tokenizer
-        self.model = model
-        self.batch_size = batch_size
-        self.device = next(model.parameters()).device
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
-        self.stats = Throughput()
-        return self
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of (chat-template-rendered) text: control tokens parsed, no BOS added."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def tokenize_plain(self, text: str) -> list[int]:
-        """Token ids of untrusted text with control-token spellings kept as plain text, no BOS."""
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    def piece(self, token: int, special: bool = True) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=not special)
-
-    def special_tokens(self) -> dict[str, int]:
-        """``{spelling: id}`` of every special and added-special token (see :meth:`LlamaCppBackend.special_tokens`)."""
-        found = {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-        for t in self.tokenizer.all_special_tokens:
-            found.setdefault(t, self.tokenizer.convert_tokens_to_ids(t))
-        return {t: i for t, i in found.items() if t and t.strip()}
-
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(seqs):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        stops: Sequence[str] = (),
-        repetition_penalty: float = 1.0,
-        on_progress: Progress | None = None,
-    ) -> list[Generation]:
-        """Greedy continuations, ``batch_size`` prompts per ``generate`` call (left padding, KV cache).
-
-        A stop string that is one token of the vocabulary (an end-of-turn token) ends a sequence
-        as an extra EOS id; only the others go to ``generate(stop_strings=...)``, whose per-call
-        table over the whole vocabulary costs seconds for a 262k-token vocabulary.
-        """
-        out: list[Generation] = []
-        pad = self.tokenizer.pad_token_id
-        token_stops: dict[int, str] = {}
-        text_stops: list[str] = []
-        for s in stops:
-            ids = self.tokenize(s)
-            if len(ids) == 1:
-                token_stops.setdefault(ids[0], s)
-            else:
-                text_stops.append(s)
-        eos = set(self.eos_ids) | set(token_stops)
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            ids, mask = self._left_pad(batch)
-            t0 = time.perf_counter()
-            gen = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                repetition_penalty=repetition_penalty,
-                stop_strings=text_stops or None,
-                tokenizer=self.tokenizer,
-                pad_token_id=pad,
-                eos_token_id=sorted(eos),
-            )
-            seconds = time.perf_counter() - t0
-            new = gen[:, ids.shape[1] :].cpu().tolist()
-            lengths, cuts = [], []
-            for row in new:
-                n = next((j for j, t in enumerate(row) if t in eos), len(row))
-                text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-                lengths.append(n)
-                cut, hit = cut_at_stop(text, text_stops)
-                if hit is None and n < len(row) and row[n] in token_stops:
-                    hit = token_stops[row[n]]
-                cuts.append((cut, hit))
-            total = max(sum(lengths), 1)
-            out += [
-                Generation(t, hit, n, seconds * n / total, len(p))
-                for (t, hit), n, p in zip(cuts, lengths, batch)
-            ]
-            self.stats.generated_tokens += sum(lengths)
-            self.stats.generation_seconds += seconds
-            if on_progress is not None:
-                on_progress(len(batch))
-        return out
-
-    def stream(
-        self, prompt: list[int], max_new_tokens: int, stops: Sequence[str] = (), repetition_penalty: float = 1.0
-    ) -> Iterator[str]:
-        """The greedy continuation of one prompt (one piece, ending with the stop string that ended it)."""
-        (g,) = self.generate([prompt], max_new_tokens, stops, repetition_penalty)
-        yield g.text + (g.stop or "")
-
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        from so8t.model.base_model import output_logits
-
-        return output_logits(self.model, hidden)
-
-    @torch.no_grad()
-    def score(self, requests: list[tuple[list[int], list[list[int]]]], on_progress: Progress | None = None):
-        """As :meth:`LlamaCppBackend.score`: prefixes once (left-padded batch), continuations from their cache."""
-        out: list[list[float]] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            t0 = time.perf_counter()
-            ids, mask = self._left_pad([p for p, _ in chunk])
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            res = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
-            )
-            first = torch.log_softmax(res.logits[:, -1].double(), -1)
-            scores = [[float(first[i, s[0]]) for s in sufs] for i, (_, sufs) in enumerate(chunk)]
-            rows = [(i, k, suf) for i, (_, sufs) in enumerate(chunk) for k, suf in enumerate(sufs) if len(suf) > 1]
-            if rows:
-                cache = res.past_key_values
-                cache.batch_select_indices(torch.tensor([i for i, _, _ in rows], device=self.device))
-                width = max(len(suf) - 1 for _, _, suf in rows)
-                cont = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                cmask = torch.zeros_like(cont)
-                for r, (_, _, suf) in enumerate(rows):
-                    cont[r, : len(suf) - 1] = torch.tensor(suf[:-1])
-                    cmask[r, : len(suf) - 1] = 1
-                sel = torch.tensor([i for i, _, _ in rows], device=self.device)
-                full_mask = torch.cat([mask[sel], cmask.to(self.device)], dim=1)
-                pos = mask[sel].sum(-1, keepdim=True) + torch.arange(width, device=self.device)[None]
-                hidden = self.model(
-                    input_ids=cont.to(self.device),
-                    attention_mask=full_mask,
-                    position_ids=pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                ).hidden_states[-1]
-                for r, (i, k, suf) in enumerate(rows):
-                    lp = torch.log_softmax(self._lm_head(hidden[r, : len(suf) - 1]).double(), -1)
-                    scores[i][k] += float(lp.gather(1, torch.tensor(suf[1:], device=self.device)[:, None]).sum())
-            out += scores
-            self.stats.prompt_tokens += sum(len(p) for p, _ in chunk)
-            self.stats.prompt_seconds += time.perf_counter() - t0
-            self.stats.scored_requests += len(chunk)
-            self.stats.scoring_seconds += time.perf_counter() - t0
-            if on_progress is not None:
-                on_progress(len(chunk))
-        return out
-
-    @torch.no_grad()
-    def token_logprobs(self, ids: list[int]) -> np.ndarray:
-        """``log p(ids[t] | ids[:t])`` for t = 1..n-1 as a float64 array of length n-1."""
-        x = torch.tensor([ids], device=self.device)
-        hidden = self.model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        out = []
-        for start in range(0, len(ids) - 1, CHUNK):
-            logits = self._lm_head(hidden[0, start : min(start + CHUNK, len(ids) - 1)])
-            nll = torch.nn.functional.cross_entropy(logits, x[0, start + 1 : start + 1 + len(logits)], reduction="none")
-            out.append((-nll).double().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def close(self) -> None:
-        """Drop the model (memory is freed by the garbage collector)."""
-        self.model = None
-
-
-Backend = HFBackend | LlamaCppBackend
-
-
-def open_backend(
-    path: str | Path,
-    n_ctx: int = 1024,
-    n_threads: int | None = None,
-    batch_size: int = 8,
-    n_gpu_layers: int = 0,
-    hf_batch_size: int | None = None,
-) -> Backend:
-    """:class:`LlamaCppBackend` for a ``.gguf`` file, :class:`HFBackend` for a folder with ``config.json``.
-
-    Args:
-        n_threads: llama.cpp threads; ``None`` = the cores idle right now (:func:`so8t.console.free_cores`).
-        batch_size: llama.cpp sequences per multi-sequence batch.
-        hf_batch_size: HF sequences per padded batch (``None``: ``batch_size``).
-
-    Raises:
-        InferenceError: neither exists.
-    """
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return HFBackend(path, batch_size=hf_batch_size or batch_size)
-    if path.suffix == ".gguf":
-        if n_threads is None:
-            from so8t.console import free_cores
-
-            n_threads = free_cores()
-        return LlamaCppBackend(path, n_ctx, n_threads, batch_size, n_gpu_layers)
-    raise InferenceError(f"{path} is neither a .gguf file nor a Hugging Face folder with config.json")
-
-
-def stop_strings(backend: Backend) -> list[str]:
-    """End-of-turn strings (:data:`so8t.schema.END_OF_TURN_TOKENS`) that are single tokens of the backend."""
-    return [t for t in END_OF_TURN_TOKENS if len(backend.tokenize(t)) == 1]
-
-
-# --------------------------------------------------------------------------- decisions
-
-
-def label_requests(backend: Backend, contexts: list[str], labels: Sequence[str] = DECISIONS):
-    """Scoring requests for ``context + "判定: " + label``: the shared token prefix, then each label's tokens."""
-    requests = []
-    for context in contexts:
-        fulls = [backend.tokenize(context + DECISION_PREFIX + label) for label in labels]
-        start = common_prefix_len(fulls)
-        if start == 0 or any(len(f) == start for f in fulls):
-            raise InferenceError("decision labels must differ after a non-empty shared prefix")
-        requests.append((fulls[0][:start], [f[start:] for f in fulls]))
-    return requests
-
-
-def score_labels(
-    backend: Backend, contexts: list[str], labels: Sequence[str] = DECISIONS, on_progress: Progress | None = None
-) -> np.ndarray:
-    """Decision logits: the log-likelihood (nats) of each ``判定: L`` after each context.
-
-    ``z_L = sum_t log p(token_t | context, tokens_<t)`` over the tokens of
-    ``context + "判定: " + L`` after the longest token prefix the labels share. The
-    context is the rendered prompt (the assistant turn states its decision first), so
-    ``z`` measures the model's uncertainty about the request itself. These are the
-    logits temperature scaling calibrates; the runtime applies the fitted temperature
-    to exactly these numbers.
-
-    Returns:
-        ``(N, K)`` float64.
-    """
-    return np.asarray(backend.score(label_requests(backend, contexts, labels), on_progress), dtype=np.float64)
-
-
-def answer_context(prompt_text: str) -> str:
-    """Where an allowed request's answer is generated from: the prompt and the ``判定: ALLOW`` line."""
-    return prompt_text + decision_line(Decision.ALLOW.value)
-
-
-def score_decisions(backend: Backend, examples: list[dict], on_progress: Progress | None = None) -> list[dict]:
-    """Decision logits of formatted decision examples: the labels scored right after the prompt.
-
-    Args:
-        examples: rows with ``prompt_text`` (chat-template text), ``id``, ``decision`` (``None``:
-            a benign task, ALLOW) and, when present, ``domain`` and ``category``.
-        on_progress: called with the number of examples done.
-
-    Returns:
-        One dict per example: ``id``, ``label`` (index into DECISIONS), ``logits`` (3
-        log-likelihoods, nats), ``pred``, ``domain``, ``category``.
-    """
-    logits = score_labels(backend, [ex["prompt_text"] for ex in examples], on_progress=on_progress)
-    return [
-        {
-            "id": ex["id"],
-            # A non-decision example (QA, math) is benign help: ALLOW, as its training turn states.
-            "label": DECISIONS.index(ex.get("decision") or Decision.ALLOW.value),
-            "logits": [float(v) for v in z],
-            "pred": int(np.argmax(z)),
-            "domain": ex.get("domain"),
-            "category": ex.get("category"),
-        }
-        for ex, z in zip(examples, logits)
-    ]
-
-
-# --------------------------------------------------------------------------- perplexity
-
-
-def perplexity_windows(tokenizer, texts: list[str], max_tokens: int, window: int) -> list[list[int]]:
-    """Token windows for perplexity: each text tokenised with BOS, cut into ``window``-token pieces.
-
-    Stops once ``max_tokens`` tokens are collected; pieces shorter than 2 tokens are dropped.
-    """
-    windows: list[list[int]] = []
-    total = 0
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        for i in range(0, len(ids), window):
-            piece = ids[i : i + window]
-            if len(piece) < 2:
-                continue
-            piece = piece[: max_tokens - total] if total + len(piece) > max_tokens else piece
-            if len(piece) >= 2:
-                windows.append(piece)
-                total += len(piece)
-            if total >= max_tokens:
-                return windows
-    return windows
-
-
-def perplexity_of(backend: Backend, windows: list[list[int]]) -> dict[str, float]:
-    """Perplexity ``exp(sum NLL / N)`` over all predicted tokens of the windows (Jelinek et al. 1977).
-
-    The first token of every window is context only, so ``N = sum(len(w) - 1)``.
-
-    Returns:
-        ``{"perplexity", "nll_per_token" (nats), "tokens", "seconds"}``.
-    """
-    nll = 0.0
-    n = 0
-    t0 = time.perf_counter()
-    for w in windows:
-        lp = backend.token_logprobs(w)
-        nll -= float(lp.sum())
-        n += len(lp)
-    return {
-        "perplexity": math.exp(nll / n) if n else math.nan,
-        "nll_per_token": nll / n if n else math.nan,
-        "tokens": n,
-        "seconds": time.perf_counter() - t0,
-    }
-
-
-__all__ = [
-    "Backend",
-    "CHUNK",
-    "DECISION_MARKER",
-    "Generation",
-    "HFBackend",
-    "InferenceError",
-    "LlamaCppBackend",
-    "Throughput",
-    "common_prefix_len",
-    "answer_context",
-    "cut_at_stop",
-    "label_requests",
-    "open_backend",
-    "penalize",
-    "perplexity_of",
-    "perplexity_windows",
-    "score_decisions",
-    "score_labels",
-    "stop_strings",
-]
+__all__ = ["GreedyBatch", "LlamaCppBackend"]

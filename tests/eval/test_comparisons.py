@@ -1,12 +1,12 @@
-"""Evaluate-stage helpers: paired chrF comparison of bare and grounded answers, the rows, parity, the
-paired gain over the linear probe, the generated decision line and the runtime policy's ALLOW recall."""
+"""Comparisons (:mod:`so8t.eval.comparisons`): paired chrF comparison of bare and grounded answers, parity
+between rows and the transformers sample, the paired gain over the linear probe and the probe file."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from so8t.eval.evaluation import chrf_comparison
-from so8t.eval.metrics import chrf
+from so8t.eval.comparisons import chrf_comparison
+from so8t.eval.text_metrics import chrf
 from so8t.io import DataError
 
 M = SimpleNamespace(confidence=0.95, bootstrap_resamples=500)
@@ -29,43 +29,12 @@ def test_chrf_comparison_paired_gain_and_intervals():
     assert out["chrf_ci_low"] <= out["chrf"] <= out["chrf_ci_high"]
 
 
-def _quantize_report(folder, with_f16=True, with_base=True):
-    import json
-
-    folder.mkdir(parents=True)
-    files = {}
-    for name in (["f16"] if with_f16 else []) + ["q8_0", "q4_k_m"]:
-        (folder / f"so8t-{name}.gguf").write_bytes(b"x")
-        files[name] = {"file": f"so8t-{name}.gguf", "size_bytes": 1}
-    report = {"files": files}
-    if with_base:
-        (folder / "base-f16.gguf").write_bytes(b"x")
-        report["reference"] = {"base": {"file": "base-f16.gguf", "size_bytes": 1}}
-    (folder / "quantize_report.json").write_text(json.dumps(report))
-
-
-def test_every_row_runs_in_llama_cpp_when_the_f16_files_exist(tmp_path):
-    from so8t.eval.evaluation import artifacts
-
-    _quantize_report(tmp_path / "gguf")
-    arts = artifacts(tmp_path / "base", tmp_path / "baked", tmp_path / "gguf")
-    assert [(a.name, a.kind, a.path.name) for a in arts] == [
-        ("base", "gguf", "base-f16.gguf"), ("baked", "gguf", "so8t-f16.gguf"),
-        ("q8_0", "gguf", "so8t-q8_0.gguf"), ("q4_k_m", "gguf", "so8t-q4_k_m.gguf"),
-    ]
-    assert arts[1].hf_dir == tmp_path / "baked" and arts[2].hf_dir is None
-
-
-def test_rows_without_an_f16_file_fall_back_to_transformers(tmp_path):
-    from so8t.eval.evaluation import artifacts
-
-    _quantize_report(tmp_path / "gguf", with_f16=False, with_base=False)
-    arts = artifacts(tmp_path / "base", tmp_path / "baked", tmp_path / "gguf")
-    assert [(a.name, a.kind) for a in arts] == [("base", "hf"), ("baked", "hf"), ("q8_0", "gguf"), ("q4_k_m", "gguf")]
+# --------------------------------------------------------------------------- parity
 
 
 def test_quantised_rows_are_compared_with_the_f16_row():
-    from so8t.eval.evaluation import ArtifactResult, parity_metrics
+    from so8t.eval.artifacts import ArtifactResult
+    from so8t.eval.comparisons import parity_metrics
 
     def row(name, texts, decisions):
         return ArtifactResult(name, {}, {}, dict(enumerate(texts)), dict(enumerate(decisions)))
@@ -79,7 +48,8 @@ def test_quantised_rows_are_compared_with_the_f16_row():
 
 
 def test_parity_sample_is_balanced_and_splits_texts_between_math_and_faq():
-    from so8t.eval.evaluation import EvalSets, parity_sample
+    from so8t.eval.comparisons import parity_sample
+    from so8t.eval.evalsets import EvalSets
 
     decisions = [
         {"id": f"{lab}{i}", "task": "decision", "decision": lab, "group": f"{lab}-t{i % 5}"}
@@ -93,13 +63,13 @@ def test_parity_sample_is_balanced_and_splits_texts_between_math_and_faq():
     assert parity_sample(sets, 0, 0) == ([], [], [])
 
 
-# --------------------------------------------------------------------------- the linear probe, the generated line, the policy
+# --------------------------------------------------------------------------- the linear probe
 
 
 def test_paired_gain_of_identical_predictions_is_zero_with_a_zero_interval():
     import numpy as np
 
-    from so8t.eval.evaluation import paired_gain
+    from so8t.eval.comparisons import paired_gain
 
     labels = np.array([0, 1, 2] * 10)
     pred = labels.copy()
@@ -111,7 +81,7 @@ def test_paired_gain_of_a_known_difference():
     import numpy as np
     from sklearn.metrics import f1_score
 
-    from so8t.eval.evaluation import paired_gain
+    from so8t.eval.comparisons import paired_gain
 
     labels = np.array([0, 1, 2] * 20)
     worse = np.where(labels == 0, 1, labels)  # every ALLOW called ESCALATION
@@ -125,63 +95,6 @@ def test_paired_gain_of_a_known_difference():
         paired_gain(labels, labels[:-1], labels, M)
 
 
-def _scored(rows):
-    return [{"id": i, "label": lab, "pred": pred, "logits": z} for i, (lab, pred, z) in enumerate(rows)]
-
-
-def test_generated_lines_are_parsed_from_their_first_line_only():
-    from so8t.eval.evaluation import generated_decision_metrics
-
-    scored = _scored([(0, 0, None), (1, 2, None), (2, 2, None), (0, 0, None), (2, 2, None)])
-    texts = ["判定: ALLOW", "判定：ESCALATION ", "# 思考ステップ", "判定: ALLOW\n判定: DENY", "はい\n判定: DENY"]
-    out = generated_decision_metrics(texts, scored, "markdown")
-    assert out["labels"] == {0: "ALLOW", 1: "ESCALATION", 2: None, 3: "ALLOW", 4: None}
-    assert out["agreement"] == pytest.approx(2 / 5)  # rows 0 and 3 name the scored label
-    assert out["unparsed_rate"] == pytest.approx(2 / 5)
-    # ALLOW f1 1, ESCALATION f1 1, DENY 0 of 2 found (no label counts as wrong, not as a 4th class)
-    assert out["macro_f1"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="4 texts for 5"):
-        generated_decision_metrics(texts[:4], scored, "markdown")
-
-
-def test_generated_decision_lines_stop_at_the_line_end_and_keep_generation_speed_apart():
-    import torch
-    from tiny import TINY_CONFIGS, tiny_tokenizer
-    from transformers import AutoModelForCausalLM
-
-    from so8t.data.think_format import render
-    from so8t.eval.evaluation import generated_decision_lines
-    from so8t.eval.inference import HFBackend
-
-    tok = tiny_tokenizer()
-    config = TINY_CONFIGS["llama"]()
-    config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    backend = HFBackend.from_model(model, tok, batch_size=2)
-    backend.stats.generated_tokens, backend.stats.generation_seconds = 7, 1.5
-    rows = [{"prompt_text": render(tok, p, None)} for p in ("あいう", "かきくけこ", "さし")]
-    gens = generated_decision_lines(backend, rows, 6, 1.15)
-    assert len(gens) == 3 and all("\n" not in g.text and g.n_tokens <= 6 for g in gens)
-    assert (backend.stats.generated_tokens, backend.stats.generation_seconds) == (7, 1.5)
-
-
-def test_allow_recall_is_the_share_of_gold_allow_the_policy_answers():
-    from so8t.eval.evaluation import policy_metrics
-
-    # p(ALLOW) = 1 / (1 + 2 e^-1) = 0.576 for the first row; the second is decided DENY; the third
-    # (gold DENY, confident ALLOW) does not count.
-    scored = _scored([(0, 0, [0.0, -1.0, -1.0]), (0, 2, [-2.0, -2.0, 0.0]), (2, 0, [0.0, -9.0, -9.0])])
-    assert policy_metrics(scored, 1.0, 0.5)["allow_recall"] == 0.5
-    assert policy_metrics(scored, 1.0, 0.6)["allow_recall"] == 0.0  # the ALLOW becomes ESCALATION
-    assert policy_metrics(scored, 10.0, 0.5)["allow_recall"] == 0.0  # a large T flattens it below 0.5
-    out = policy_metrics(scored, 1.0, 0.0)
-    assert out["allow_recall"] == 0.5 and out["allow_n"] == 2
-    import math
-
-    assert math.isnan(policy_metrics(scored[2:], 1.0, 0.5)["allow_recall"])
-
-
 def _probe(preds, macro_f1=0.5):
     return {"enabled": True, "probe": {"decision": {"n": len(preds), "macro_f1": macro_f1, "macro_f1_ci_low": 0.4,
             "macro_f1_ci_high": 0.6, "accuracy": 0.5}}, "layer": 4, "pooling": "mean", "C": 0.1,
@@ -189,7 +102,8 @@ def _probe(preds, macro_f1=0.5):
 
 
 def test_every_row_is_paired_with_the_probe_by_example_id(tmp_path):
-    from so8t.eval.evaluation import ArtifactResult, probe_comparison
+    from so8t.eval.artifacts import ArtifactResult
+    from so8t.eval.comparisons import probe_comparison
 
     labels = ["ALLOW", "ESCALATION", "DENY"] * 4
     rows = [{"id": f"d{i}", "label": ["ALLOW", "ESCALATION", "DENY"].index(lab), "pred": 0} for i, lab in enumerate(labels)]
@@ -217,7 +131,7 @@ def test_every_row_is_paired_with_the_probe_by_example_id(tmp_path):
 def test_load_probe_skips_a_disabled_or_missing_probe_and_refuses_a_bad_file(tmp_path):
     import json
 
-    from so8t.eval.evaluation import load_probe
+    from so8t.eval.comparisons import load_probe
 
     path = tmp_path / "probe.json"
     assert load_probe(path, False) == (None, "probe.enabled is false")

@@ -28,6 +28,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from so8t.decision import DECISION_MARKER
+
 #: An answer sentence at least this long (characters, normalised, no white space) found whole
 #: in the reasoning is removed.
 MIN_ECHO_SENTENCE = 6
@@ -44,7 +46,7 @@ SECTION_MARKER = re.compile(
     r"#+[ \t]*\**[ \t]*(?:最終回答|思考|推論|検討|reasoning|thinking|thought)"
     r"|\*\*[ \t]*(?:思考|推論|reasoning|thinking)"
     r"|<\s*/?\s*(?:final|think|reason|analysis|scratchpad)"
-    r"|判定[ \t]*[:：]"
+    r"|" + DECISION_MARKER.pattern +
     r"|(?:^|\n)[ \t]*(?:thinking|reasoning|thoughts?|思考ステップ|思考過程|推論過程)[ \t]*[:：]"
 )
 #: Reasoning left inside an answer (normalised text): a header or tag of any spelling.
