@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer
 
@@ -166,12 +168,26 @@ class SO8TTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Trainer's evaluation (per-task losses for a dict of datasets), then :attr:`decision_eval`."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if eval_dataset is None and self.decision_eval is not None:
-            extra = self.decision_eval(self.model)
-            self.log(extra)
-            metrics |= extra
+        """Trainer's evaluation (per-task losses for a dict of datasets), then :attr:`decision_eval`.
+
+        Runs on forked random generators (torch's CPU and CUDA generators,
+        ``torch.random.fork_rng``; Python's ``random`` and NumPy's global state are saved and
+        restored): each evaluation's DataLoader draws its base seed from torch's global generator,
+        which would otherwise shift every later dropout mask, so how often the run is evaluated
+        (``train.eval_steps``) would change the trained model.
+        """
+        py_state, np_state = random.getstate(), np.random.get_state()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                if eval_dataset is None and self.decision_eval is not None:
+                    extra = self.decision_eval(self.model)
+                    self.log(extra)
+                    metrics |= extra
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
