@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from tiny import tiny_base_dir, tiny_train_jsonl
 
 DRIVER = textwrap.dedent(
