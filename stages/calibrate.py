@@ -1,49 +1,47 @@
-"""Stage calibrate: fit a decision temperature per artifact on the val split (Guo et al. 2017)."""
+"""Stage calibrate@<row>: fit the decision temperature of one artifact on the val split (Guo et al. 2017).
 
+One stage per row (``dvc repro calibrate@q4_k_m``): each reads only its own model file, so the base
+row never reruns after a training change."""
+
+import sys
 import time
 from pathlib import Path
 
 from so8t.console import console, free_cores, progress, run_stage
-from so8t.eval.artifacts import artifacts, close_backend, open_artifact
+from so8t.eval.artifacts import artifact, close_backend, open_artifact
 from so8t.eval.evalsets import balanced_decisions
 from so8t.eval.evaluation import calibrate_artifact
 from so8t.io import DataError, read_jsonl, write_json
 from so8t.params import load_params
 
 VAL = Path("data/formatted/val.jsonl")
-OUT = Path("reports/calibration.json")
-PERFORMANCE = Path("reports/performance/calibrate.json")
+OUT = Path("reports/calibration")
+PERFORMANCE = Path("reports/performance/calibrate")
 
 
 def main() -> None:
     start = time.perf_counter()
+    row = sys.argv[1]
     params = load_params()
     examples = balanced_decisions(read_jsonl(VAL), params.calibrate.max_examples)
     if not examples:
         raise DataError(f"{VAL}: no decision examples to calibrate on")
-    threads, arts, bins = free_cores(), artifacts(), params.metrics.ece_bins
-    result = {"split": "val", "examples": len(examples), "ece_bins": bins, "artifacts": {}}
-    performance: dict = {"threads": threads}
+    threads, art, bins = free_cores(), artifact(row), params.metrics.ece_bins
     with progress() as bar:
-        task = bar.add_task("calibrate: val decisions", total=len(arts) * len(examples), info="")
-        for art in arts:
-            bar.update(task, info=art.name)
-            t0 = time.perf_counter()
-            backend = open_artifact(
-                art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
-                hf_batch_size=params.generation.hf_batch_size,
-            )
-            summary = calibrate_artifact(backend, examples, bins, lambda n: bar.advance(task, n))
-            close_backend(backend)
-            performance[f"{art.name}.wall_s"] = round(time.perf_counter() - t0, 1)
-            result["artifacts"][art.name] = summary
-            state = "converged" if summary["converged"] else ("FAILED: on a bound" if summary["at_bound"] else "FAILED")
-            console.print(
-                f"calibrate: {art.name}: T={summary['temperature']:.3f} ({state}) ECE {summary['ece_before']:.3f} -> "
-                f"{summary['ece_after']:.3f}, NLL {summary['nll_before']:.3f} -> {summary['nll_after']:.3f}"
-            )
-    write_json(OUT, result)
-    write_json(PERFORMANCE, {"wall_s": round(time.perf_counter() - start, 1)} | performance)
+        task = bar.add_task(f"calibrate {row}: val decisions", total=len(examples), info="")
+        backend = open_artifact(
+            art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
+            hf_batch_size=params.generation.hf_batch_size,
+        )
+        summary = calibrate_artifact(backend, examples, bins, lambda n: bar.advance(task, n))
+        close_backend(backend)
+    state = "converged" if summary["converged"] else ("FAILED: on a bound" if summary["at_bound"] else "FAILED")
+    console.print(
+        f"calibrate: {row}: T={summary['temperature']:.3f} ({state}) ECE {summary['ece_before']:.3f} -> "
+        f"{summary['ece_after']:.3f}, NLL {summary['nll_before']:.3f} -> {summary['nll_after']:.3f}"
+    )
+    write_json(OUT / f"{row}.json", {"split": "val", "examples": len(examples), "ece_bins": bins, row: summary})
+    write_json(PERFORMANCE / f"{row}.json", {"threads": threads, "wall_s": round(time.perf_counter() - start, 1)})
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
-"""Stage quantize: baked HF model -> GGUF F16 / Q8_0 / Q4_K_M, plus the base model's F16 GGUF
-(evaluate scores base and fine-tune on the same engine), each loaded and checked in llama.cpp."""
+"""Stage quantize: baked HF model -> GGUF F16 / Q8_0 / Q4_K_M, each loaded and checked in llama.cpp
+(the base model's F16 GGUF is the base-gguf stage's, so a training change never rebuilds it)."""
 
 from pathlib import Path
 
 from so8t.console import console, free_cores, run_stage
 from so8t.data.think_format import render
-from so8t.eval.gguf_check import export_and_check, export_reference
+from so8t.eval.gguf_check import export_and_check
 from so8t.io import write_json
 from so8t.inference.hf import load_tokenizer
-from so8t.model.quantize import BASE_GGUF
 from so8t.params import load_params
 
-BASE = Path("models/base")
 BAKED = Path("models/baked")
 OUT = Path("models/gguf")
 PERFORMANCE = Path("reports/performance/quantize.json")
@@ -25,14 +23,6 @@ def main() -> None:
         BAKED, OUT, q.types, tokenizer, q.check_text, render(tokenizer, q.check_text, None), q.check_max_tokens,
         threads, log=console.print,
     )
-    base_tok = load_tokenizer(BASE)
-    entry, perf = export_reference(
-        BASE, OUT / BASE_GGUF, base_tok, q.check_text, render(base_tok, q.check_text, None), q.check_max_tokens,
-        threads, log=console.print,
-    )
-    # Not a served file (so not under "files"): the base model on the engine the fine-tune is evaluated on.
-    report["reference"] = {"base": entry}
-    performance["reference"] = {"base": perf}
     write_json(OUT / "quantize_report.json", report)
     write_json(PERFORMANCE, performance)
 

@@ -96,8 +96,10 @@ def pipeline(tmp_path_factory, gemma_tok):
 def test_dvc_repro_runs_every_stage(pipeline):
     work, proc = pipeline
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for stage in ("base", "collect", "synthesize", "think-format", "train", "bake", "quantize", "calibrate",
-                  "probe", "evaluate", "report", "distill-teacher", "distill"):
+    rows = ("base", "baked", "q8_0", "q4_k_m")
+    for stage in ("base", "collect", "synthesize", "think-format", "train", "bake", "base-gguf", "quantize",
+                  *(f"calibrate@{r}" for r in rows), "probe", *(f"evaluate@{r}" for r in rows), "reference",
+                  "gather", "report", "distill-teacher", "distill"):
         assert f"Running stage '{stage}'" in proc.stdout
 
 
@@ -110,7 +112,11 @@ def test_artifacts_are_real(pipeline):
     quant = json.loads((work / "models/gguf/quantize_report.json").read_text())
     assert set(quant["files"]) == {"f16", "q8_0", "q4_k_m"}
     assert all(f["tokenizer_match"] and f["size_bytes"] > 0 for f in quant["files"].values())
-    assert quant["reference"]["base"]["file"] == "base-f16.gguf" and (work / "models/gguf/base-f16.gguf").is_file()
+    base_gguf = json.loads((work / "models/base-gguf/report.json").read_text())
+    assert base_gguf["base"]["file"] == "base-f16.gguf" and (work / "models/base-gguf/base-f16.gguf").is_file()
+    for row in ("base", "baked", "q8_0", "q4_k_m"):  # each row's own metrics file, for `dvc exp show`
+        per_row = json.loads((work / f"reports/metrics/{row}.json").read_text())
+        assert per_row and all(k.startswith(f"{row}.") for k in per_row)
     metrics = json.loads((work / "reports/metrics.json").read_text())
     for art in ("base", "baked", "q8_0", "q4_k_m"):
         for key in ("decision.accuracy", "decision.macro_f1", "decision.ece", "perplexity", "faq.chrf",
@@ -187,7 +193,7 @@ def test_rerunning_stages_writes_the_same_bytes(pipeline):
 
 
 def test_editing_an_imported_module_reruns_its_stages(pipeline):
-    """so8t/eval/gguf_check.py runs in quantize only; nothing else may claim to be stale."""
+    """so8t/eval/gguf_check.py runs in the two GGUF exports only; nothing else may claim to be stale."""
     work, _ = pipeline
     keys = work / "so8t" / "eval" / "gguf_check.py"
     original = keys.read_text(encoding="utf-8")
@@ -197,7 +203,7 @@ def test_editing_an_imported_module_reruns_its_stages(pipeline):
     finally:
         keys.write_text(original, encoding="utf-8")
     changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
-    assert changed == {"quantize"}, status
+    assert changed == {"base-gguf", "quantize"}, status
 
 
 def test_training_params_never_rerun_the_probe(pipeline):
@@ -214,6 +220,8 @@ def test_training_params_never_rerun_the_probe(pipeline):
         path.write_text(original, encoding="utf-8")
     changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
     assert "train" in changed and "probe" not in changed, status
+    # The base model's rows read only the base model: a training change never reruns them.
+    assert not changed & {"base-gguf", "calibrate@base", "evaluate@base"}, status
 
 
 def test_evaluate_param_reruns_only_evaluate_and_report(pipeline):
@@ -225,7 +233,18 @@ def test_evaluate_param_reruns_only_evaluate_and_report(pipeline):
     proc = _dvc(work, "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"evaluate", "report"}
+    assert ran == {"evaluate@base", "evaluate@baked", "evaluate@q8_0", "evaluate@q4_k_m", "reference", "gather", "report"}
+
+
+def test_one_row_reruns_alone(pipeline):
+    """`dvc repro -f evaluate@q4_k_m` rebuilds that row only; its metrics file is the same again."""
+    work, _ = pipeline
+    before = (work / "reports/metrics/q4_k_m.json").read_text()
+    proc = _dvc(work, "repro", "-f", "-s", "evaluate@q4_k_m")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate@q4_k_m"}
+    assert (work / "reports/metrics/q4_k_m.json").read_text() == before
 
 
 def test_push_to_a_local_remote(pipeline, tmp_path):
