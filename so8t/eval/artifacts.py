@@ -135,8 +135,6 @@ class ArtifactResult:
         details: the per-example rows and tables behind them (``details["speed"]``: wall times).
         texts: greedy answer per example id (for text parity between rows).
         decisions: scored decision label per example id (for decision parity between rows).
-        reference: the transformers reference sample of the ``baked`` row
-            (:func:`so8t.eval.evaluation.reference_parity`'s ``(flat, details)``), else ``None``.
     """
 
     name: str
@@ -144,7 +142,6 @@ class ArtifactResult:
     details: dict
     texts: dict[str, str] = field(default_factory=dict)
     decisions: dict[str, str] = field(default_factory=dict)
-    reference: tuple[dict, dict] | None = None
 
 
 def save_result(path: Path, result: ArtifactResult) -> None:
@@ -160,28 +157,24 @@ def load_result(path: Path) -> ArtifactResult:
     """
     raw = read_json(path)
     try:
-        ref = raw.get("reference")
-        return ArtifactResult(
-            raw["name"], raw["flat"], raw["details"], raw.get("texts", {}), raw.get("decisions", {}),
-            tuple(ref) if ref else None,
-        )
+        return ArtifactResult(raw["name"], raw["flat"], raw["details"], raw.get("texts", {}), raw.get("decisions", {}))
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: not an evaluation result ({e}); rerun its evaluate stage") from None
 
 
 __all__ = [
-    "BASE_GGUF_DIR",
-    "BASE_GGUF_REPORT",
-    "artifact",
-    "load_result",
-    "save_result",
     "BAKED_DIR",
     "BASE_DIR",
+    "BASE_GGUF_DIR",
+    "BASE_GGUF_REPORT",
     "GGUF_DIR",
     "QUANTIZE_REPORT",
     "Artifact",
     "ArtifactResult",
+    "artifact",
     "artifacts",
     "close_backend",
+    "load_result",
     "open_artifact",
+    "save_result",
 ]

@@ -63,8 +63,7 @@ def test_a_saved_result_reads_back(tmp_path):
     from so8t.eval.artifacts import ArtifactResult, load_result, save_result
     from so8t.io import DataError
 
-    r = ArtifactResult("q8_0", {"q8_0.perplexity": 40.0}, {"speed": {"wall_s": 1.0}}, {"a": "text"}, {"a": "ALLOW"},
-                       ({"f16.parity.text": 1.0}, {"wall_s": 2.0}))
+    r = ArtifactResult("q8_0", {"q8_0.perplexity": 40.0}, {"speed": {"wall_s": 1.0}}, {"a": "text"}, {"a": "ALLOW"})
     save_result(tmp_path / "r.json", r)
     assert load_result(tmp_path / "r.json") == r
     (tmp_path / "bad.json").write_text("{}")
