@@ -222,6 +222,9 @@ class TrainParams(_Section):
     gradient_checkpointing: bool = False
     #: Torch threads for training (null = all cores).
     num_threads: PosInt | None = None
+    #: Pin torch's CPU kernels to AVX2 (ATen and MKL; :mod:`so8t.kernels`) in every stage that computes
+    #: with torch, so AVX-512 and AVX2-only machines train and score the same model.
+    deterministic: bool = True
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
     task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {

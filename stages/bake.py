@@ -1,5 +1,9 @@
 """Stage bake: merge LoRA, fold the trained SO8T rotations into o_proj, verify, save a plain HF model."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import time
 from pathlib import Path
 

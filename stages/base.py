@@ -1,5 +1,9 @@
 """Stage base: resolve params.base_model into a plain float32 HF folder, models/base."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 from pathlib import Path
 
 from so8t.model.base_model import prepare_base

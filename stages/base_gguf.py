@@ -3,6 +3,10 @@
 Its own stage (it reads models/base alone), so a training change never rebuilds it, and the base
 rows of calibrate and evaluate, which read only this file, never rerun either."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 from pathlib import Path
 
 from so8t.console import console, free_cores, run_stage

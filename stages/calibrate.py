@@ -3,6 +3,10 @@
 One stage per row (``dvc repro calibrate@q4_k_m``): each reads only its own model file, so the base
 row never reruns after a training change."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import sys
 import time
 from pathlib import Path

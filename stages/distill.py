@@ -4,6 +4,10 @@ export it to GGUF and compare teacher, student and base on the test split (repor
 With `distill.enabled: false` it only writes {"enabled": false} markers (in a fraction of a second).
 """
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 from pathlib import Path
 
 from so8t.console import console, free_cores, run_stage

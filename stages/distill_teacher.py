@@ -5,6 +5,10 @@ With `distill.enabled: false` it only writes data/distill/teacher.json = {"enabl
 (in a fraction of a second: nothing heavy is imported).
 """
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 from pathlib import Path
 
 from so8t.console import console, free_cores, run_stage

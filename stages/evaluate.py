@@ -4,6 +4,10 @@ retrieved passages), calibration, policy, perplexity, math, FAQ and reference an
 One stage per row (``dvc repro evaluate@q4_k_m``), each reading its own model file: the base row
 never reruns after a training change. The ``gather`` stage gathers the rows."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import sys
 import time
 from pathlib import Path

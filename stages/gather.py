@@ -3,6 +3,10 @@ between rows, the transformers reference sample, every row against the linear pr
 the calibrations in one reports/calibration.json (the runtime reads it), and the runtime path (the policy
 after generation) on the artifact `runtime.model: auto` serves."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import time
 from pathlib import Path
 

@@ -5,6 +5,10 @@ Reads only models/base and data/formatted, so training runs never recompute it; 
 its test predictions with every row's. Disabled (probe.enabled: false), it writes a marker only.
 """
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import time
 from pathlib import Path
 

@@ -1,6 +1,10 @@
 """Stage quantize: baked HF model -> GGUF F16 / Q8_0 / Q4_K_M, each loaded and checked in llama.cpp
 (the base model's F16 GGUF is the base-gguf stage's, so a training change never rebuilds it)."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 from pathlib import Path
 
 from so8t.console import console, free_cores, run_stage

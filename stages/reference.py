@@ -1,6 +1,10 @@
 """Stage reference: the baked model in transformers float32 on a sample of the test split, against its
 F16 GGUF's own results (evaluate@baked): the check that llama.cpp runs the model transformers trained."""
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import time
 from pathlib import Path
 

@@ -4,6 +4,10 @@ Every ``train.eval_steps`` steps the val split's per-task loss, decision macro-F
 perplexity (the evaluate stage's windows) go to dvclive (the learning curve). Runs unchanged under `torchrun --nproc_per_node N stages/train.py` (DDP).
 """
 
+from so8t.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # first: ATen and MKL read their kernel settings once, when torch loads (train.deterministic)
+
 import sys
 from pathlib import Path
 
