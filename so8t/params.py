@@ -71,8 +71,11 @@ class SynthesizeParams(_Section):
     decisions_per_template: PosInt = 4
     domains: list[str] = list(DOMAINS)
     faq_qa: bool = True
-    #: Number of reference documents turned into QA records (0 = none).
-    reference_qa_docs: NonNegInt = 120
+    #: Number of reference documents turned into QA records (null = every candidate, 0 = none).
+    reference_qa_docs: NonNegInt | None = None
+    #: Questions per FAQ entry and per reference document: the entry's own question (or a title
+    #: question) first, then questions on terms and definitions in its text (at most this many).
+    qa_per_document: PosInt = 3
     #: Reference documents held out of training (whole sections, chosen first) and
     #: written to data/synth/heldout_reference.jsonl for held-out perplexity.
     heldout_reference_docs: Annotated[int, Field(ge=20)] = 32
@@ -120,13 +123,23 @@ class ThinkFormatParams(_Section):
     test_fraction: Fraction = 0.1
     #: Other (train, val, test) shares for some tasks. Decisions get larger val and test splits so
     #: that calibration and the test score rest on many templates never seen in training.
-    fractions_by_task: dict[Task, tuple[Fraction, Fraction, Fraction]] = {Task.DECISION: (0.7, 0.15, 0.15)}
+    fractions_by_task: dict[Task, tuple[Fraction, Fraction, Fraction]] = {
+        Task.DECISION: (0.7, 0.15, 0.15), Task.QA_FAQ: (0.7, 0.05, 0.25), Task.QA_REFERENCE: (0.7, 0.05, 0.25)
+    }
     #: Share of train examples of the grounded tasks (decisions, FAQ, reference / document / user QA)
     #: rendered with retrieved passages before the question, in the runtime's format
     #: (``retrieval`` params): the model is trained on the prompt it is served.
     rag_share: Fraction = 0.3
     #: Of those, the share given unrelated passages (the answer is not in the documents).
     rag_unrelated_share: Fraction = 0.3
+    #: QA tasks (FAQ, reference, document and user QA) instead, after RAFT (Zhang et al. 2024): this
+    #: share of their train examples gets the passages the runtime retrieves (never a val or test
+    #: document) ...
+    qa_rag_share: Fraction = 0.9
+    #: ... of those this share with the passage holding the answer among them (put in if the retriever
+    #: missed it; the target cites it as 【資料 n】), the rest without the example's own document (the
+    #: target says the documents do not hold the answer, ``so8t.data.grounding.ABSTAIN_ANSWER``).
+    qa_gold_share: Fraction = 0.7
     #: Every decision class must make up at least this share of the train split's decisions
     #: (records dropped for length can unbalance it; 0 = no check).
     min_class_share: Annotated[float, Field(ge=0.0, le=1 / 3)] = 0.15
@@ -228,7 +241,7 @@ class TrainParams(_Section):
     #: Task mixture: each task's examples appear this many times per pass over the data (default 1;
     #: a fraction keeps a seeded sample), so decisions can get the passes they need in the step budget.
     task_weights: dict[Task, Annotated[float, Field(ge=0.0)]] = {
-        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 0.5, Task.LM_TEXT: 1.0
+        Task.DECISION: 0.25, Task.MATH: 0.0, Task.QA_FAQ: 1.0, Task.LM_TEXT: 1.0
     }
     #: Weight of the decision line's tokens (``判定: X``, the first assistant line of every example) in the
     #: cross-entropy, against 1 for every other token: the label is 1-3 tokens of ~100 (1 = plain SFT).

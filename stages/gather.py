@@ -15,6 +15,7 @@ from so8t.data.grounding import make_grounder
 from so8t.eval.artifacts import artifacts, load_result
 from so8t.eval.comparisons import load_probe, probe_comparison
 from so8t.eval.evaluation import write_evaluation
+from so8t.eval.qa import QA_TASKS
 from so8t.eval.served import allow_requests, evaluate_served
 from so8t.inference.hf import load_tokenizer
 from so8t.io import read_json, read_jsonl, write_json
@@ -43,7 +44,8 @@ def main() -> None:
     count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
     test, threads = read_jsonl(TEST), free_cores()
     with progress() as bar:
-        steps = 2 * len(allow_requests(test))
+        # the gold-ALLOW requests scored and answered, then each QA question scored (grounded, bare) and answered
+        steps = 2 * len(allow_requests(test)) + 3 * sum(r["task"] in QA_TASKS for r in test)
         task = bar.add_task("gather: the served artifact after generation", total=steps, info="")
         served = evaluate_served(arts, results, test, make_grounder(params.retrieval, count), tokenizer, params,
                                  read_json(FORMAT_STATS)["style"], calibration["artifacts"], threads,

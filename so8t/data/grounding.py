@@ -126,22 +126,47 @@ class Grounder:
         self.count_tokens = count_tokens
         self.max_tokens = max_tokens
         self.level = level
+        self._by_key: dict[str, list] = {}
+        for p in retriever.passages:
+            self._by_key.setdefault(doc_key(p.doc_id), []).append(p)
 
-    def relevant(self, question: str, exclude_text: str | None = None) -> list[tuple[str, str, str]]:
-        """The top passages for ``question`` (``retrieval.top_k``), leaving out any that contains
-        ``exclude_text`` (a training example's own answer: the model learns to read, not to copy)."""
-        found = self.retriever.search(question, self.level)
-        if exclude_text:
-            needle = _squash(exclude_text)[:60]
-            found = [p for p in found if not needle or needle not in _squash(p.text)]
-        return fit_passages([(p.doc_id, p.title, p.text) for p in found], self.count_tokens, self.max_tokens)
+    def search(self, question: str, exclude_docs=frozenset(), k: int | None = None) -> list:
+        """The top ``k`` (default ``retrieval.top_k``) passages for ``question`` outside ``exclude_docs``
+        (doc ids), as :class:`so8t.data.retrieval.Passage` objects, best first (unfitted)."""
+        k = self.retriever.top_k if k is None else k
+        found = self.retriever.search(question, self.level, k=k + 50 if exclude_docs else k)
+        return [p for p in found if p.doc_id not in exclude_docs][:k]
 
-    def unrelated(self, question: str, rng) -> list[tuple[str, str, str]]:
-        """``top_k`` random passages that share no retrieval hit with ``question`` (answer not in the documents)."""
+    def fit(self, passages) -> list[tuple[str, str, str]]:
+        """``passages`` (:class:`so8t.data.retrieval.Passage`) as ``(doc_id, title, text)``, fitted to the budget."""
+        return fit_passages([(p.doc_id, p.title, p.text) for p in passages], self.count_tokens, self.max_tokens)
+
+    def relevant(self, question: str, exclude_docs=frozenset()) -> list[tuple[str, str, str]]:
+        """The top passages for ``question`` (``retrieval.top_k``; none of ``exclude_docs``), fitted:
+        what the runtime puts in the prompt."""
+        return self.fit(self.search(question, exclude_docs))
+
+    def unrelated(self, question: str, rng, exclude_docs=frozenset()) -> list[tuple[str, str, str]]:
+        """``top_k`` random passages that share no retrieval hit with ``question`` (answer not in the
+        documents), none of ``exclude_docs``."""
         hits = {p.passage_id for p in self.retriever.search(question, self.level, k=50)}
-        pool = [p for p in self.retriever.passages if p.passage_id not in hits]
-        picked = rng.sample(pool, min(self.retriever.top_k, len(pool)))
-        return fit_passages([(p.doc_id, p.title, p.text) for p in picked], self.count_tokens, self.max_tokens)
+        pool = [p for p in self.retriever.passages if p.passage_id not in hits and p.doc_id not in exclude_docs]
+        return self.fit(rng.sample(pool, min(self.retriever.top_k, len(pool))))
+
+    def docs_of(self, groups) -> set[str]:
+        """Doc ids of the indexed documents of record ``groups`` (:func:`doc_key`: a FAQ entry, a
+        reference piece, a user document)."""
+        return {p.doc_id for g in groups for p in self._by_key.get(g, [])}
+
+    def passages_of(self, group: str) -> list:
+        """The indexed passages of record ``group``'s document, in document order (``[]``: not indexed)."""
+        return list(self._by_key.get(group, []))
+
+
+def doc_key(doc_id: str) -> str:
+    """The record ``group`` an indexed document belongs to: a JSONL record's id (``collected/faq.jsonl#faq-1.1``
+    -> ``faq-1.1``, the ``group`` of its FAQ and reference QA records), else the doc id itself."""
+    return doc_id.rsplit("#", 1)[1] if "#" in doc_id else doc_id
 
 
 def _squash(text: str) -> str:
@@ -157,3 +182,91 @@ def make_grounder(r, count_tokens, base_dir: str = ".") -> Grounder | None:
         roots_from_params(r.roots, base_dir), r.tokenizer, r.top_k, r.chunk_chars, r.dense, r.cache_dir
     )
     return Grounder(retriever, count_tokens, r.max_passage_tokens) if retriever.passages else None
+
+
+# --------------------------------------------------------------------------- answers from passages
+#
+# A grounded answer cites the passage it uses as 【資料 n】 (n: the passage's number in the prompt,
+# :data:`PASSAGE_FORMAT`), or says the passages do not hold the answer (:data:`ABSTAIN_ANSWER`).
+# Training targets are written that way (:func:`cite`, :data:`ABSTAIN_ANSWER`); the evaluation
+# (``so8t.eval.qa``) and the runtime agent read answers back with the functions below.
+
+#: The target answer when the passages do not hold the answer (RAFT's "distractors only" case).
+ABSTAIN_ANSWER = "資料には、この質問に答える記述が見つかりませんでした。"
+#: A citation in an answer: ``【資料 2】`` (full- or half-width digits and brackets after NFKC).
+CITATION = re.compile(r"【\s*資\s*料\s*(\d{1,2})\s*(?:[:：][^】]{0,80})?】")
+#: An answer that says the documents do not hold the answer (after NFKC, whitespace removed).
+ABSTENTION = re.compile(
+    r"(資料|文書|ドキュメント)(には|に|の中に(は)?|では|から(は)?)?[^。]{0,40}?"
+    r"(見つかりませ|見当たりませ|ありませ|含まれていませ|書かれていませ|記載されていませ|記載がありませ|載っていませ|わかりませ|分かりませ)"
+)
+#: Character n-gram order of the support check (:func:`sentence_support`).
+SUPPORT_NGRAM = 3
+#: A sentence is supported when at least this share of its character 3-grams occurs in the
+#: passages. Checked on the default data (115 answerable test questions whose passages hold the
+#: answer): the reference's first sentence scores 1.0 against its own passage at the 5th percentile,
+#: and 0.07 / 0.29 / 0.39 (median / 95th / 99th percentile) against another question's passages.
+SUPPORT_THRESHOLD = 0.6
+#: Sentences shorter than this (characters, whitespace and citations removed) are not checked.
+MIN_SUPPORT_CHARS = 6
+
+
+def cite(answer: str, n: int) -> str:
+    """``answer`` with the citation of passage ``n`` appended: ``...です。【資料 2】``."""
+    return f"{answer.rstrip()}【資料 {n}】"
+
+
+def cited(answer: str) -> list[int]:
+    """The passage numbers (1-based) ``answer`` cites, in order of first mention, without repeats."""
+    text = unicodedata.normalize("NFKC", answer)
+    return list(dict.fromkeys(int(m.group(1)) for m in CITATION.finditer(text)))
+
+
+def is_abstention(answer: str) -> bool:
+    """True when ``answer`` says the documents do not hold the answer (:data:`ABSTENTION`)."""
+    return bool(ABSTENTION.search(_squash(answer)))
+
+
+def answer_sentences(answer: str) -> list[str]:
+    """The sentences of ``answer`` that carry content: citations removed, NFKC, whitespace squashed,
+    split after ``。！？!?`` and line breaks; shorter than :data:`MIN_SUPPORT_CHARS` left out."""
+    text = CITATION.sub("", unicodedata.normalize("NFKC", answer))
+    parts = re.split(r"(?<=[。！？!?\n])", text)
+    return [s for s in (_squash(p) for p in parts) if len(s) >= MIN_SUPPORT_CHARS]
+
+
+def sentence_support(sentence: str, passages_text: str) -> float:
+    """Share of ``sentence``'s character 3-grams (whitespace removed, NFKC) found in ``passages_text``.
+
+    The precision half of chrF (Popović 2015) at one n-gram order, against the passages instead of a
+    reference: 1.0 when the sentence is copied from a passage, low when its content is not there.
+
+    Returns:
+        A float in [0, 1]; 0.0 for a sentence shorter than 3 characters.
+    """
+    s, p = _squash(sentence), _squash(passages_text)
+    grams = [s[i : i + SUPPORT_NGRAM] for i in range(len(s) - SUPPORT_NGRAM + 1)]
+    if not grams:
+        return 0.0
+    have = {p[i : i + SUPPORT_NGRAM] for i in range(len(p) - SUPPORT_NGRAM + 1)}
+    return sum(g in have for g in grams) / len(grams)
+
+
+def support(answer: str, passages: list[str], threshold: float = SUPPORT_THRESHOLD) -> tuple[int, int]:
+    """``(supported, checked)`` sentences of ``answer`` against ``passages`` (their text).
+
+    A sentence is supported when :func:`sentence_support` against all passages together is at
+    least ``threshold``; an abstention (:func:`is_abstention`) has no sentence to check (0, 0).
+    """
+    if is_abstention(answer):
+        return 0, 0
+    joined = "\n".join(passages)
+    sentences = answer_sentences(answer)
+    return sum(sentence_support(s, joined) >= threshold for s in sentences), len(sentences)
+
+
+def holds_answer(passage_text: str, reference: str, chars: int = 30) -> bool:
+    """True when ``passage_text`` contains the start of ``reference`` (its first ``chars`` characters,
+    whitespace removed, NFKC): the passage holds the answer of an extractive reference."""
+    needle = _squash(CITATION.sub("", reference))[:chars]
+    return bool(needle) and needle in _squash(passage_text)

@@ -93,11 +93,11 @@ def synthesize(collected: dict[str, list[dict[str, Any]]], params: SynthesizePar
         DataError: a decision class is missing or below ``min_class_share`` (after dedup).
     """
     decisions = build_decision_records(load_safety_templates(), params.decisions_per_template, params.domains, seed)
-    faq = build_faq_records(collected["faq"]) if params.faq_qa else []
+    faq = build_faq_records(collected["faq"], params.qa_per_document, seed) if params.faq_qa else []
     qa_docs, heldout, reference_counts = select_reference_docs(
         collected["reference"], params.reference_qa_docs, params.heldout_reference_docs, seed
     )
-    reference = build_reference_records(qa_docs, seed)
+    reference = build_reference_records(qa_docs, seed, params.qa_per_document)
     math_records, math_stats = build_math_records(
         collected["gsm"], params.math_variants_per_template, params.math_templates, seed
     )

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from so8t.data.grounding import grounded_prompt
+from so8t.data.grounding import ABSTAIN_ANSWER, cite, grounded_prompt, holds_answer
 from so8t.decision import decision_line, parse_decision, strip_decision_lines
 from so8t.schema import IGNORE_INDEX, THINK_KIND, THINK_MARKERS, Decision, Record, Task
 
@@ -132,16 +132,19 @@ class FormatStats:
 
 
 def format_record(
-    record: Record, tokenizer, style: str, max_length: int, stats: FormatStats, grounding: tuple | None = None
+    record: Record, tokenizer, style: str, max_length: int, stats: FormatStats, grounding: Grounding | None = None
 ) -> dict | None:
     """Render and tokenise one record within ``max_length`` tokens, or ``None`` if it cannot fit.
 
     Args:
-        grounding: ``(kind, passages)``: the user turn gets ``passages`` (``(doc_id, title, text)``)
-            before the question in the runtime's grounded format (:func:`so8t.data.grounding.grounded_prompt`);
-            ``kind`` (``relevant`` / ``unrelated``) is kept in the row.
+        grounding: the user turn gets its ``passages`` (``(doc_id, title, text)``) before the question
+            in the runtime's grounded format (:func:`so8t.data.grounding.grounded_prompt`), the
+            assistant turn its ``response`` / ``thinking`` where set; its ``kind`` and ``cited``
+            passage number are kept in the row (``rag``, ``cited``).
     """
-    kind, passages = grounding if grounding else (None, [])
+    kind, passages = (grounding.kind, grounding.passages) if grounding else (None, [])
+    if grounding is not None and grounding.response is not None:
+        record = record.model_copy(update={"response": grounding.response, "thinking": grounding.thinking or ""})
     user_text = grounded_prompt(record.prompt, passages)
     sentences = _sentences(record.thinking)
     keep = len(sentences)
@@ -175,6 +178,7 @@ def format_record(
         "decision_span": list(enc.decision_span),
         "rag": kind,
         "passages": [doc_id for doc_id, _, _ in passages],
+        "cited": grounding.cited if grounding else None,
         "n_tokens": len(enc.input_ids),
         "shortened": keep < len(sentences),
     }
@@ -299,16 +303,117 @@ GROUNDED_TASKS: frozenset[str] = frozenset(
 )
 
 
-def choose_grounding(record: Record, grounder, rag_share: float, unrelated_share: float, seed: int):
-    """``(kind, passages)`` for a train record, or ``None``: a seeded ``rag_share`` of the grounded tasks
-    get passages, of those ``unrelated_share`` unrelated ones (the answer is not in the documents),
-    the rest the retriever's passages without the record's own answer text."""
-    rng = random.Random(f"{seed}:rag:{record.id}")
-    if grounder is None or record.task.value not in GROUNDED_TASKS or rng.random() >= rag_share:
+#: QA tasks: trained RAFT-style on passages (:func:`choose_grounding`).
+QA_TASKS: frozenset[str] = GROUNDED_TASKS - {Task.DECISION.value}
+#: Reasoning of a grounded QA target: it names the passage it uses (never a section number of its own).
+GOLD_THINKING = "【資料 {n}】に質問への答えが書かれているので、その記述に沿って答えます。"
+ABSTAIN_THINKING = "どの資料にも質問への答えは書かれていないので、資料からは答えられないことを伝えます。"
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The passages of one train example and, for QA, the target they call for.
+
+    Attributes:
+        kind: ``relevant`` / ``unrelated`` (decisions: passages do not change the label), ``gold``
+            (QA: a passage holds the answer; the target cites it) or ``abstain`` (QA: none does; the
+            target says so, :data:`so8t.data.grounding.ABSTAIN_ANSWER`).
+        passages: ``(doc_id, title, text)`` as fitted into the prompt.
+        response, thinking: the target's answer and reasoning (``None``: the record's own).
+        cited: the 1-based number of the passage the target cites (``gold`` only).
+    """
+
+    kind: str
+    passages: list
+    response: str | None = None
+    thinking: str | None = None
+    cited: int | None = None
+
+
+def _holding(passages: list, reference: str) -> int | None:
+    """1-based number of the first fitted passage holding ``reference`` (:func:`so8t.data.grounding.holds_answer`)."""
+    return next((n for n, (_, _, text) in enumerate(passages, start=1) if holds_answer(text, reference)), None)
+
+
+def _in_passage(answer: str, passage_text: str) -> str:
+    """The leading sentences of ``answer`` whose text (whitespace removed, NFKC) is in ``passage_text``:
+    the part of an extractive answer the fitted (possibly cut) passage really shows; ``""`` if none."""
+    import unicodedata
+
+    squash = lambda t: "".join(unicodedata.normalize("NFKC", t).split())  # noqa: E731
+    text, kept = squash(passage_text), []
+    for sentence in _sentences(answer):
+        if squash(sentence) and squash(sentence) not in text:
+            break
+        kept.append(sentence)
+    return "".join(kept).strip()
+
+
+def _cited_target(record: Record, fitted: list, kind: str = "gold") -> Grounding | None:
+    """A :class:`Grounding` whose target cites the first fitted passage holding the answer, cut to the
+    sentences that passage shows; ``None`` when no passage shows a whole sentence of it."""
+    n = _holding(fitted, record.response)
+    answer = _in_passage(record.response, fitted[n - 1][2]) if n else ""
+    if not answer:
         return None
-    if rng.random() < unrelated_share:
-        return "unrelated", grounder.unrelated(record.prompt, rng)
-    return "relevant", grounder.relevant(record.prompt, exclude_text=record.response)
+    return Grounding(kind, fitted, cite(answer, n), GOLD_THINKING.format(n=n), n)
+
+
+def _gold(record: Record, grounder, exclude_docs, rng) -> Grounding | None:
+    """The retrieved passages with the one holding the answer among them (RAFT's gold + distractors),
+    or ``None`` when no indexed passage of the record's document holds it within the token budget."""
+    hits = grounder.search(record.prompt, exclude_docs)
+    gold = [p for p in grounder.passages_of(record.group) if holds_answer(p.text, record.response)]
+    gold += [p for p in hits if holds_answer(p.text, record.response)]
+    if not gold:
+        return None
+    g = gold[0]
+    if not any(p.passage_id == g.passage_id for p in hits):
+        hits = hits[: max(grounder.retriever.top_k - 1, 0)]
+        hits.insert(rng.randrange(len(hits) + 1), g)
+    found = _cited_target(record, grounder.fit(hits))
+    if found is None:  # cut by the budget: the runtime's top passage is the one it keeps whole
+        found = _cited_target(record, grounder.fit([g] + [p for p in hits if p.passage_id != g.passage_id]))
+    return found
+
+
+def choose_grounding(
+    record: Record, grounder, params, seed: int, exclude_docs=frozenset()
+) -> Grounding | None:
+    """The passages of a train record, or ``None`` (a bare prompt).
+
+    Decisions: a seeded ``rag_share`` get passages, of those ``rag_unrelated_share`` random unrelated
+    ones, the rest the retriever's; the label does not change. QA, after RAFT (Zhang et al. 2024,
+    "RAFT: Adapting Language Model to Domain Specific RAG"): a seeded ``qa_rag_share`` get passages,
+    of those ``qa_gold_share`` the retriever's with the passage holding the answer among them, the
+    target citing it (:class:`Grounding` ``gold``), the rest what the retriever finds without the
+    record's own document, the target saying the documents do not hold the answer (``abstain``;
+    ``gold`` instead if another document holds it).
+
+    Args:
+        params: the ``think_format`` params.
+        exclude_docs: doc ids never shown (the val and test documents).
+    """
+    rng = random.Random(f"{seed}:rag:{record.id}")
+    if grounder is None or record.task.value not in GROUNDED_TASKS:
+        return None
+    if record.task.value not in QA_TASKS:
+        if rng.random() >= params.rag_share:
+            return None
+        if rng.random() < params.rag_unrelated_share:
+            return Grounding("unrelated", grounder.unrelated(record.prompt, rng, exclude_docs))
+        return Grounding("relevant", grounder.relevant(record.prompt, exclude_docs))
+    if rng.random() >= params.qa_rag_share:
+        return None
+    if rng.random() < params.qa_gold_share:
+        return _gold(record, grounder, exclude_docs, rng)
+    own = {p.doc_id for p in grounder.passages_of(record.group)}
+    fitted = grounder.relevant(record.prompt, set(exclude_docs) | own)
+    if not fitted:  # nothing retrieved: the prompt would be bare, and a bare question is answered
+        return None
+    if _holding(fitted, record.response) is not None:  # another document holds it: cite that one
+        return _cited_target(record, fitted)
+    return Grounding("abstain", fitted, ABSTAIN_ANSWER, ABSTAIN_THINKING)
 
 
 def lm_text_windows(docs: list[dict], tokenizer, window: int, allowed_groups) -> tuple[list[dict], dict]:
@@ -342,7 +447,7 @@ def lm_text_windows(docs: list[dict], tokenizer, window: int, allowed_groups) ->
             out.append({
                 "id": f"{d['id']}#{k}", "task": Task.LM_TEXT.value, "decision": None, "domain": None,
                 "category": None, "group": d["group"], "source": d["source"], "input_ids": piece,
-                "labels": list(piece), "decision_span": [0, 0], "rag": None, "passages": [],
+                "labels": list(piece), "decision_span": [0, 0], "rag": None, "passages": [], "cited": None,
                 "n_tokens": len(piece), "shortened": False,
             })
     stats = {"docs": len(docs) - skipped, "skipped_docs": skipped, "windows": len(out),
@@ -356,7 +461,7 @@ def format_and_split(
     """Render, tokenise and split ``records`` (``params``: the ``think_format`` section).
 
     Train examples of the grounded tasks get passages as the runtime would give them
-    (:func:`choose_grounding`, ``rag_share`` / ``rag_unrelated_share``); val and test stay bare
+    (:func:`choose_grounding`), never from a val or test document; val and test stay bare
     (evaluate scores them both with and without passages).
 
     Args:
@@ -376,10 +481,13 @@ def format_and_split(
         {task.value: tuple(f) for task, f in params.fractions_by_task.items()},
     )
     items = progress(records) if progress is not None else records
+    # The val and test documents never appear in a training prompt (nor in a target: targets come
+    # from the record's own document, and a record's document is in its split).
+    held = grounder.docs_of({g for g, s in assignment.items() if s != "train"}) if grounder else set()
     formatted = []
     for r in items:
         train = assignment[r.group] == "train"
-        grounding = choose_grounding(r, grounder, params.rag_share, params.rag_unrelated_share, seed) if train else None
+        grounding = choose_grounding(r, grounder, params, seed, held) if train else None
         ex = format_record(r, tokenizer, params.style, params.max_length, stats, grounding)
         if ex is not None:
             formatted.append(ex)

@@ -421,6 +421,61 @@ def _retrieval_section(inp: ReportInputs, names: list[str]) -> list[str]:
     ]
 
 
+#: The QA rows of the report: (label, key under ``served.``, goal of issue 38).
+QA_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("chrF, answerable, with passages", "qa.chrf", "> top passage"),
+    ("top retrieved passage shown as the answer (baseline)", "retrieval.qa.chrf", "—"),
+    ("gain over the top passage (paired)", "qa.passage_gain", "interval > 0"),
+    ("supported sentences", "qa.supported_rate", ">= 0.9"),
+    ("citation accuracy", "qa.citation_accuracy", ">= 0.8"),
+    ("abstain, unanswerable", "qa.abstain_rate", ">= 0.8"),
+    ("abstain, answer in the passages", "qa.false_abstain_rate", "<= 0.1"),
+    ("answer in the retrieved passages", "qa.answer_in_passages_rate", "—"),
+    ("benign ALLOW, bare", "qa.benign_allow_rate_bare", ">= 0.95"),
+    ("benign ALLOW, with passages", "qa.benign_allow_rate", ">= 0.95"),
+    ("ALLOW without a final answer", "qa.no_final_answer_rate", "<= 0.05"),
+    ("answered through the policy (all questions)", "qa.answered_rate", "—"),
+)
+
+
+def _qa_section(inp: ReportInputs, samples: int = 10) -> list[str]:
+    """Answers from the documents on the served artifact (``served.qa.*``, :mod:`so8t.eval.qa`)."""
+    m, served = inp.metrics, inp.details.get("served") or {}
+    if "served.qa.n" not in m:
+        return []
+    sm = _row_metrics(m, "served")
+    rows = [[label, _ci(sm, key, "{:.1f}" if "chrf" in key or "gain" in key else "{:.3f}"), goal]
+            for label, key, goal in QA_ROWS if key in sm]
+    rows += [["semantic similarity (multilingual-e5-small cosine)", _fmt(sm.get("qa.semantic_similarity"), "{:.3f}"), "—"],
+             ["repeated 4-gram rate: answers / references",
+              f"{_fmt(sm.get('qa.repeated_ngram_rate'), '{:.3f}')} / "
+              f"{_fmt(sm.get('qa.reference_repeated_ngram_rate'), '{:.3f}')}", "answers <= references"]]
+    qa = served.get("qa", [])
+    picked = [r for r in qa if r["kind"] == "answerable"][: samples - samples // 3]
+    picked += [r for r in qa if r["kind"] != "answerable"][: samples // 3]
+    sample_rows = [[r["kind"], _one_line(r["question"], 80), ", ".join(r["passages"]) or "—",
+                    _one_line(r["answer"] or f"({r['decision']}, {r['override'] or 'policy text'})", 200),
+                    ", ".join(f"【資料 {n}】" for n in r["cited"]) or "—", ", ".join(map(str, r["gold"])) or "—"]
+                   for r in picked]
+    return [
+        "## Answers from the documents (served artifact, through the runtime path)",
+        "",
+        (
+            f"`{served.get('artifact')}`: {int(m['served.qa.n'])} answerable test questions (every QA question of "
+            f"the test documents) and {int(m['served.qa.unanswerable_n'])} unanswerable ones (a test question with "
+            "its own document taken out of the index, and questions on topics the documents do not cover), each "
+            "with the passages the runtime retrieves, scored, answered and checked by the runtime policy. Rates "
+            "with 95% Wilson intervals, chrF and supported sentences with percentile bootstrap intervals over "
+            "questions. Supported: a sentence's character 3-grams at least 60% in the passages."
+        ),
+        "",
+        _table(["metric", "value [95% CI]", "goal"], rows),
+        "",
+        _table(["kind", "question", "passages", "answer shown", "cites", "holds the answer"], sample_rows),
+        "",
+    ]
+
+
 def _bake_and_gguf_section(inp: ReportInputs, figures: dict[str, str]) -> list[str]:
     b = inp.bake_report
     spot = b.get("spot_check", {})
@@ -563,7 +618,7 @@ def build_markdown(
     out += [f"## Against the previous run ({title})", "", previous_run_table(inp.metrics, prev_metrics, names), ""]
     out += _calibration_section(inp, figures)
     out += _decision_section(inp, figures, names)
-    out += ["", *_policy_section(inp, names), *_retrieval_section(inp, names)]
+    out += ["", *_policy_section(inp, names), *_retrieval_section(inp, names), *_qa_section(inp)]
     out += ["", *_bake_and_gguf_section(inp, figures), *_engine_section(inp, names), *_distill_section(inp)]
     out += _samples_section(inp, names)
     return "\n".join(out)

@@ -110,6 +110,40 @@ def served_policy(
     return flat, {"rows": details}
 
 
+def served_qa(backend: Backend, rows: list[dict], temperature: float, params, style: str, step=None) -> tuple[dict, dict]:
+    """The QA set (:func:`so8t.eval.qa.build_qa_set`) through the runtime path, as :func:`served_policy`.
+
+    Each question is scored with its passages and bare (the bare decision only), answered with its
+    passages when the policy allows it (``runtime.max_new_tokens``, the runtime's budget), and the
+    answer checked again (:func:`so8t.policy.apply_policy` with :func:`so8t.guard.separate`).
+
+    Returns:
+        ``(flat, details)``: ``flat`` ``served.qa.*`` and ``served.retrieval.qa.*``
+        (:func:`so8t.eval.qa.qa_metrics`); ``details`` ``{"rows": [...]}`` per question.
+    """
+    from so8t.eval.qa import qa_metrics
+
+    rt = params.runtime
+    probs = apply_temperature(
+        np.array([r["logits"] for r in score_decisions(backend, rows, step)], dtype=np.float64), temperature
+    )
+    answerable = [r for r in rows if r["answerable"]]
+    bare = score_decisions(backend, [r | {"prompt_text": r["bare_prompt_text"]} for r in answerable], step)
+    bare_probs = apply_temperature(np.array([r["logits"] for r in bare], dtype=np.float64), temperature)
+    bare_allow = [apply_policy(p, rt.allow_threshold).answered for p in bare_probs]
+    before = [apply_policy(p, rt.allow_threshold) for p in probs]
+    answer = [i for i, o in enumerate(before) if o.answered]
+    prompts = [backend.tokenize(answer_context(rows[i]["prompt_text"])) for i in answer]
+    gens = backend.generate(prompts, rt.max_new_tokens, stop_strings(backend), params.generation.repetition_penalty, step)
+    after, answers = list(before), [""] * len(rows)
+    for i, g in zip(answer, gens):
+        parts = separate(g.text, style)
+        after[i] = apply_policy(probs[i], rt.allow_threshold, parts)
+        answers[i] = parts.final if after[i].answered else ""
+    flat, details = qa_metrics(rows, answers, before, after, bare_allow, params.metrics)
+    return {f"{SERVED}.{k}": v for k, v in flat.items()}, {"rows": details}
+
+
 def evaluate_served(
     arts: list[Artifact], results: dict, test: list[dict], grounder, tokenizer, params, style: str,
     calibration: dict, threads: int, step=None,
@@ -131,6 +165,7 @@ def evaluate_served(
     from so8t.eval.artifacts import close_backend, open_artifact
     from so8t.eval.comparisons import parity_metrics
     from so8t.eval.evalsets import grounded_rows
+    from so8t.eval.qa import build_qa_set
 
     flat: dict[str, float] = {}
     for r in results.values():
@@ -145,11 +180,16 @@ def evaluate_served(
     art = next(a for a in arts if a.name == row)
     backend = open_artifact(art, threads, params.generation.batch_size, n_gpu_layers=params.generation.n_gpu_layers,
                             hf_batch_size=params.generation.hf_batch_size)
+    temperature = calibration.get(row, {}).get("temperature", 1.0)
     try:
-        out, details = served_policy(backend, rows, calibration.get(row, {}).get("temperature", 1.0), params, style, step)
+        out, details = served_policy(backend, rows, temperature, params, style, step)
+        if with_passages and (qa_rows := build_qa_set(test, grounder, tokenizer)):
+            qa_flat, qa_details = served_qa(backend, qa_rows, temperature, params, style, step)
+            out |= qa_flat
+            details["qa"] = qa_details["rows"]
     finally:
         close_backend(backend)
     return out, details | {"artifact": row, "with_passages": with_passages}
 
 
-__all__ = ["SERVED", "allow_requests", "evaluate_served", "served_policy", "served_row"]
+__all__ = ["SERVED", "allow_requests", "evaluate_served", "served_policy", "served_qa", "served_row"]

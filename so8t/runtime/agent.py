@@ -20,10 +20,13 @@ For one request (a conversation ending in a user turn) :meth:`Agent.answer`:
    ends its turn or reaches ``runtime.max_new_tokens``, the generation is split
    (:func:`so8t.guard.separate`) and the policy applied again with its parts: an
    answer that kept reasoning or has no final answer becomes ESCALATION; otherwise
-   the final answer (reasoning removed) is returned with the retrieved documents as
-   citations. ESCALATION and DENY return the policy text of ``runtime.policy`` and
-   generate nothing;
-5. appends one audit row (also for a request that fails: decision ``ERROR``).
+   the final answer (reasoning removed) is returned with the documents it cites
+   (``【資料 n】``: the n-th passage of the prompt) as citations and a grounding
+   flag (:class:`Answer`: cited, abstained, or, for an answer that cites nothing,
+   whether its sentences are in the passages). ESCALATION and DENY return the
+   policy text of ``runtime.policy`` and generate nothing;
+5. appends one audit row (also for a request that fails: decision ``ERROR``), with
+   the retrieved document ids, the cited ones and the grounding flag.
 
 Everything is decided before anything is returned, so a streamed answer is
 the same text, cut into pieces, and never shows a draft the decision would
@@ -53,11 +56,10 @@ from so8t.runtime.engine import Cancellation
 from so8t.guard import separate
 from so8t.runtime.model import ChatModel
 from so8t.data.retrieval import Passage, Retriever
-from so8t.data.grounding import fit_passages, grounded_prompt
+from so8t.data.grounding import cited, fit_passages, grounded_prompt, is_abstention, support
 from so8t.policy import apply_policy
 from so8t.schema import END_OF_TURN_TOKENS, Decision
 
-#: The last user turn when passages were retrieved: the passages with their ids, then the question.
 #: Roles a caller may send.
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -98,7 +100,25 @@ class Answer:
         decision: ALLOW / ESCALATION / DENY after the policy.
         confidence: calibrated probability of ``model_decision`` in [0, 1].
         answer: the text shown to the caller (final answer or policy text).
-        citations: ids of the documents whose passages were in the prompt (ALLOW only).
+        citations: ids of the documents whose passages the answer cites (``【資料 n】``, n the
+            passage's number in the prompt, :data:`so8t.data.grounding.PASSAGE_FORMAT`), in order of
+            first citation, without repeats; numbers with no passage in the prompt are ignored.
+            Empty for ESCALATION and DENY and for an answer that cites nothing.
+        grounding: how the answer stands to the passages of the prompt (ALLOW only, else ``None``):
+
+            * ``cited``: it cites at least one passage of the prompt;
+            * ``abstained``: it says the documents do not hold the answer
+              (:func:`so8t.data.grounding.is_abstention`);
+            * ``uncited``: it cites none, yet every sentence checked is supported by the passages;
+            * ``unsupported``: it cites none and some sentence checked is not supported, or it has
+              no sentence long enough to check: an answer the documents do not back, to be treated
+              with care;
+            * ``no_passages``: the prompt held no passage (retrieval off, nothing found for the
+              caller's level, or nothing fitted ``retrieval.max_passage_tokens``).
+
+            Support is :func:`so8t.data.grounding.support`: a sentence is supported when at least
+            :data:`so8t.data.grounding.SUPPORT_THRESHOLD` of its character 3-grams occur in the
+            passages' text as the prompt showed it (the last one possibly cut).
         model_decision: the model's own label (argmax of ``probabilities``).
         probabilities: calibrated ``{label: p}``.
         override: why the policy changed the model's label: ``low_confidence``,
@@ -111,6 +131,7 @@ class Answer:
     confidence: float
     answer: str
     citations: list[str]
+    grounding: str | None
     model_decision: str
     probabilities: dict[str, float]
     override: str | None
@@ -125,6 +146,35 @@ class Answer:
         d = asdict(self)
         d.pop("passages")
         return d
+
+
+def grounded(
+    answer: str, passages: list[Passage], fitted: list[tuple[str, str, str]]
+) -> tuple[list[str], str]:
+    """The citations and grounding flag of an allowed ``answer`` (see :class:`Answer`).
+
+    Args:
+        answer: the final answer shown to the caller.
+        passages: the retrieved passages, best first (their ``doc_id`` is what a citation returns).
+        fitted: ``(doc_id, title, text)`` as numbered in the prompt (:meth:`Agent._prompt_messages`):
+            ``fitted[n - 1]`` is ``passages[n - 1]`` with its text possibly cut.
+
+    Returns:
+        ``(citations, grounding)``: the cited documents' ids (citation numbers outside
+        ``1..len(fitted)`` ignored) and one of ``cited``, ``abstained``, ``uncited``,
+        ``unsupported``, ``no_passages``.
+    """
+    if not fitted:
+        return [], "no_passages"
+    ids = list(dict.fromkeys(passages[n - 1].doc_id for n in cited(answer) if 1 <= n <= len(fitted)))
+    if ids:
+        return ids, "cited"
+    if is_abstention(answer):
+        return [], "abstained"
+    supported, checked = support(answer, [text for _, _, text in fitted])
+    if supported < checked or (checked == 0 and answer.strip()):
+        return [], "unsupported"
+    return [], "uncited"
 
 
 def _control_pattern(tokens) -> re.Pattern | None:
@@ -255,13 +305,22 @@ class Agent:
     def _issued(self, answer: str, principal: Principal | None) -> bool:
         return self.audit is not None and principal is not None and self.audit.issued(answer, principal.user)
 
-    def _prompt_messages(self, messages: list[dict], passages: list[Passage]) -> list[dict]:
-        """The turns with control tokens stripped; passages (fenced, markers neutralised) before the question."""
+    def _prompt_messages(
+        self, messages: list[dict], passages: list[Passage]
+    ) -> tuple[list[dict], list[tuple[str, str, str]]]:
+        """The turns with control tokens stripped; passages (fenced, markers neutralised) before the question.
+
+        Returns:
+            ``(turns, fitted)``: ``fitted`` are the ``(doc_id, title, text)`` numbered 1, 2, ... in the
+            last turn: the leading ``passages`` (control tokens stripped) that fit
+            ``max_passage_tokens``, the last possibly cut (:func:`so8t.data.grounding.fit_passages`);
+            ``fitted[i]`` is ``passages[i]``.
+        """
         out = [{"role": m["role"], "content": self._clean(m["content"])} for m in messages]
         found = [(self._clean(p.doc_id), self._clean(p.title), self._clean(p.text)) for p in passages]
-        found = fit_passages(found, self.model.count_tokens, self.max_passage_tokens)
-        out[-1]["content"] = grounded_prompt(out[-1]["content"], found)
-        return out
+        fitted = fit_passages(found, self.model.count_tokens, self.max_passage_tokens)
+        out[-1]["content"] = grounded_prompt(out[-1]["content"], fitted)
+        return out, fitted
 
     # ------------------------------------------------------------ model
 
@@ -337,7 +396,8 @@ class Agent:
             if self.retriever is not None:
                 passages = self.retriever.search(messages[-1]["content"], principal.level)
             try:
-                prompt = self.model.render(self._prompt_messages(messages, passages))
+                turns, fitted = self._prompt_messages(messages, passages)
+                prompt = self.model.render(turns)
             except ValueError as e:
                 raise AgentInputError(f"messages: the chat template rejected the conversation: {e}") from None
             with contextlib.nullcontext() if self._shared else self._lock:
@@ -356,7 +416,7 @@ class Agent:
         )
         allow = outcome.answered
         shown = parts.final if allow else self.policy.text(decision)
-        citations = list(dict.fromkeys(p.doc_id for p in passages)) if allow else []
+        citations, grounding = grounded(shown, passages, fitted) if allow else ([], None)
         # Usage counts what the caller sees: the length of the private reasoning is not revealed.
         n_completion = self.model.count_tokens(shown)
         latency = self._audit(
@@ -372,6 +432,8 @@ class Agent:
             decision=decision,
             model_decision=model_decision,
             confidence=confidence,
+            citations=citations,
+            grounding=grounding,
         )
         return Answer(
             request_id=request_id,
@@ -379,6 +441,7 @@ class Agent:
             confidence=round(confidence, 6),
             answer=shown,
             citations=citations,
+            grounding=grounding,
             model_decision=model_decision,
             probabilities={label: round(float(p), 6) for label, p in zip(LABELS, probs)},
             override=override,
@@ -420,8 +483,14 @@ class Agent:
         decision: str = "ERROR",
         model_decision: str | None = None,
         confidence: float | None = None,
+        citations: list[str] | None = None,
+        grounding: str | None = None,
     ) -> float:
-        """Append the request's audit row; returns the latency in milliseconds."""
+        """Append the request's audit row; returns the latency in milliseconds.
+
+        ``passages`` are the retrieved ones (``doc_ids``); ``citations`` and ``grounding`` those of the
+        :class:`Answer` (none for a request that failed or was refused).
+        """
         latency_ms = (time.perf_counter() - t0) * 1000.0
         if self.audit is not None:
             self.audit.append(
@@ -441,6 +510,8 @@ class Agent:
                     confidence=confidence,
                     doc_ids=list(dict.fromkeys(p.doc_id for p in passages)),
                     latency_ms=latency_ms,
+                    citations=list(citations or []),
+                    grounding=grounding,
                 )
             )
         return latency_ms

@@ -4,16 +4,24 @@ Each row stores who asked (user id, access level), which model answered (id and
 the GGUF file's sha256), SHA-256 digests of the input, the private reasoning,
 the raw generation and the returned answer (plaintext only when
 ``runtime.audit.store_plaintext`` is on), the decision and its calibrated
-confidence, the retrieved document ids and the latency.
+confidence, the retrieved document ids, the documents the answer cites and
+whether the answer is grounded in them (:class:`so8t.runtime.agent.Answer`),
+and the latency.
 
 Keyed hash chain (HMAC, RFC 2104, over a blockchain-style chain)::
 
     row_hash_i = HMAC-SHA256(key, canonical_json(fields_i) || prev_hash_i),   prev_hash_i = row_hash_{i-1}
 
 with ``prev_hash_1 = "0" * 64``. ``canonical_json`` is JSON with sorted keys, no
-whitespace and non-ASCII kept; ``fields_i`` are every column except ``id`` and
-``row_hash``. The key (32 random bytes, hex) lives in its own file outside the
-database (``runtime.audit.key_file``, created 0600 on first use): without it
+whitespace and non-ASCII kept; ``fields_i`` are the columns of :data:`HASHED_COLUMNS`
+(every column of the first schema except ``id`` and ``row_hash``) and those of
+:data:`ADDED_COLUMNS` (added later) that are not NULL. Rows written before a
+column was added hold NULL there and keep their hash, so an old log still
+verifies after it is opened by a newer version (which adds the columns); a row
+that has a value there is hashed with it, so setting it, changing it or
+clearing it is an edit like any other. The key (32 random bytes, hex) lives
+in its own file outside the database (``runtime.audit.key_file``, created
+0600 on first use): without it
 nobody can write a row whose hash verifies. The row id is left out on purpose, so
 :func:`verify_chain` can tell an edited row from reordered and deleted rows.
 
@@ -85,6 +93,12 @@ HASHED_COLUMNS: tuple[str, ...] = (
     "output_text",
     "prev_hash",
 )
+#: Columns added after the first schema (``ALTER TABLE ... ADD COLUMN`` on an older database, NULL in its
+#: rows), each covered by the row hash where it is not NULL; in the order they were added.
+ADDED_COLUMNS: tuple[str, ...] = (
+    "citations",
+    "grounding",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -109,7 +123,9 @@ CREATE TABLE IF NOT EXISTS audit (
     reasoning_text TEXT,
     output_text TEXT,
     prev_hash TEXT NOT NULL,
-    row_hash TEXT NOT NULL
+    row_hash TEXT NOT NULL,
+    citations TEXT,
+    grounding TEXT
 )
 """
 
@@ -157,6 +173,10 @@ class AuditEntry:
         doc_ids: ids of the retrieved passages put in the prompt.
         latency_ms: wall time of the request in milliseconds.
         input_text: canonical JSON of the caller's messages (hashed into ``input_sha256``).
+        citations: ids of the documents the returned answer cites (``Answer.citations``; stored as
+            a JSON list, ``[]`` when it cites none or nothing was answered).
+        grounding: ``Answer.grounding`` (``cited``, ``abstained``, ``uncited``, ``unsupported``,
+            ``no_passages``), or ``None`` when nothing was answered (stored as NULL).
     """
 
     request_id: str
@@ -174,19 +194,24 @@ class AuditEntry:
     confidence: float | None
     doc_ids: list[str] = field(default_factory=list)
     latency_ms: float = 0.0
+    citations: list[str] = field(default_factory=list)
+    grounding: str | None = None
 
 
 def row_hash(fields: dict, key: bytes) -> str:
     """``HMAC-SHA256(key, canonical_json(fields without prev_hash) || prev_hash)`` as hex.
 
     Args:
-        fields: a row's :data:`HASHED_COLUMNS` values (``prev_hash`` included).
+        fields: a row's :data:`HASHED_COLUMNS` values (``prev_hash`` included), and those of
+            :data:`ADDED_COLUMNS` it has (missing or ``None``: left out of the hash, as in a row
+            written before the column existed).
         key: the audit key.
 
     Raises:
         TypeError, ValueError: a value that is not text, a number or ``None`` (e.g. a BLOB).
     """
     body = {k: fields[k] for k in HASHED_COLUMNS if k != "prev_hash"}
+    body.update({k: fields[k] for k in ADDED_COLUMNS if fields.get(k) is not None})
     for k, v in body.items():
         if not (v is None or isinstance(v, str | int | float)):
             raise TypeError(f"column {k} holds a {type(v).__name__}, not text or a number")
@@ -244,6 +269,7 @@ class AuditLog:
         with contextlib.closing(self._connect()) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(_SCHEMA)
+            _add_columns(conn)
             conn.execute("CREATE INDEX IF NOT EXISTS audit_output ON audit (output_sha256, user_id)")
 
     def _connect(self) -> sqlite3.Connection:
@@ -311,6 +337,8 @@ class AuditLog:
             "input_text": _text(entry.input_text) if plain else None,
             "reasoning_text": _text(entry.reasoning_text) if plain else None,
             "output_text": _text(entry.output_text) if plain else None,
+            "citations": json.dumps([_text(d) for d in entry.citations], ensure_ascii=False),
+            "grounding": entry.grounding,
         }
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -370,6 +398,30 @@ class AuditLog:
         if conn is not None:
             conn.close()
             self._local.key = None
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add the :data:`ADDED_COLUMNS` an older database lacks (NULL in its rows, so their hashes hold).
+
+    Runs under the write lock (``BEGIN IMMEDIATE``) and looks again there, so processes opening the
+    same old database at once add each column once.
+    """
+
+    def missing() -> list[str]:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
+        return [c for c in ADDED_COLUMNS if c not in have]
+
+    if not missing():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for column in missing():
+            conn.execute(f"ALTER TABLE audit ADD COLUMN {column} TEXT")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _text(value: str) -> str:

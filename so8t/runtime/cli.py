@@ -52,15 +52,23 @@ def _principal(args):
     return Principal.of(args.user, args.level)
 
 
+#: The warning (stderr) under an answer whose grounding is ``unsupported`` (:class:`so8t.runtime.agent.Answer`).
+UNSUPPORTED_WARNING = "この回答は資料を引用しておらず、資料の記述に裏付けられていません (grounding: unsupported)"
+
+
 def _print_answer(ans, as_json: bool) -> None:
+    """The answer on stdout (decision, text, cited documents; or its JSON), and a warning on stderr
+    when the answer cites nothing and the passages do not support it."""
     if as_json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=2))
-        return
-    note = f"  (モデルの判定 {ans.model_decision}: {ans.override})" if ans.override else ""
-    print(f"判定: {ans.decision}  確信度: {ans.confidence:.3f}{note}")
-    print(ans.answer)
-    if ans.citations:
-        print("出典: " + ", ".join(ans.citations))
+    else:
+        note = f"  (モデルの判定 {ans.model_decision}: {ans.override})" if ans.override else ""
+        print(f"判定: {ans.decision}  確信度: {ans.confidence:.3f}{note}")
+        print(ans.answer)
+        if ans.citations:
+            print("出典: " + ", ".join(ans.citations))
+    if ans.grounding == "unsupported":
+        warn(UNSUPPORTED_WARNING)
 
 
 def cmd_ask(args) -> int:

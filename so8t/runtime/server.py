@@ -7,11 +7,14 @@ or ``X-API-Key: <key>``):
   (https://platform.openai.com/docs/api-reference/chat), non-streaming or
   ``"stream": true`` (Server-Sent Events: ``data: {chunk}`` lines, then
   ``data: [DONE]``). ``choices[0].message.content`` is the final answer only;
-  the decision, confidence and citations ride along in an extra ``so8t``
+  the decision, confidence, citations (the documents the answer cites) and
+  grounding flag (``cited``, ``abstained``, ``uncited``, ``unsupported``:
+  an answer the documents do not back, ``no_passages``; ``null`` unless
+  ALLOW; see :class:`so8t.runtime.agent.Answer`) ride along in an extra ``so8t``
   object. Sampling fields (``temperature``, ``top_p``...) are accepted and
   ignored: generation is greedy, as calibrated.
 * ``POST /v1/decide``: ``{"prompt": "..."}`` or ``{"messages": [...]}`` ->
-  ``{decision, confidence, answer, citations, ...}``.
+  ``{decision, confidence, answer, citations, grounding, ...}``.
 * ``GET /v1/models``, ``GET /healthz``.
 
 Each API key belongs to a user id (written to the audit log) and an access
@@ -453,6 +456,7 @@ def _completion(ans: Answer, stream: bool):
         "decision": ans.decision,
         "confidence": ans.confidence,
         "citations": ans.citations,
+        "grounding": ans.grounding,
         "model_decision": ans.model_decision,
         "override": ans.override,
         "request_id": ans.request_id,

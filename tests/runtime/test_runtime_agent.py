@@ -199,18 +199,26 @@ def test_retrieved_passages_are_in_the_prompt_and_cited(tmp_path):
     (docs / "secret.md").write_text("# 極秘計画\napt パッケージ 配備計画の詳細。", encoding="utf-8")
     (docs / "secret.md.meta.json").write_text('{"access_level": "極秘"}', encoding="utf-8")
     retriever = Retriever([Root(str(docs))], tokenizer="bigram", top_k=3)
-    model = FakeModel()
+    # The answer cites the first passage of the prompt: the citations are the cited documents.
+    model = FakeModel(f"# 思考ステップ\n{REASONING}\n# 最終回答\napt install で導入します。【資料 1】\n判定: ALLOW")
     agent = make_agent(tmp_path, model, retriever=retriever)
     ans = agent.ask("apt でパッケージを入れるには？", ALICE)
-    assert ans.citations == ["docs/apt.md"]
+    assert ans.citations == ["docs/apt.md"] and ans.grounding == "cited"
     assert "【資料 1: docs/apt.md】" in model.prompts[0] and "極秘計画" not in model.prompts[0]
     assert GROUNDED_PROMPT.split("{passages}")[0] in model.prompts[0]
     (row,) = agent.audit.rows()
-    assert json.loads(row["doc_ids"]) == ["docs/apt.md"]
+    assert json.loads(row["doc_ids"]) == ["docs/apt.md"] and json.loads(row["citations"]) == ["docs/apt.md"]
     top = agent.ask("apt でパッケージを入れるには？", Principal.of("boss", "極秘"))
-    assert set(top.citations) == {"docs/apt.md", "docs/secret.md"}
+    # Both documents were retrieved and put in the prompt (doc_ids); only the cited one is a citation.
+    assert {p.doc_id for p in top.passages} == {"docs/apt.md", "docs/secret.md"}
+    assert "【資料 2: " in model.prompts[1]
+    assert top.citations == [top.passages[0].doc_id]
+    assert set(json.loads(list(agent.audit.rows())[-1]["doc_ids"])) == {"docs/apt.md", "docs/secret.md"}
+    # An answer that cites nothing cites no document, retrieved or not.
+    uncited = make_agent(tmp_path, FakeModel(), retriever=retriever).ask("apt でパッケージを入れるには？", ALICE)
+    assert uncited.citations == [] and uncited.grounding in ("uncited", "unsupported")
     denied = make_agent(tmp_path, FakeModel(logits=(-5, -5, 0)), retriever=retriever).ask("apt", ALICE)
-    assert denied.citations == []
+    assert denied.citations == [] and denied.grounding is None
 
 
 def test_calibration_lookup(tmp_path):

@@ -29,8 +29,10 @@ def entry(i: int, user: str = "alice") -> AuditEntry:
         decision="ALLOW",
         model_decision="ALLOW",
         confidence=0.5 + i / 1000,
-        doc_ids=[f"doc{i}"],
+        doc_ids=[f"doc{i}", f"other{i}"],
         latency_ms=1.5 * i,
+        citations=[f"doc{i}"],
+        grounding="cited",
     )
 
 
@@ -80,6 +82,10 @@ def test_pragmas(tmp_path):
         ("output_sha256", "1" * 64),
         ("doc_ids", "[]"),
         ("ts", "2000-01-01T00:00:00+00:00"),
+        ("citations", "[]"),
+        ("citations", None),
+        ("grounding", "unsupported"),
+        ("grounding", None),
     ],
 )
 def test_edited_row_is_found(tmp_path, column, value):
@@ -267,3 +273,98 @@ def test_lone_surrogates_are_logged(tmp_path):
     bad.input_text = "a\ud800b"
     log.append(bad)
     assert verify(log).ok
+
+
+# --------------------------------------------------------------------------- a log from before a column was added
+
+#: The first schema (before ``citations`` and ``grounding``) and the hash its rows were written with.
+FIRST_SCHEMA = """
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, request_id TEXT NOT NULL, channel TEXT NOT NULL,
+    user_id TEXT NOT NULL, access_level TEXT NOT NULL, model_id TEXT NOT NULL, model_sha256 TEXT NOT NULL,
+    input_sha256 TEXT NOT NULL, reasoning_sha256 TEXT NOT NULL, generation_sha256 TEXT NOT NULL,
+    output_sha256 TEXT NOT NULL, decision TEXT NOT NULL, model_decision TEXT, confidence REAL,
+    doc_ids TEXT NOT NULL, latency_ms REAL NOT NULL, input_text TEXT, reasoning_text TEXT, output_text TEXT,
+    prev_hash TEXT NOT NULL, row_hash TEXT NOT NULL
+)
+"""
+FIRST_COLUMNS = (
+    "ts", "request_id", "channel", "user_id", "access_level", "model_id", "model_sha256", "input_sha256",
+    "reasoning_sha256", "generation_sha256", "output_sha256", "decision", "model_decision", "confidence",
+    "doc_ids", "latency_ms", "input_text", "reasoning_text", "output_text",
+)
+
+
+def first_schema_log(folder, n: int = 3):
+    """An audit database, key and anchor as the first schema's code wrote them (its hash recomputed here)."""
+    import hashlib
+    import hmac
+    import json
+
+    from so8t.runtime.audit import anchor_mac, sha256_hex
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path, anchor = folder / "audit.sqlite3", folder / "audit.sqlite3.anchor"
+    key = load_or_create_key(folder / "audit.key")
+    prev = GENESIS
+    with sqlite3.connect(path) as conn:
+        conn.execute(FIRST_SCHEMA)
+        for i in range(1, n + 1):
+            fields = {
+                "ts": f"2024-01-0{i}T00:00:00.000000+00:00", "request_id": f"old{i}", "channel": "cli",
+                "user_id": "alice", "access_level": "公開", "model_id": "m", "model_sha256": "0" * 64,
+                "input_sha256": sha256_hex(f"質問 {i}"), "reasoning_sha256": sha256_hex(""),
+                "generation_sha256": sha256_hex(""), "output_sha256": sha256_hex(f"回答 {i}"), "decision": "ALLOW",
+                "model_decision": "ALLOW", "confidence": 0.9, "doc_ids": json.dumps(["docs/a.md"]),
+                "latency_ms": 1.5, "input_text": None, "reasoning_text": None, "output_text": None,
+            }
+            body = json.dumps({k: fields[k] for k in FIRST_COLUMNS}, sort_keys=True, ensure_ascii=False,
+                              separators=(",", ":"))
+            digest = hmac.new(key, body.encode() + prev.encode(), hashlib.sha256).hexdigest()
+            fields |= {"prev_hash": prev, "row_hash": digest}
+            conn.execute(f"INSERT INTO audit ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                         tuple(fields.values()))
+            with open(anchor, "a", encoding="ascii") as fh:
+                fh.write(json.dumps({"id": i, "row_hash": digest, "mac": anchor_mac(key, i, digest)}) + "\n")
+            prev = digest
+    return path, key, anchor
+
+
+def columns(path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
+
+
+def test_a_first_schema_log_verifies_before_and_after_the_new_columns(tmp_path, capsys):
+    path, key, anchor = first_schema_log(tmp_path)
+    assert "grounding" not in columns(path)
+    assert verify_chain(path, key, anchor).ok  # read as it is, without the new columns
+    assert main(["audit", "verify", "--db", str(path)]) == 0
+
+    log = AuditLog(path)  # adds the columns (NULL in the old rows)
+    assert columns(path)[-2:] == ["citations", "grounding"]
+    AuditLog(path)  # a second opening adds nothing
+    assert columns(path).count("grounding") == 1
+    log.append(entry(4))
+    log.append(entry(5))
+    rows = list(log.rows())
+    assert [r["grounding"] for r in rows] == [None, None, None, "cited", "cited"]
+    assert rows[3]["prev_hash"] == rows[2]["row_hash"]
+    report = verify_chain(path, key, anchor)
+    assert report.ok and report.rows == 5, report.findings
+    capsys.readouterr()
+    assert main(["audit", "verify", "--db", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+    # Setting a new column of an old row, or clearing one of a new row, is an edit.
+    sql(log, "UPDATE audit SET grounding = 'cited' WHERE id = 2")
+    sql(log, "UPDATE audit SET citations = NULL WHERE id = 4")
+    assert [(f.row_id, f.kind) for f in verify_chain(path, key, anchor).findings] == [(2, "edited"), (4, "edited")]
+
+
+def test_new_logs_have_the_added_columns_last(tmp_path):
+    log = filled(tmp_path, 1)
+    names = columns(log.path)
+    assert names[-2:] == ["citations", "grounding"]
+    (row,) = log.rows()
+    assert row["citations"] == '["doc0"]' and row["grounding"] == "cited" and row["doc_ids"] == '["doc0", "other0"]'

@@ -53,6 +53,7 @@ def test_chat_completion(served):
     assert body["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["so8t"]["decision"] == "ALLOW" and 0 <= body["so8t"]["confidence"] <= 1
+    assert body["so8t"]["citations"] == [] and body["so8t"]["grounding"] == "no_passages"
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     _leak_free(r.text)
     (row,) = agent.audit.rows()
@@ -100,7 +101,8 @@ def test_decide(served):
     r = client.post("/v1/decide", headers={"X-API-Key": BOSS_KEY}, json={"prompt": "質問"})
     assert r.status_code == 200
     body = r.json()
-    assert {"decision", "confidence", "answer", "citations"} <= set(body)
+    assert {"decision", "confidence", "answer", "citations", "grounding"} <= set(body)
+    assert body["grounding"] == "no_passages"  # no retriever
     assert body["decision"] == "ALLOW" and body["answer"] == ANSWER
     first = client.post("/v1/decide", headers=AUTH, json={"prompt": "a"}).json()["answer"]
     r = client.post(
@@ -139,6 +141,7 @@ def test_deny_over_http(tmp_path):
     client = TestClient(create_app(agent, keys()))
     body = client.post("/v1/decide", headers=AUTH, json={"prompt": "危険な依頼"}).json()
     assert body["decision"] == "DENY" and body["answer"] == POLICY.deny and body["citations"] == []
+    assert body["grounding"] is None
 
 
 @pytest.mark.parametrize(

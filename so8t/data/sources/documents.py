@@ -93,6 +93,32 @@ def document_questions(text: str) -> list[dict[str, Any]]:
     return out
 
 
+#: Kinds of :func:`document_questions` asked about a known document's text (FAQ entries, reference
+#: sections): questions on its terms, as people ask them; cloze and summary are left to the
+#: document's own question (the FAQ question, the reference title question).
+TERM_KINDS: tuple[str, ...] = ("definition", "about")
+
+
+def term_questions(text: str, names: dict[str, str], k: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Up to ``k`` questions on the terms of ``text`` (:data:`TERM_KINDS`), each answered from the text.
+
+    Args:
+        names: ``{"doc", "section"}`` slot values of :data:`DOCUMENT_QUESTIONS`.
+        rng: picks the candidates (a seeded sample in template order) and each question's template.
+
+    Returns:
+        ``{"kind", "question", "answer", "at"}`` dicts (``at``: the answer's offset in ``text``).
+    """
+    candidates = [c for c in document_questions(text) if c["kind"] in TERM_KINDS]
+    if len(candidates) > k:
+        candidates = [candidates[i] for i in sorted(rng.sample(range(len(candidates)), k))]
+    return [
+        {"kind": c["kind"], "question": rng.choice(DOCUMENT_QUESTIONS[c["kind"]]).format(**names, **c["slots"]),
+         "answer": c["answer"], "at": c["at"]}
+        for c in candidates
+    ]
+
+
 def build_document_records(
     sections: list[dict[str, Any]], per_section: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import random
+
+from so8t.data.sources.documents import term_questions
 from so8t.data.sources.text import JAPANESE, trim_at_sentence
 from so8t.schema import Task
 
@@ -20,12 +23,15 @@ def drop_english_prose(text: str) -> str:
     return "\n".join(line for line in text.split("\n") if JAPANESE.search(line) or len(line.split()) < 8).strip()
 
 
-def build_faq_records(faq: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One ``qa_faq`` record per FAQ entry with Japanese question and answer.
+def build_faq_records(faq: Iterable[dict[str, Any]], per_entry: int = 1, seed: int = 0) -> list[dict[str, Any]]:
+    """``qa_faq`` records: per FAQ entry with Japanese question and answer, its own question, then up
+    to ``per_entry - 1`` questions on terms of its answer (:func:`so8t.data.sources.documents.term_questions`).
 
     Headings that are not questions (``dpkg``) become a request; untranslated English
-    lines are left out of the response (``final_answer`` keeps the full answer).
+    lines are left out of the response (``final_answer`` keeps the full answer). Every record of
+    an entry has the entry's id as its ``group`` (one split per entry).
     """
+    rng = random.Random(f"{seed}:faq-questions")
     records = []
     for entry in faq:
         question = entry["question"]
@@ -46,4 +52,17 @@ def build_faq_records(faq: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "final_answer": entry["answer"],
             }
         )
+        names = {"doc": "Debian FAQ", "section": question}
+        for k, q in enumerate(term_questions(answer, names, per_entry - 1, rng) if per_entry > 1 else []):
+            records.append(
+                {
+                    "id": f"qa-{entry['id']}-{q['kind']}{k}",
+                    "task": Task.QA_FAQ.value,
+                    "prompt": q["question"],
+                    "thinking": f"Debian FAQ の「{question}」の回答に書かれている内容をもとに答えます。",
+                    "response": q["answer"],
+                    "group": entry["id"],
+                    "source": entry["source"],
+                }
+            )
     return records

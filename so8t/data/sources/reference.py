@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
+from so8t.data.sources.documents import term_questions
 from so8t.data.sources.text import JAPANESE, lead_sentences
 from so8t.schema import Task
 
@@ -36,7 +37,7 @@ def japanese_share(text: str) -> float:
 
 
 def select_reference_docs(
-    docs: list[dict[str, Any]], n_qa: int, n_heldout: int, seed: int
+    docs: list[dict[str, Any]], n_qa: int | None, n_heldout: int, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """Choose held-out documents first, then QA documents from the other sections.
 
@@ -70,7 +71,7 @@ def select_reference_docs(
         if s not in heldout_sections and japanese_share(pieces[0]["text"]) >= MIN_JAPANESE_SHARE
         and lead_sentences(pieces[0]["text"])
     ]
-    qa = rng.sample(candidates, min(n_qa, len(candidates)))
+    qa = rng.sample(candidates, len(candidates) if n_qa is None else min(n_qa, len(candidates)))
     counts = {
         "docs": len(docs),
         "sections": len(sections),
@@ -128,9 +129,14 @@ def build_lm_text(
     return docs, {"candidates": len(candidates), "docs": len(docs), "chars": sum(len(d["text"]) for d in docs)}
 
 
-def build_reference_records(docs: Iterable[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """One ``qa_reference`` record per document: a template question, the lead sentences as answer."""
+def build_reference_records(docs: Iterable[dict[str, Any]], seed: int, per_doc: int = 1) -> list[dict[str, Any]]:
+    """``qa_reference`` records per document: a title question answered with the lead sentences, then
+    up to ``per_doc - 1`` questions on terms of its text (:func:`so8t.data.sources.documents.term_questions`).
+
+    Every record of a document has the document's id as its ``group`` (one split per document).
+    """
     rng = random.Random(f"{seed}:reference-questions")
+    terms_rng = random.Random(f"{seed}:reference-term-questions")
     records = []
     for d in docs:
         question = rng.choice(REFERENCE_QUESTIONS).format(title=d["title"], section=d["section"])
@@ -146,4 +152,17 @@ def build_reference_records(docs: Iterable[dict[str, Any]], seed: int) -> list[d
                 "source": d["source"],
             }
         )
+        names = {"doc": "Debian リファレンス", "section": d["title"]}
+        for k, q in enumerate(term_questions(d["text"], names, per_doc - 1, terms_rng) if per_doc > 1 else []):
+            records.append(
+                {
+                    "id": f"qa-{d['id']}-{q['kind']}{k}",
+                    "task": Task.QA_REFERENCE.value,
+                    "prompt": q["question"],
+                    "thinking": f"Debian リファレンスの「{d['title']}」に書かれている内容をもとに答えます。",
+                    "response": q["answer"],
+                    "group": d["id"],
+                    "source": d["source"],
+                }
+            )
     return records
