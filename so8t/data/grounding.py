@@ -128,7 +128,7 @@ class Grounder:
         self.level = level
         self._by_key: dict[str, list] = {}
         for p in retriever.passages:
-            self._by_key.setdefault(doc_key(p.doc_id), []).append(p)
+            self._by_key.setdefault(doc_unit(doc_key(p.doc_id)), []).append(p)
 
     def search(self, question: str, exclude_docs=frozenset(), k: int | None = None) -> list:
         """The top ``k`` (default ``retrieval.top_k``) passages for ``question`` outside ``exclude_docs``
@@ -154,13 +154,29 @@ class Grounder:
         return self.fit(rng.sample(pool, min(self.retriever.top_k, len(pool))))
 
     def docs_of(self, groups) -> set[str]:
-        """Doc ids of the indexed documents of record ``groups`` (:func:`doc_key`: a FAQ entry, a
-        reference piece, a user document)."""
-        return {p.doc_id for g in groups for p in self._by_key.get(g, [])}
+        """Doc ids of the indexed documents of record ``groups``, whole documents (:func:`doc_unit`: a FAQ
+        entry, every piece of a reference section, every section of a user document)."""
+        return {p.doc_id for g in groups for p in self._by_key.get(doc_unit(g), [])}
 
     def passages_of(self, group: str) -> list:
-        """The indexed passages of record ``group``'s document, in document order (``[]``: not indexed)."""
-        return list(self._by_key.get(group, []))
+        """The indexed passages of record ``group``'s whole document (:func:`doc_unit`), in document order
+        (``[]``: not indexed)."""
+        return list(self._by_key.get(doc_unit(group), []))
+
+
+#: A Debian Reference piece (``ref-5.3-0``, :func:`so8t.data.collect.collect_reference`) and a section piece
+#: of a user document (``notes.md:s2-1``, :func:`so8t.data.collect.collect_user`): the whole document is
+#: the part before the piece number.
+_PIECE = (re.compile(r"^(ref-.+)-\d+$"), re.compile(r"^(.+):s\d+-\d+$"))
+
+
+def doc_unit(key: str) -> str:
+    """The whole document of a record ``group`` or an index key (:func:`doc_key`): ``ref-5.3-0`` ->
+    ``ref-5.3`` (a reference section, all its pieces), ``notes.md:s2-1`` -> ``notes.md``; else ``key``."""
+    for pattern in _PIECE:
+        if m := pattern.match(key):
+            return m.group(1)
+    return key
 
 
 def doc_key(doc_id: str) -> str:
@@ -193,12 +209,13 @@ def make_grounder(r, count_tokens, base_dir: str = ".") -> Grounder | None:
 
 #: The target answer when the passages do not hold the answer (RAFT's "distractors only" case).
 ABSTAIN_ANSWER = "資料には、この質問に答える記述が見つかりませんでした。"
-#: A citation in an answer: ``【資料 2】`` (full- or half-width digits and brackets after NFKC).
-CITATION = re.compile(r"【\s*資\s*料\s*(\d{1,2})\s*(?:[:：][^】]{0,80})?】")
+#: A citation in an answer: ``【資料 2】``, ``【資料 2: doc】``, ``［資料２］`` or ``[資料 2]`` (after NFKC).
+CITATION = re.compile(r"[【\[]\s*資\s*料\s*(\d{1,2})\s*(?:[:：][^】\]]{0,80})?[】\]]")
 #: An answer that says the documents do not hold the answer (after NFKC, whitespace removed).
 ABSTENTION = re.compile(
-    r"(資料|文書|ドキュメント)(には|に|の中に(は)?|では|から(は)?)?[^。]{0,40}?"
+    r"(資料|文書|ドキュメント)(には|の中に(は)?|では|から(は)?|に(?!よ|基|沿))[^。]{0,40}?"
     r"(見つかりませ|見当たりませ|ありませ|含まれていませ|書かれていませ|記載されていませ|記載がありませ|載っていませ|わかりませ|分かりませ)"
+    r"|(記述|記載)(は|が)?[^。]{0,20}(見つかりませ|見当たりませ|ありませ)"
 )
 #: Character n-gram order of the support check (:func:`sentence_support`).
 SUPPORT_NGRAM = 3
@@ -224,7 +241,7 @@ def cited(answer: str) -> list[int]:
 
 def is_abstention(answer: str) -> bool:
     """True when ``answer`` says the documents do not hold the answer (:data:`ABSTENTION`)."""
-    return bool(ABSTENTION.search(_squash(answer)))
+    return bool(ABSTENTION.search(_squash(CITATION.sub("", unicodedata.normalize("NFKC", answer)))))
 
 
 def answer_sentences(answer: str) -> list[str]:

@@ -17,7 +17,7 @@ The last two are the unanswerable questions: the right answer says the documents
 Metrics (:func:`qa_metrics`, keys under ``<row>.qa.``), every answer read as the runtime shows it
 (the final answer of :func:`so8t.guard.separate`):
 
-* ``chrf`` on the answerable questions, beside ``retrieval.qa.chrf``: the top fitted passage shown as
+* ``chrf`` on the answerable questions (citations removed from the answers), beside ``retrieval.qa.chrf``: the top fitted passage shown as
   the answer (the baseline a model must beat); ``passage_gain`` = model − baseline with a paired
   percentile bootstrap interval (:func:`so8t.eval.comparisons.chrf_comparison`).
 * ``supported_rate``: share of answer sentences (:func:`so8t.data.grounding.answer_sentences`) whose
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from so8t.data.grounding import answer_sentences, cited, grounded_prompt, holds_answer, is_abstention, support
+from so8t.data.grounding import CITATION, cited, grounded_prompt, holds_answer, is_abstention, support
 from so8t.eval.comparisons import chrf_comparison
 from so8t.eval.metrics import bootstrap_interval
 from so8t.schema import Task
@@ -131,9 +131,12 @@ def _wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
 
 
 def _rate(name: str, hits: list[bool], m) -> dict[str, float]:
+    """``{name, name_ci_low, name_ci_high, name_n}`` (Wilson interval); only ``name_n`` (0) for no examples."""
     k, n = int(sum(hits)), len(hits)
+    if n == 0:
+        return {f"{name}_n": 0.0}
     lo, hi = _wilson(k, n, m.confidence)
-    return {name: k / n if n else float("nan"), f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_n": float(n)}
+    return {name: k / n, f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_n": float(n)}
 
 
 def semantic_similarity(answers: list[str], references: list[str]) -> list[float]:
@@ -171,14 +174,16 @@ def qa_metrics(
     """
     from so8t.eval.text_metrics import repetition_stats
 
+    # Citations are the answer's pointers, not its content: text metrics compare the rest.
+    plain = [CITATION.sub("", a).strip() for a in answers]
     ans = [i for i, r in enumerate(rows) if r["answerable"]]
     una = [i for i, r in enumerate(rows) if not r["answerable"]]
     abst = [is_abstention(a) for a in answers]
     top = [rows[i]["passages"][0][2] if rows[i]["passages"] else "" for i in ans]
     refs = [rows[i]["reference"] for i in ans]
-    cmp = chrf_comparison(top, [answers[i] for i in ans], refs, m)
     flat: dict[str, float] = {"qa.n": float(len(ans)), "qa.unanswerable_n": float(len(una))}
     if ans:
+        cmp = chrf_comparison(top, [plain[i] for i in ans], refs, m)
         flat |= {"retrieval.qa.chrf": cmp["chrf"], "retrieval.qa.chrf_ci_low": cmp["chrf_ci_low"],
                  "retrieval.qa.chrf_ci_high": cmp["chrf_ci_high"], "qa.chrf": cmp["chrf_rag"],
                  "qa.chrf_ci_low": cmp["chrf_rag_ci_low"], "qa.chrf_ci_high": cmp["chrf_rag_ci_high"],
@@ -197,12 +202,12 @@ def qa_metrics(
         lo, hi = bootstrap_interval(lambda idx: num[idx].sum() / max(den[idx].sum(), 1.0), len(rows),
                                     m.confidence, m.bootstrap_resamples)
         flat |= {"qa.supported_rate_ci_low": lo, "qa.supported_rate_ci_high": hi, "qa.supported_n": float(den.sum())}
-    sims = semantic_similarity([answers[i] for i in ans], refs)
+    sims = semantic_similarity([plain[i] for i in ans], refs)
     if sims:
         flat["qa.semantic_similarity"] = float(np.mean(sims))
     rep = lambda texts: float(np.mean([repetition_stats(t)["repeated_ngram_rate"] for t in texts if t]))  # noqa: E731
-    if any(answers[i] for i in ans):
-        flat["qa.repeated_ngram_rate"] = rep([answers[i] for i in ans])
+    if any(plain[i] for i in ans):
+        flat["qa.repeated_ngram_rate"] = rep([plain[i] for i in ans])
         flat["qa.reference_repeated_ngram_rate"] = rep(refs)
     allowed = [o.answered for o in before]
     flat |= _rate("qa.benign_allow_rate_bare", list(bare_allow), m)

@@ -160,7 +160,9 @@ def evaluate_served(
 
     Returns:
         ``(flat, details)`` of :func:`served_policy` (``details["artifact"]``: the served row,
-        ``details["with_passages"]``), or ``None`` when no row can be picked or no gold ALLOW exists.
+        ``details["with_passages"]``) plus :func:`served_qa`'s ``served.qa.*`` (``details["qa"]``) when
+        passages are retrieved and the test split has QA questions; ``None`` when no row can be
+        picked or there is neither a gold ALLOW request nor a QA question.
     """
     from so8t.eval.artifacts import close_backend, open_artifact
     from so8t.eval.comparisons import parity_metrics
@@ -172,9 +174,12 @@ def evaluate_served(
         flat |= r.flat
     row = served_row(arts, flat | parity_metrics(results))
     rows = allow_requests(test)
-    if row is None or not rows:
-        return None
     with_passages = bool(params.retrieval.enabled and grounder is not None and params.retrieval.top_k)
+    qa_rows = build_qa_set(test, grounder, tokenizer) if with_passages else []
+    if not any(r["answerable"] for r in qa_rows):
+        qa_rows = []
+    if row is None or not (rows or qa_rows):
+        return None
     if with_passages:
         rows = grounded_rows(rows, grounder, tokenizer)
     art = next(a for a in arts if a.name == row)
@@ -182,8 +187,8 @@ def evaluate_served(
                             hf_batch_size=params.generation.hf_batch_size)
     temperature = calibration.get(row, {}).get("temperature", 1.0)
     try:
-        out, details = served_policy(backend, rows, temperature, params, style, step)
-        if with_passages and (qa_rows := build_qa_set(test, grounder, tokenizer)):
+        out, details = served_policy(backend, rows, temperature, params, style, step) if rows else ({}, {"rows": []})
+        if qa_rows:
             qa_flat, qa_details = served_qa(backend, qa_rows, temperature, params, style, step)
             out |= qa_flat
             details["qa"] = qa_details["rows"]

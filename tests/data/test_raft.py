@@ -11,6 +11,7 @@ from so8t.data.grounding import (
     cite,
     cited,
     doc_key,
+    doc_unit,
     holds_answer,
     is_abstention,
     sentence_support,
@@ -54,12 +55,19 @@ def test_answer_checks():
     assert answer.endswith("【資料 2】") and cited(answer + "【資料１】【資料 2】") == [2, 1]
     assert is_abstention(ABSTAIN_ANSWER) and is_abstention("資料には記載がありません。")
     assert not is_abstention(answer)
+    for ordinary in ("資料によると、この操作は必要ありません。【資料 1】", "【資料 1】によると、再起動は必要ありません。",
+                     "ドキュメントをインストールする必要はありません。"):
+        assert not is_abstention(ordinary), ordinary
+    assert is_abstention("該当する記述は見つかりませんでした。") and is_abstention("文書に答えはありません。")
     assert support(answer, ["りんごは1ばんのくだものです。"]) == (1, 1)
     assert support("ばななはあおいやさいであります。", ["りんごは1ばんのくだものです。"]) == (0, 1)
     assert support(ABSTAIN_ANSWER, ["なにか"]) == (0, 0)
     assert sentence_support("りんごはあかい", "りんごはあかいです") == 1.0
     assert holds_answer("まえおき。りんごは 1ばんの くだものです。", "りんごは1ばんのくだものです。")
     assert doc_key("collected/faq.jsonl#faq-1.1") == "faq-1.1" and doc_key("docs/a.md") == "docs/a.md"
+    # a held reference section or user document is held whole: every piece of it
+    assert doc_unit("ref-5.3-0") == doc_unit("ref-5.3-2") == "ref-5.3" and doc_unit("notes.md:s2-1") == "notes.md"
+    assert doc_unit("faq-1.1") == "faq-1.1"
 
 
 def test_raft_targets_and_no_held_document_in_training(corpus, tokenizer):
