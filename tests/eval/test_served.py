@@ -69,3 +69,46 @@ def test_allow_requests_are_the_gold_allow_decisions():
         {"id": 3, "task": "qa_faq", "decision": None},
     ]
     assert [r["id"] for r in allow_requests(rows)] == [1]
+
+
+def _qa_row(key, kind, passage, reference, gold):
+    return {"id": key, "kind": kind, "answerable": kind == "answerable", "question": f"{key}?",
+            "reference": reference, "group": key, "passages": [["d/" + key, "t", passage]], "gold": gold,
+            "prompt_text": key, "bare_prompt_text": key.upper(), "decision": None}
+
+
+def test_served_qa_reads_answers_as_the_runtime_shows_them():
+    from so8t.data.grounding import ABSTAIN_ANSWER
+    from so8t.eval.served import served_qa
+
+    passage = "apt はパッケージを管理する道具です。"
+    rows = [
+        _qa_row("a", "answerable", passage, passage, [1]),
+        _qa_row("b", "answerable", passage, passage, [1]),
+        _qa_row("e", "answerable", passage, passage, [1]),
+        _qa_row("c", "removed", "ほかの資料です。", "", []),
+        _qa_row("d", "off_topic", "ほかの資料です。", "", []),
+    ]
+    allow = [0.0, -5.0, -5.0]
+    backend = ScriptedBackend(
+        {k: allow for k in "abcdeABE"} | {"B": [-5.0, -5.0, 0.0]},
+        {"a": f"# 思考ステップ\n【資料 1】を使います。\n# 最終回答\n{passage}【資料 1】",
+         "b": f"# 思考ステップ\nなし。\n# 最終回答\n{ABSTAIN_ANSWER}",
+         "c": f"# 思考ステップ\nなし。\n# 最終回答\n{ABSTAIN_ANSWER}",
+         "d": "# 思考ステップ\n考えます。\n# 最終回答\n富士山の高さは三千七百七十六メートルです。",
+         "e": NO_FINAL},
+    )
+    params = SimpleNamespace(**vars(PARAMS) | {"metrics": SimpleNamespace(confidence=0.95, bootstrap_resamples=200)})
+    flat, details = served_qa(backend, rows, 1.0, params, "markdown")
+    assert flat["served.qa.n"] == 3 and flat["served.qa.unanswerable_n"] == 2
+    assert flat["served.qa.abstain_rate"] == pytest.approx(1 / 2)  # c abstains, d invents
+    assert flat["served.qa.false_abstain_rate"] == pytest.approx(1 / 3)  # b abstains with the answer in passage 1
+    assert flat["served.qa.citation_accuracy"] == 1.0 and flat["served.qa.citation_accuracy_n"] == 1  # a only
+    assert flat["served.qa.supported_rate"] == pytest.approx(1 / 2)  # a's sentence yes, d's no
+    assert flat["served.qa.no_final_answer_rate"] == pytest.approx(1 / 5)  # e
+    assert flat["served.qa.benign_allow_rate_bare"] == pytest.approx(2 / 3)  # B decided DENY bare
+    assert flat["served.qa.answered_rate"] == pytest.approx(4 / 5)
+    # the top passage is the reference itself: the baseline is perfect and the model's gain is below 0
+    assert flat["served.retrieval.qa.chrf"] == pytest.approx(100.0) and flat["served.qa.passage_gain"] < 0
+    by_id = {r["id"]: r for r in details["rows"]}
+    assert by_id["a"]["cited"] == [1] and by_id["a"]["supported"] == "1/1" and by_id["e"]["answer"] == ""
