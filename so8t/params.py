@@ -310,7 +310,7 @@ class GenerationParams(_Section):
 
     #: CTRL repetition penalty (Keskar et al. 2019) in greedy generation over the whole context,
     #: prompt included, in every backend (1.0 = off).
-    repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] = 1.15
+    repetition_penalty: Annotated[float, Field(ge=1.0, le=2.0)] = 1.0
     #: Sequences generated or scored together (HF: one padded batch; llama.cpp: one multi-sequence
     #: ``llama_batch``). Memory grows with it: 8 keeps Gemma 3 270M under 3 GB.
     batch_size: Annotated[int, Field(ge=1, le=64)] = 8
@@ -346,7 +346,7 @@ class EvaluateParams(_Section):
     #: Test examples of math and FAQ whose answers are generated (null = all). Decisions are
     #: always all scored: they need no generation.
     max_math_examples: PosInt | None = None
-    max_faq_examples: PosInt | None = None
+    max_faq_examples: PosInt | None = 24
     #: Train decisions scored to show over- or under-fitting (balanced, spread over templates).
     train_decision_sample: NonNegInt = 90
     #: Test decisions also scored with retrieved passages before the question (the runtime's

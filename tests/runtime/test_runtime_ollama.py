@@ -87,7 +87,7 @@ def test_modelfile_text(tmp_path):
     assert "FROM ../gguf/so8t-q4_k_m.gguf" in lines
     assert f'TEMPLATE """{GEMMA_TEMPLATE}"""' in text
     assert 'PARAMETER stop "<end_of_turn>"' in lines
-    assert "PARAMETER temperature 0" in lines and "PARAMETER repeat_penalty 1.15" in lines
+    assert "PARAMETER temperature 0" in lines and "PARAMETER repeat_penalty 1.0" in lines
     assert "PARAMETER repeat_last_n -1" in lines and "PARAMETER num_ctx 2048" in lines
     assert modelfile_name(gguf) == "Modelfile.q4_k_m"
 
