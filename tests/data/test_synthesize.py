@@ -45,7 +45,9 @@ def test_synthesize_deterministic_valid_and_deduped(collected):
     counts = stats["by_decision"]
     assert set(counts) == set(DECISIONS) and max(counts.values()) - min(counts.values()) <= 2 * 10
     assert set(stats["by_task"]) == {"decision", "qa_faq", "qa_reference", "math"}
-    assert stats["by_task"]["qa_reference"] == 40
+    # 40 documents, each with its title question and up to qa_per_document - 1 term questions
+    assert stats["groups_by_task"]["qa_reference"] == 40
+    assert 40 < stats["by_task"]["qa_reference"] <= 40 * 3
     assert stats["records"] == len(first.records)
 
 
